@@ -1,0 +1,5 @@
+import sys
+
+from hvdllm.cli import main
+
+sys.exit(main())

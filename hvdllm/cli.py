@@ -1,0 +1,157 @@
+"""The ``hvdllm`` command: one verb per stage of the job.
+
+Each verb's module is imported only when that verb runs, so ``hvdllm plan`` does not load
+Horovod and ``hvdllm doctor`` still runs when Horovod is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from hvdllm.errors import UserError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file (see configs/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as TOML and exit")
+    parser.epilog = "Any config field can be overridden with --section.key=value, e.g. --optim.lr=3e-4."
+
+
+def _resolve_config(args: argparse.Namespace, overrides: list[str]):
+    from hvdllm.config import config_to_toml, load_config
+
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(config_to_toml(cfg), end="")
+        return None
+    return cfg
+
+
+def _cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
+    from hvdllm.doctor import run_doctor
+
+    return run_doctor(ranks=args.ranks)
+
+
+def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg = _resolve_config(args, extra)
+    if cfg is None:
+        return 0
+    from hvdllm.train.run import run_training
+
+    return run_training(cfg)
+
+
+def _cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
+    from hvdllm.plan import run_plan
+
+    try:
+        return run_plan(args)
+    except ValueError as err:  # an unknown preset or a flag out of range
+        raise UserError(str(err)) from None
+
+
+def _cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    from hvdllm.data.prepare import PrepareOptions, print_summary, run_prepare
+
+    opts = PrepareOptions(**{k: v for k, v in vars(args).items() if k in PrepareOptions.__dataclass_fields__})
+    manifest = run_prepare(opts)
+    if manifest:
+        print_summary(manifest)
+        print(f"wrote {opts.out}/manifest.json")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace, extra: list[str]) -> int:
+    from hvdllm.data.shards import verify_folder
+
+    problems = verify_folder(args.folder)
+    for line in problems:
+        print(f"bad: {line}", file=sys.stderr)
+    if problems:
+        print(f"verify: {len(problems)} problem(s) in {args.folder}", file=sys.stderr)
+        return 1
+    print(f"verify: {args.folder} is sound")
+    return 0
+
+
+def _add_prepare_parser(verbs) -> None:
+    from hvdllm.data.prepare import PrepareOptions
+
+    d = PrepareOptions(out="")
+    p = verbs.add_parser("prepare", help="clean, dedup, tokenize and pack text into HDF5 shards")
+    p.add_argument("inputs", nargs="*", help="files, folders or globs of .txt/.md/.py/.jsonl[.gz]")
+    p.add_argument("--out", required=True, help="output folder for manifest.json and the shards")
+    p.add_argument("--preset", default="", help="built-in corpus instead of inputs: python-stdlib")
+    p.add_argument("--text-field", default=d.text_field, help="JSONL field with the text")
+    p.add_argument("--strict", action="store_true", help="a malformed JSONL line is an error")
+    p.add_argument("--min-chars", type=int, default=d.min_chars, help="drop shorter documents")
+    p.add_argument("--max-noise", type=float, default=d.max_noise,
+                   help="drop documents with a larger share of replacement/non-printable characters")
+    p.add_argument("--near-dup-threshold", type=float, default=d.near_dup_threshold,
+                   help="MinHash Jaccard threshold for near duplicates; 0 = off")
+    p.add_argument("--shingle", type=int, default=d.shingle, help="words per shingle")
+    p.add_argument("--num-perm", type=int, default=d.num_perm, help="MinHash permutations")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="bpe | byte | path to tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary size")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=d.tokenizer_sample_mb)
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sample (+1 for the target)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
+    parser = argparse.ArgumentParser(
+        prog="hvdllm", description="Train GPT-style language models with PyTorch on Horovod and MPI.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    handlers: dict[str, Callable] = {}
+
+    doctor = verbs.add_parser("doctor", help="check torch, Horovod, MPI, h5py and tokenizers")
+    doctor.add_argument("--ranks", type=int, default=0,
+                        help="also run a Horovod allreduce over this many local ranks")
+    handlers["doctor"] = _cmd_doctor
+
+    _add_prepare_parser(verbs)
+    handlers["prepare"] = _cmd_prepare
+    verify = verbs.add_parser("verify", help="check every shard of a folder against its manifest")
+    verify.add_argument("folder")
+    handlers["verify"] = _cmd_verify
+
+    train = verbs.add_parser("train", help="train a GPT (launch with horovodrun / mpirun for several ranks)")
+    _add_config_args(train)
+    handlers["train"] = _cmd_train
+
+    plan = verbs.add_parser("plan", help="parameters, FLOPs, memory per GPU and time of a run")
+    from hvdllm.plan import add_plan_arguments
+
+    add_plan_arguments(plan)
+    handlers["plan"] = _cmd_plan
+    return parser, handlers
+
+
+# Verbs that take --section.key=value overrides after their own flags.
+_CONFIG_VERBS = {"train"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _CONFIG_VERBS:
+        args, extra = parser.parse_known_args(argv)
+        unknown = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0])]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides are --section.key=value)")
+    else:
+        args, extra = parser.parse_args(argv), []
+    try:
+        return handlers[args.verb](args, extra)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,99 @@
+"""A thin layer over ``horovod.torch``: one place that initializes Horovod and sets up the rank.
+
+Works the same under ``mpirun``, ``horovodrun`` (MPI or ``--gloo``), SLURM ``srun`` and plain
+``python`` (a single rank). Horovod is imported lazily so that code paths which need no
+communication (``hvdllm plan``, single-rank tests) do not pay for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+import torch
+
+_state: dict[str, Any] = {"hvd": None}
+
+
+def _hvd():
+    if _state["hvd"] is None:
+        raise RuntimeError("hvdllm.comm.init() must be called before using the runtime")
+    return _state["hvd"]
+
+
+def init(comm: Any = None, process_sets: Sequence[Sequence[int]] | None = None,
+         threads: int = 0) -> None:
+    """Initialize Horovod (idempotent) and this rank's torch threads.
+
+    Args:
+        comm: an mpi4py communicator (or a list of ranks) to run Horovod on a subset of
+            MPI_COMM_WORLD; None uses the whole world.
+        process_sets: extra groups of ranks to register as Horovod process sets.
+        threads: torch intra-op threads; 0 = the node's cores divided by its local ranks.
+    """
+    if _state["hvd"] is not None:
+        return
+    import horovod.torch as hvd
+
+    kwargs: dict[str, Any] = {}
+    if comm is not None:
+        kwargs["comm"] = comm
+    if process_sets:
+        kwargs["process_sets"] = [hvd.ProcessSet(list(ranks)) for ranks in process_sets]
+    hvd.init(**kwargs)
+    _state["hvd"] = hvd
+    torch.set_num_threads(threads or threads_per_rank(hvd.local_size()))
+
+
+def is_initialized() -> bool:
+    return _state["hvd"] is not None and _state["hvd"].is_initialized()
+
+
+def rank() -> int:
+    return _hvd().rank()
+
+
+def size() -> int:
+    return _hvd().size()
+
+
+def local_rank() -> int:
+    return _hvd().local_rank()
+
+
+def local_size() -> int:
+    return _hvd().local_size()
+
+
+def barrier() -> None:
+    _hvd().barrier()
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only (or always, before init)."""
+    if _state["hvd"] is None or rank() == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def threads_per_rank(ranks_on_node: int, cores: int | None = None) -> int:
+    """Cores this rank may use so that the node's ranks do not oversubscribe it."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, ranks_on_node))
+
+
+def choose_device(preference: str = "auto", local_rank_: int | None = None) -> torch.device:
+    """``cuda:local_rank`` when CUDA is there (or asked for), else the CPU."""
+    if local_rank_ is None:
+        local_rank_ = local_rank() if _state["hvd"] is not None else 0
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        print(f"error: train.device=cuda but torch sees no CUDA device (torch {torch.__version__})",
+              file=sys.stderr)
+        raise SystemExit(2)
+    device = torch.device("cuda", local_rank_ % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device

@@ -1,0 +1,386 @@
+"""Configuration: one dataclass per concern, loaded from TOML and overridden from the CLI.
+
+Precedence is CLI > TOML > defaults. A config file looks like::
+
+    [model]
+    preset = "gpt-mini"
+    [optim]
+    name = "lamb"
+    lr = 2e-3
+    [[stages]]            # optional multi-stage training (seed 7.3)
+    steps = 100
+    seq_len = 128
+
+and any field can be overridden with ``--section.key=value`` (the value is parsed as a TOML
+value when it is one, e.g. ``--optim.betas=[0.9,0.95]``, else taken as a string).
+Every mistake raises :class:`ConfigError` with one line that names the key or field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvdllm.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in a config file or override; the message is one line naming the key."""
+
+
+def _require(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} {why}")
+
+
+def _one_of(value: str, name: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, name, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo"  # folder with manifest.json and the HDF5 shards
+    batch_size: int = 8  # samples per rank per micro-batch
+    seq_len: int = 0  # tokens per sample fed to the model; 0 = the shards' seq_len
+    seed: int = 1234  # seed of the global per-epoch shuffle
+    shuffle: bool = True
+    prefetch: int = 4  # batches queued by the background reader
+    random_offset: bool = False  # augmentation: start each sample at a random offset
+    verify_checksums: bool = False  # sha256 of every shard against the manifest on open
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.seq_len >= 0, "data.seq_len", f"must be >= 0, got {self.seq_len}")
+        _require(self.prefetch >= 1, "data.prefetch", f"must be >= 1, got {self.prefetch}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "gpt-mini"  # a name from hvdllm.model.presets; fields below override it
+    n_layer: int = 0  # 0 = the preset's value
+    n_head: int = 0
+    d_model: int = 0
+    block_size: int = 0  # maximum context length
+    vocab_size: int = 0  # 0 = the data's vocabulary size
+    dropout: float = 0.0
+    bias: bool = True
+    tie_weights: bool = True  # share the token embedding with the output projection
+    position: str = "learned"  # learned | rope
+    init: str = "gpt2"  # gpt2 | xavier | kaiming | small
+    checkpoint_every: int = 0  # activation checkpointing: 0 off, k = every k-th block
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "d_model", "block_size", "vocab_size", "checkpoint_every"):
+            value = getattr(self, name)
+            _require(value >= 0, f"model.{name}", f"must be >= 0, got {value}")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _one_of(self.position, "model.position", ("learned", "rope"))
+        _one_of(self.init, "model.init", ("gpt2", "xavier", "kaiming", "small"))
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | lamb | adafactor
+    lr: float = 6e-4  # base learning rate for one rank (see schedule.scale_rule)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # apply weight decay to embedding tables too
+    trust_clip: float = 0.0  # LAMB: clamp the trust ratio to this value; 0 = no clamp
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "optim.name", ("adamw", "lamb", "adafactor"))
+        _require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", f"must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                 f"must be two numbers in [0, 1), got {self.betas}")
+        _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.trust_clip >= 0, "optim.trust_clip", f"must be >= 0, got {self.trust_clip}")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | step | linear | wsd | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # floor of cosine / linear / wsd decay, as a fraction of the peak
+    milestones: list[int] = field(default_factory=list)  # step decay: steps where lr *= gamma
+    gamma: float = 0.1
+    decay_fraction: float = 0.2  # wsd: share of the steps spent in the final decay
+    scale_rule: str = "none"  # scale the base lr with data-parallel ranks: none | linear | sqrt
+    plateau: bool = False  # also multiply lr by plateau_factor when val loss stops improving
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2  # evaluations without improvement before a reduction
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "schedule.name", ("cosine", "step", "linear", "wsd", "constant"))
+        _one_of(self.scale_rule, "schedule.scale_rule", ("none", "linear", "sqrt"))
+        _require(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio",
+                 f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(0 < self.gamma <= 1, "schedule.gamma", f"must be in (0, 1], got {self.gamma}")
+        _require(0 < self.decay_fraction <= 1, "schedule.decay_fraction",
+                 f"must be in (0, 1], got {self.decay_fraction}")
+        _require(0 < self.plateau_factor < 1, "schedule.plateau_factor",
+                 f"must be in (0, 1), got {self.plateau_factor}")
+        _require(list(self.milestones) == sorted(self.milestones), "schedule.milestones",
+                 f"must be increasing, got {self.milestones}")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "sync"  # how updates are spread: sync (Horovod ring-allreduce)
+    op: str = "average"  # average | adasum
+    compression: str = "none"  # none | fp16 (gradients on the wire)
+    accum_steps: int = 1  # micro-batches per optimizer step (backward_passes_per_step)
+    fusion_threshold_mb: float = 64.0  # HOROVOD_FUSION_THRESHOLD
+    cycle_time_ms: float = 1.0  # HOROVOD_CYCLE_TIME
+    hierarchical_allreduce: bool = False  # HOROVOD_HIERARCHICAL_ALLREDUCE
+    timeline: str = ""  # HOROVOD_TIMELINE file; empty = off
+
+    def __post_init__(self) -> None:
+        _one_of(self.strategy, "parallel.strategy", ("sync",))
+        _one_of(self.op, "parallel.op", ("average", "adasum"))
+        _one_of(self.compression, "parallel.compression", ("none", "fp16"))
+        _require(self.accum_steps >= 1, "parallel.accum_steps", f"must be >= 1, got {self.accum_steps}")
+        _require(self.fusion_threshold_mb >= 0, "parallel.fusion_threshold_mb",
+                 f"must be >= 0, got {self.fusion_threshold_mb}")
+        _require(self.cycle_time_ms > 0, "parallel.cycle_time_ms", f"must be > 0, got {self.cycle_time_ms}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps (when no [[stages]] are given)
+    seed: int = 1337
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch threads per rank; 0 = cores / ranks on the node
+    eval_every: int = 50  # steps between evaluations; 0 = only at the end
+    eval_batches: int = 8  # batches per rank per evaluation
+    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+    peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU; 0 = guess from the device
+    run_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _one_of(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
+        _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
+        _require(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
+        _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0, got {self.eval_every}")
+        _require(self.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {self.eval_batches}")
+        _require(self.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+        _require(self.peak_flops >= 0, "train.peak_flops", f"must be >= 0, got {self.peak_flops}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 3
+    keep_best: bool = True  # also keep the checkpoint with the best val loss
+    resume: str = ""  # "" = start fresh, "auto" = latest good checkpoint in run_dir, or a path
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between metrics lines
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar on rank 0
+    plot: bool = True  # PNG of loss and throughput at the end
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "log.every", f"must be >= 1, got {self.every}")
+
+
+@dataclass
+class BenchConfig:
+    sizes: str = "8B:64MB"  # message sizes, min:max
+    factor: int = 4  # size multiplier between steps of the sweep
+    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
+    warmup: int = 5
+    iters: int = 20
+    backends: list[str] = field(default_factory=list)  # empty = every backend available
+
+    def __post_init__(self) -> None:
+        _require(self.factor >= 2, "bench.factor", f"must be >= 2, got {self.factor}")
+        _require(self.warmup >= 0, "bench.warmup", f"must be >= 0, got {self.warmup}")
+        _require(self.iters >= 1, "bench.iters", f"must be >= 1, got {self.iters}")
+        for dtype in self.dtypes:
+            _one_of(dtype, "bench.dtypes", ("fp32", "fp16", "bf16"))
+
+
+@dataclass
+class StageConfig:
+    """One stage of multi-stage training; 0 or empty fields keep the run's own value."""
+
+    steps: int = 0
+    batch_size: int = 0
+    seq_len: int = 0
+    lr: float = 0.0
+    schedule: str = ""
+    warmup_steps: int = -1
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "stages.steps", f"must be >= 1, got {self.steps}")
+        _require(self.batch_size >= 0, "stages.batch_size", f"must be >= 0, got {self.batch_size}")
+        _require(self.seq_len >= 0, "stages.seq_len", f"must be >= 0, got {self.seq_len}")
+        _require(self.lr >= 0, "stages.lr", f"must be >= 0, got {self.lr}")
+        if self.schedule:
+            _one_of(self.schedule, "stages.schedule", ("cosine", "step", "linear", "wsd", "constant"))
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+_SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "stages"
+}
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else f" (valid: {', '.join(sorted(choices))})"
+
+
+def _coerce(value: Any, kind: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``kind``; ints widen to float, nothing else converts."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item_kind,) = typing.get_args(kind)
+        _require(isinstance(value, list), name, f"must be a list, got {value!r}")
+        return [_coerce(item, item_kind, f"{name}[{i}]") for i, item in enumerate(value)]
+    if kind is bool:
+        _require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), name, f"must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok, name, f"must be a number, got {value!r}")
+        return float(value)
+    _require(isinstance(value, str), name, f"must be a string, got {value!r}")
+    return value
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {section}.{key}{_closest(key, list(hints))}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # a validation message from __post_init__
+        raise ConfigError(str(err)) from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated :class:`Config` from nested plain values (as TOML parses them)."""
+    sections = {}
+    for section, values in raw.items():
+        if section == "stages":
+            _require(isinstance(values, list), "stages", "must be an array of tables ([[stages]])")
+            continue
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section [{section}]{_closest(section, [*_SECTIONS, 'stages'])}")
+        _require(isinstance(values, dict), f"[{section}]", "must be a table")
+        sections[section] = _build_section(_SECTIONS[section], section, values)
+    stages = []
+    for i, stage in enumerate(raw.get("stages", [])):
+        _require(isinstance(stage, dict), f"stages[{i}]", "must be a table")
+        stages.append(_build_section(StageConfig, "stages", stage))
+    return Config(**sections, stages=stages)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``--section.key=value`` (leading dashes optional) into (section, key, value)."""
+    body = text.lstrip("-")
+    _require("=" in body, repr(text), "is not of the form --section.key=value")
+    path, raw_value = body.split("=", 1)
+    _require(path.count(".") == 1, repr(text), "must name section.key, e.g. --optim.lr=3e-4")
+    section, key = path.split(".")
+    try:  # a TOML value when it is one: numbers, booleans, lists, quoted strings
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file at ``path``, then ``--section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section == "stages":
+            raise ConfigError(f"{text!r}: stages can only be set in the config file")
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section in {text!r}{_closest(section, list(_SECTIONS))}")
+        hints = typing.get_type_hints(_SECTIONS[section])
+        if hints.get(key) is str and not isinstance(value, str):
+            value = text.split("=", 1)[1]  # e.g. --train.run_dir=2024 stays the string "2024"
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else
+                                                          ("inf" if value > 0 else "-inf"))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The whole resolved config as TOML; ``load_config`` of it gives back an equal Config."""
+    lines = []
+    for section in _SECTIONS:
+        lines.append(f"[{section}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    for stage in cfg.stages:
+        lines.append("[[stages]]")
+        for key, value in dataclasses.asdict(stage).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""Where documents come from: files, folders and globs of text and JSONL, or a built-in preset.
+
+A document is a :class:`Document` with a stable key (file index, record index) that orders
+the whole corpus the same way whatever the number of ranks reading it.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from hvdllm.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl", ".jsonl.gz")
+PRESETS = ("python-stdlib",)
+
+
+@dataclass
+class Document:
+    key: tuple[int, int]  # (file index in the sorted input list, record index in the file)
+    text: str
+    prompt_chars: int = 0  # instruction data: the first prompt_chars characters are the prompt
+
+
+@dataclass
+class ReadStats:
+    files: int = 0
+    bytes: int = 0
+    records: int = 0
+    replaced_bytes: int = 0  # undecodable bytes replaced with U+FFFD
+    bad_json_lines: int = 0
+    missing_text: int = 0  # records with a missing or empty text field
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.endswith(".jsonl") or path.name.endswith(".jsonl.gz")
+
+
+def preset_files(name: str) -> list[Path]:
+    """The files of a built-in corpus; ``python-stdlib`` is this interpreter's standard library."""
+    if name != "python-stdlib":
+        raise UserError(f"unknown corpus preset {name!r} (known: {', '.join(PRESETS)})")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    return sorted(p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts))
+
+
+def resolve_inputs(inputs: list[str]) -> list[Path]:
+    """Expand files, folders (their text files, recursively) and globs into a sorted list."""
+    files: set[Path] = set()
+    for item in inputs:
+        matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] if glob.has_magic(item) else [Path(item)]
+        if not matches or not all(m.exists() for m in matches):
+            raise UserError(f"{item}: no such file or folder")
+        for match in matches:
+            if match.is_dir():
+                files.update(p for p in match.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+            else:
+                files.add(match)
+    if not files:
+        raise UserError(f"no input files found in {', '.join(inputs)}")
+    return sorted(files)
+
+
+def _decode(raw: bytes, stats: ReadStats) -> str:
+    text = raw.decode("utf-8", errors="replace")
+    stats.replaced_bytes += text.count("\ufffd") - raw.count("\ufffd".encode())
+    return text
+
+
+def read_documents(index: int, path: Path, text_field: str = "text", strict: bool = False,
+                   stats: ReadStats | None = None) -> Iterator[Document]:
+    """The documents of one file: the whole file for text, one per record for JSONL.
+
+    JSONL records with ``prompt`` and ``completion`` fields become one document whose prompt
+    part is masked out of the loss; otherwise ``text_field`` is read.
+    """
+    stats = stats if stats is not None else ReadStats()
+    try:
+        raw = gzip.open(path).read() if path.name.endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError) as err:
+        raise UserError(f"{path}: cannot read: {err}") from None
+    stats.files += 1
+    stats.bytes += len(raw)
+    if not _is_jsonl(path):
+        if b"\x00" in raw[:8192]:
+            raise UserError(f"{path}: binary file (NUL bytes), not text")
+        stats.records += 1
+        yield Document((index, 0), _decode(raw, stats))
+        return
+    for line_no, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        stats.records += 1
+        try:
+            record = json.loads(_decode(line, stats))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if strict:
+                raise UserError(f"{path}:{line_no}: not a JSON object: {err}") from None
+            stats.bad_json_lines += 1
+            continue
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, str) and isinstance(completion, str) and completion:
+            yield Document((index, line_no), prompt + completion, prompt_chars=len(prompt))
+            continue
+        text = record.get(text_field)
+        if not isinstance(text, str) or not text.strip():
+            stats.missing_text += 1
+            continue
+        yield Document((index, line_no), text)

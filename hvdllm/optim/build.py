@@ -1,0 +1,50 @@
+"""``build_optimizer``: parameter groups and the optimizer named in the config."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hvdllm.optim.lamb import Lamb
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Two groups: matrices decay; biases, LayerNorm weights (and embeddings unless asked) do not.
+
+    A tensor shared by two modules (a tied embedding / output head) is listed once, and it
+    counts as an embedding.
+    """
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():  # named_parameters() yields a shared tensor once
+        if not param.requires_grad:
+            continue
+        is_embedding = id(param) in embedding_ids
+        if param.dim() < 2 or (is_embedding and not decay_embeddings):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, optim_cfg, lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW, LAMB or Adafactor over ``param_groups(model)`` from an ``OptimConfig``.
+
+    ``lr`` overrides ``optim_cfg.lr`` (e.g. after scaling with the number of ranks).
+    """
+    lr = optim_cfg.lr if lr is None else lr
+    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_embeddings)
+    betas = tuple(optim_cfg.betas)
+    on_cuda = next(model.parameters()).is_cuda
+    if optim_cfg.name == "adamw":
+        # fused is one kernel for all parameters on CUDA; foreach is the fast path on CPU.
+        kernel = {"fused": True} if on_cuda else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=optim_cfg.eps, **kernel)
+    if optim_cfg.name == "lamb":
+        return Lamb(groups, lr=lr, betas=betas, eps=optim_cfg.eps,
+                    trust_clip=optim_cfg.trust_clip or None)
+    if optim_cfg.name == "adafactor":
+        # Factored second moments: O(n + m) state for an n x m matrix (Shazeer & Stern 2018).
+        return torch.optim.Adafactor(groups, lr=lr, beta2_decay=-0.8, foreach=True)
+    raise ValueError(f"optim.name: unknown optimizer {optim_cfg.name!r}")

@@ -1,0 +1,93 @@
+"""LAMB: layer-wise adaptive moments for large-batch training.
+
+Follows Algorithm 2 of You et al. 2019, "Large Batch Optimization for Deep Learning:
+Training BERT in 76 minutes" (arXiv:1904.00962, v5), with the trust ratio taken per
+parameter tensor and phi the identity (optionally clamped), as NVIDIA's FusedLAMB does:
+
+    m = b1 m + (1 - b1) g           v = b2 v + (1 - b2) g^2
+    m_hat = m / (1 - b1^t)          v_hat = v / (1 - b2^t)       (if bias_correction)
+    r = m_hat / (sqrt(v_hat) + eps) + weight_decay * w
+    ratio = ||w|| / ||r||, or 1 when either norm is 0; clamped to trust_clip if set
+    w = w - lr * ratio * r
+
+The math runs on whole lists of tensors with ``torch._foreach_*`` ops, one kernel per op for
+all parameters of a group, rather than a Python loop of small kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+
+class Lamb(Optimizer):
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
+                 trust_clip: float | None = None) -> None:
+        if lr <= 0:
+            raise ValueError(f"Lamb: lr must be > 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lamb: betas must be in [0, 1), got {betas}")
+        if eps <= 0 or weight_decay < 0:
+            raise ValueError(f"Lamb: eps must be > 0 and weight_decay >= 0, got {eps}, {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, trust_clip=trust_clip)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(group, params)
+        return loss
+
+    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("Lamb does not support sparse gradients")
+        exp_avgs, exp_avg_sqs, bias1, bias2 = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            t = state["step"].item()
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            bias1.append(1.0 - beta1 ** t if group["bias_correction"] else 1.0)
+            bias2.append((1.0 - beta2 ** t) ** 0.5 if group["bias_correction"] else 1.0)
+
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)  # m = b1 m + (1 - b1) g
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+
+        denom = torch._foreach_sqrt(exp_avg_sqs)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
+        torch._foreach_div_(denom, bias2)
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(exp_avgs, bias1)  # m_hat
+        torch._foreach_div_(update, denom)
+        if group["weight_decay"]:
+            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+
+        # Norms in at least fp32 (fp64 parameters keep fp64), one element per tensor.
+        w_norm = torch.stack(torch._foreach_norm(params))
+        w_norm = w_norm.to(torch.promote_types(w_norm.dtype, torch.float32))
+        r_norm = torch.stack(torch._foreach_norm(update)).to(w_norm.dtype)
+        ratio = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm.clamp(min=1e-30),
+                            torch.ones_like(w_norm))
+        if group["trust_clip"]:
+            ratio = ratio.clamp(max=group["trust_clip"])
+        ratio = ratio.mul_(-group["lr"])
+        # One scale per tensor: the 0-d tensors broadcast, so this stays on the device.
+        torch._foreach_mul_(update, [r.to(u.dtype) for r, u in zip(ratio.unbind(), update)])
+        torch._foreach_add_(params, update)

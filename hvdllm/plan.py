@@ -1,0 +1,218 @@
+"""``hvdllm plan``: size a training run before asking for the machines.
+
+Formulas and sources:
+
+- Parameters are counted on the very module the trainer builds, constructed on the meta
+  device (no memory). ``non_embedding`` leaves out the token and position tables.
+- FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): ``6 N + 12 L H Q T`` with N the
+  non-embedding parameters, L layers, H heads, Q head dimension, T sequence length; the
+  second term is attention's score and value matmuls. ``train_flops`` = that x tokens.
+  GPT-3's own 3.14e23 for 175B at 300B tokens (Brown et al. 2020, appendix D) is ``6 N D``
+  without the attention term; it is reported as ``train_flops_6nd`` for comparison.
+- Memory per GPU under mixed precision (Rajbhandari et al. 2020, ZeRO, section 3.1): fp16/bf16
+  weights 2 B and gradients 2 B per parameter; optimizer state in fp32: AdamW and LAMB keep a
+  master copy, m and v (12 B); Adafactor keeps the master copy (4 B) and, for each n x m
+  matrix, n + m factored second-moment entries (4 B each), vectors in full. Parameters are
+  split evenly over the model-parallel degree = tensor parallel (at most 8, within a node,
+  dividing the heads) x pipeline stages (dividing the layers), as Megatron-LM lays out GPT-3
+  (Narayanan et al. 2021); data parallelism (Horovod allreduce) keeps a full replica per group.
+- Activations per GPU per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation
+  in Large Transformer Models", eq. 2 with tensor parallel degree t, no sequence parallelism):
+  ``s b h (10 + 24 / t + 5 a s / (h t))`` bytes; with full activation checkpointing only each
+  layer's fp16 input is kept, ``2 s b h`` bytes, plus one layer's worth while recomputing.
+  With a 1F1B pipeline schedule the first stage holds p micro-batches of L / p layers, so the
+  per-GPU total stays that of L layers whatever the pipeline degree (ibid., section 4.2).
+- Wall time: ``train_flops / (gpus x peak FLOP/s x MFU)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hvdllm.model import GPT, get_preset, preset_config
+
+OPTIMIZERS = ("adamw", "lamb", "adafactor")
+GIB = 1024**3
+MAX_TENSOR_PARALLEL = 8  # tensor parallelism stays inside one node's NVLink domain
+
+
+@dataclass
+class PlanInputs:
+    model: str = "gpt3-175b"
+    tokens: float = 300e9
+    gpus: int = 1024
+    gpu_tflops: float = 125.0
+    gpu_mem_gb: float = 32.0
+    mfu: float = 0.4
+    micro_batch: int = 1
+    seq_len: int = 0  # 0 = the model's context
+    checkpointing: bool = False
+    model_parallel: int = 0  # 0 = the smallest degree that fits
+    optimizer: str = "adamw"
+
+
+def meta_model(name: str) -> GPT:
+    """The trainer's GPT for a preset, on the meta device: shapes only, no storage."""
+    with torch.device("meta"):
+        return GPT(preset_config(name))
+
+
+def optimizer_state_bytes(model: GPT, optimizer: str) -> int:
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if optimizer in ("adamw", "lamb"):
+        return 12 * total
+    factored = sum(p.shape[-2] + p.shape[-1] if p.dim() >= 2 else p.numel() for p in params)
+    return 4 * total + 4 * factored
+
+
+def activation_bytes(cfg, micro_batch: int, seq_len: int, tp: int, checkpointing: bool) -> int:
+    s, b, h, a, L = seq_len, micro_batch, cfg.d_model, cfg.n_head, cfg.n_layer
+    per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+    if checkpointing:
+        return int(L * 2 * s * b * h + per_layer)
+    return int(L * per_layer)
+
+
+def split_model(mp: int, cfg) -> tuple[int, int] | None:
+    """Split a model-parallel degree into (tensor, pipeline): the largest tensor degree up to
+    one node (8 GPUs) that divides the heads, the rest as pipeline stages dividing the layers."""
+    for tp in range(min(mp, MAX_TENSOR_PARALLEL), 0, -1):
+        if mp % tp == 0 and cfg.n_head % tp == 0 and cfg.n_layer % (mp // tp) == 0:
+            return tp, mp // tp
+    return None
+
+
+def build_plan(inputs: PlanInputs) -> dict:
+    preset = get_preset(inputs.model)
+    model = meta_model(inputs.model)
+    cfg = model.cfg
+    seq_len = inputs.seq_len or cfg.block_size
+    n_total, n_dense = model.num_params(), model.num_params(non_embedding=True)
+    head_dim = cfg.d_model // cfg.n_head
+    flops_per_token = 6 * n_dense + 12 * cfg.n_layer * cfg.n_head * head_dim * seq_len
+
+    def memory(mp: int) -> dict:
+        tp, pp = split_model(mp, cfg)
+        weights, grads = 2 * n_total / mp, 2 * n_total / mp
+        optim = {name: optimizer_state_bytes(model, name) / mp for name in OPTIMIZERS}
+        acts = {"no_checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, False),
+                "checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, True)}
+        chosen_acts = acts["checkpointing" if inputs.checkpointing else "no_checkpointing"]
+        total = {name: int(weights + grads + optim[name] + chosen_acts) for name in OPTIMIZERS}
+        return {"model_parallel": mp, "tensor_parallel": tp, "pipeline_parallel": pp,
+                "data_parallel": inputs.gpus // mp, "weights": int(weights),
+                "gradients": int(grads), "optimizer": {k: int(v) for k, v in optim.items()},
+                "activations": acts, "total": total}
+
+    degrees = [d for d in range(1, inputs.gpus + 1) if inputs.gpus % d == 0 and split_model(d, cfg)]
+    if not degrees:
+        raise ValueError(f"no model-parallel layout of {inputs.model} fits --gpus {inputs.gpus}")
+    limit = inputs.gpu_mem_gb * GIB
+    smallest = {name: next((d for d in degrees if memory(d)["total"][name] <= limit), None)
+                for name in OPTIMIZERS}
+    mp = inputs.model_parallel or smallest[inputs.optimizer] or degrees[-1]
+    if inputs.gpus % mp or not split_model(mp, cfg):
+        raise ValueError(f"--model-parallel {mp} must divide --gpus and split into tensor parallel "
+                         f"<= {MAX_TENSOR_PARALLEL} dividing {cfg.n_head} heads x pipeline stages "
+                         f"dividing {cfg.n_layer} layers")
+    train_flops = flops_per_token * inputs.tokens
+    seconds = train_flops / (inputs.gpus * inputs.gpu_tflops * 1e12 * inputs.mfu)
+    return {
+        "model": inputs.model,
+        "shape": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model,
+                  "d_head": head_dim, "context": cfg.block_size, "vocab_size": cfg.vocab_size},
+        "params": {"total": n_total, "non_embedding": n_dense, "nominal": preset.nominal_params},
+        "tokens": inputs.tokens,
+        "seq_len": seq_len,
+        "flops_per_token": flops_per_token,
+        "train_flops": train_flops,
+        "train_flops_6nd": 6 * n_total * inputs.tokens,
+        "memory_per_gpu": memory(mp),
+        "gpu_mem_bytes": int(limit),
+        "checkpointing": inputs.checkpointing,
+        "optimizer": inputs.optimizer,
+        "min_model_parallel": smallest,
+        "time": {"gpus": inputs.gpus, "gpu_tflops": inputs.gpu_tflops, "mfu": inputs.mfu,
+                 "seconds": seconds, "days": seconds / 86400},
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:,.1f} GiB"
+
+
+def format_plan(plan: dict) -> str:
+    shape, mem, t = plan["shape"], plan["memory_per_gpu"], plan["time"]
+    ckpt = "with" if plan["checkpointing"] else "without"
+    rows = [
+        f"model              {plan['model']}: {shape['n_layer']} layers, d_model {shape['d_model']}, "
+        f"{shape['n_head']} heads of {shape['d_head']}, context {shape['context']}, vocab {shape['vocab_size']}",
+        f"parameters         {plan['params']['total']:,} total, {plan['params']['non_embedding']:,} non-embedding",
+        f"FLOPs per token    {plan['flops_per_token']:.4g}  (6N + 12LHQT at T={plan['seq_len']})",
+        f"training FLOPs     {plan['train_flops']:.4g} for {plan['tokens']:.3g} tokens"
+        f"  (6ND alone: {plan['train_flops_6nd']:.4g})",
+        "",
+        f"memory per GPU at model-parallel {mem['model_parallel']} (tensor {mem['tensor_parallel']} x "
+        f"pipeline {mem['pipeline_parallel']}) x data-parallel {mem['data_parallel']}, "
+        f"mixed precision, activations {ckpt} checkpointing:",
+        f"  {'':<12}{'weights':>12}{'gradients':>12}{'optimizer':>12}{'activations':>13}{'total':>12}"
+        f"{'fits':>6}{'min MP':>8}",
+    ]
+    acts = mem["activations"]["checkpointing" if plan["checkpointing"] else "no_checkpointing"]
+    for name in OPTIMIZERS:
+        total = mem["total"][name]
+        smallest = plan["min_model_parallel"][name]
+        rows.append(f"  {name:<12}{_gib(mem['weights']):>12}{_gib(mem['gradients']):>12}"
+                    f"{_gib(mem['optimizer'][name]):>12}{_gib(acts):>13}{_gib(total):>12}"
+                    f"{'yes' if total <= plan['gpu_mem_bytes'] else 'no':>6}"
+                    f"{smallest if smallest else 'none':>8}")
+    rows += [
+        f"  activations: {_gib(mem['activations']['no_checkpointing'])} without checkpointing, "
+        f"{_gib(mem['activations']['checkpointing'])} with",
+        "",
+        f"time               {t['days']:,.1f} days on {t['gpus']} GPUs at {t['gpu_tflops']} TFLOP/s, "
+        f"MFU {t['mfu']}",
+    ]
+    return "\n".join(rows)
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = PlanInputs()
+    parser.add_argument("--model", default=defaults.model, help="model preset, e.g. gpt3-175b")
+    parser.add_argument("--tokens", type=float, default=defaults.tokens, help="training tokens")
+    parser.add_argument("--gpus", type=int, default=defaults.gpus)
+    parser.add_argument("--gpu-tflops", type=float, default=defaults.gpu_tflops, help="peak per GPU")
+    parser.add_argument("--gpu-mem-gb", type=float, default=defaults.gpu_mem_gb, help="memory per GPU, GiB")
+    parser.add_argument("--mfu", type=float, default=defaults.mfu, help="model FLOPs utilization")
+    parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
+    parser.add_argument("--seq-len", type=int, default=0, help="default: the model's context")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    parser.add_argument("--model-parallel", type=int, default=0, help="default: the smallest that fits")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
+    """PlanInputs from parsed flags; a value out of range is a ValueError naming its flag."""
+    inputs = PlanInputs(**{name: getattr(args, name) for name in PlanInputs.__dataclass_fields__})
+    checks = {"--tokens": inputs.tokens > 0, "--gpus": inputs.gpus >= 1, "--gpu-tflops": inputs.gpu_tflops > 0,
+              "--gpu-mem-gb": inputs.gpu_mem_gb > 0, "--mfu": 0 < inputs.mfu <= 1,
+              "--micro-batch": inputs.micro_batch >= 1, "--seq-len": inputs.seq_len >= 0,
+              "--model-parallel": inputs.model_parallel >= 0}
+    for flag, ok in checks.items():
+        value = getattr(inputs, flag[2:].replace("-", "_"))
+        if not ok or not math.isfinite(value):
+            raise ValueError(f"{flag} is out of range: {value}")
+    return inputs
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    plan = build_plan(inputs_from_args(args))
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0

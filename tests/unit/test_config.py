@@ -1,0 +1,76 @@
+import subprocess
+import sys
+
+import pytest
+
+from hvdllm.config import Config, ConfigError, config_to_toml, load_config
+
+
+def test_defaults_load():
+    assert load_config() == Config()
+
+
+def test_precedence_cli_over_toml_over_defaults(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[optim]\nlr = 1e-3\nname = 'lamb'\n[model]\nn_layer = 3\n")
+    cfg = load_config(path, ["--optim.lr=2e-3", "--optim.betas=[0.8, 0.9]"])
+    assert cfg.optim.lr == 2e-3  # CLI beats TOML
+    assert cfg.optim.name == "lamb"  # TOML beats default
+    assert cfg.model.n_layer == 3
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.train.steps == Config().train.steps  # default
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError, match=r"unknown key model\.n_layr.*'n_layer'"):
+        load_config(None, ["--model.n_layr=4"])
+
+
+def test_wrong_type_names_field():
+    with pytest.raises(ConfigError, match=r"optim\.lr must be a number, got 'abc'"):
+        load_config(None, ["--optim.lr=abc"])
+
+
+def test_unknown_section_names_closest(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[optimizer]\nlr = 1.0\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[optimizer\].*'optim'"):
+        load_config(path)
+
+
+def test_out_of_range_names_field():
+    with pytest.raises(ConfigError, match=r"data\.batch_size must be >= 1"):
+        load_config(None, ["--data.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"optim\.name must be one of"):
+        load_config(None, ["--optim.name=sgd"])
+
+
+def test_string_field_keeps_numeric_looking_value():
+    assert load_config(None, ["--train.run_dir=2024"]).train.run_dir == "2024"
+
+
+def test_stages_and_roundtrip(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[[stages]]\nsteps = 5\nseq_len = 32\n[[stages]]\nsteps = 7\nlr = 1e-4\n")
+    cfg = load_config(path, ["--train.precision=bf16", "--optim.lr=3e-4"])
+    assert [s.steps for s in cfg.stages] == [5, 7]
+    dumped = tmp_path / "dump.toml"
+    dumped.write_text(config_to_toml(cfg))
+    assert load_config(dumped) == cfg
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for override in ("--model.n_layr=4", "--optim.lr=abc"):
+        result = subprocess.run([sys.executable, "-m", "hvdllm", "train", override],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_cli_print_config_roundtrips(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hvdllm", "train", "--print-config", "--optim.lr=5e-4"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    dumped = tmp_path / "dump.toml"
+    dumped.write_text(result.stdout)
+    assert load_config(dumped) == load_config(None, ["--optim.lr=5e-4"])

@@ -1,0 +1,113 @@
+import resource
+
+import pytest
+import torch
+
+from hvdllm.model import GPT, PRESETS, GPTConfig, preset_config
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=97, block_size=32, n_layer=3, n_head=4, d_model=32)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg))
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_causal_masking(position):
+    model = tiny(position=position).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    t = 9
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % 97
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    assert torch.allclose(a[:, :t], b[:, :t], atol=1e-6)  # nothing before t may move
+    assert not torch.allclose(a[:, t:], b[:, t:])  # and t itself must
+
+
+def test_activation_checkpointing_same_gradients():
+    idx = torch.randint(0, 97, (2, 16))
+    grads = []
+    for every in (0, 1, 2):
+        model = tiny(checkpoint_every=every).train()
+        _, loss = model(idx, idx)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for other in grads[1:]:
+        for name, grad in grads[0].items():
+            assert torch.allclose(grad, other[name], atol=1e-6), name
+
+
+def test_loss_mask_ignores_masked_tokens():
+    model = tiny().eval()
+    idx = torch.randint(0, 97, (1, 8))
+    targets = torch.randint(0, 97, (1, 8))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    other = targets.clone()
+    other[0, :3] = (other[0, :3] + 5) % 97
+    with torch.no_grad():
+        assert torch.allclose(model(idx, targets, mask)[1], model(idx, other, mask)[1])
+        assert not torch.allclose(model(idx, targets)[1], model(idx, other)[1])
+
+
+@pytest.mark.parametrize("init", ["gpt2", "xavier", "kaiming", "small"])
+def test_init_strategies(init):
+    model = tiny(init=init, n_layer=8, d_model=64)
+    fc = model.blocks[0].mlp.fc.weight
+    proj = model.blocks[0].mlp.proj.weight
+    if init == "gpt2":
+        assert abs(fc.std().item() - 0.02) < 0.003
+        assert abs(proj.std().item() - 0.02 / 4) < 0.001  # 1 / sqrt(2 * 8)
+    if init == "small":
+        assert abs(fc.std().item() - (2 / (5 * 64)) ** 0.5) < 0.01
+    if init == "xavier":
+        bound = (6 / (64 + 256)) ** 0.5
+        assert fc.abs().max().item() <= bound
+    assert torch.all(model.blocks[0].ln_1.weight == 1)
+    assert torch.all(model.blocks[0].attn.qkv.bias == 0)
+
+
+def test_tied_weights_and_blocks_indexable():
+    model = tiny()
+    assert model.lm_head.weight is model.wte.weight
+    assert not tiny(tie_weights=False).lm_head.weight is tiny(tie_weights=False).wte.weight
+    stage = model.blocks[1:3]
+    assert len(stage) == 2
+    x = torch.randn(2, 5, 32)
+    assert torch.allclose(model.run_blocks(x, 1, 3), stage[1](stage[0](x)))
+
+
+def test_too_long_sequence_is_refused():
+    with pytest.raises(ValueError, match="block_size"):
+        tiny()(torch.zeros(1, 33, dtype=torch.long))
+
+
+GPT3 = [name for name in PRESETS if name.startswith("gpt3-")]
+
+
+@pytest.mark.parametrize("name", GPT3)
+def test_gpt3_presets_match_paper(name):
+    with torch.device("meta"):
+        model = GPT(preset_config(name))
+    nominal = PRESETS[name].nominal_params
+    assert abs(model.num_params() - nominal) / nominal < 0.02, (name, model.num_params())
+    assert model.cfg.block_size == 2048 and model.cfg.vocab_size == 50257
+
+
+def test_meta_175b_costs_no_memory():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.device("meta"):
+        model = GPT(preset_config("gpt3-175b"))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert model.num_params() > 170e9
+    assert grown_mb < 200, grown_mb  # real storage would be 700 GB
+
+
+def test_generate_extends_prompt():
+    model = tiny().eval()
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=5, temperature=0.8, top_k=5)
+    assert out.shape == (1, 8)
+    greedy = model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0)
+    assert torch.equal(greedy, model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0))

@@ -1,0 +1,144 @@
+import io
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hvdllm.config import OptimConfig, ScheduleConfig
+from hvdllm.model import GPT, GPTConfig
+from hvdllm.optim import Lamb, LRSchedule, build_optimizer, lr_factor, param_groups, scaled_lr
+
+
+def reference_lamb(params, grads_per_step, lr, betas, eps, wd, trust_clip=None):
+    """The LAMB update of You et al. 2019 in float64, one tensor at a time."""
+    params = [p.double().clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g.double()
+            m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+            v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+            m_hat = m[i] / (1 - betas[0] ** t)
+            v_hat = v[i] / (1 - betas[1] ** t)
+            r = m_hat / (v_hat.sqrt() + eps) + wd[i] * p
+            w_norm, r_norm = p.norm().item(), r.norm().item()
+            ratio = w_norm / r_norm if w_norm > 0 and r_norm > 0 else 1.0
+            if trust_clip:
+                ratio = min(ratio, trust_clip)
+            params[i] = p - lr * ratio * r
+    return params
+
+
+@pytest.mark.parametrize("trust_clip", [None, 0.5])
+def test_lamb_matches_float64_reference(trust_clip):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 5), (5,), (3, 4, 2), (6,)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    params[3].zero_()  # a zero-norm tensor: trust ratio must fall back to 1
+    steps = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(20)]
+    wd = [0.01, 0.0, 0.01, 0.0]
+    expected = reference_lamb(params, steps, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, wd=wd,
+                              trust_clip=trust_clip)
+    tensors = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = Lamb([{"params": [tensors[0], tensors[2]], "weight_decay": 0.01},
+                {"params": [tensors[1], tensors[3]], "weight_decay": 0.0}],
+               lr=1e-2, betas=(0.9, 0.999), eps=1e-6, trust_clip=trust_clip)
+    for grads in steps:
+        for p, g in zip(tensors, grads):
+            p.grad = g.clone()
+        opt.step()
+    for got, want in zip(tensors, expected):
+        assert torch.allclose(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_lamb_state_dict_roundtrip():
+    def make():
+        torch.manual_seed(1)
+        w = torch.nn.Parameter(torch.randn(4, 3))
+        return w, Lamb([w], lr=1e-2)
+
+    w1, opt1 = make()
+    for _ in range(3):
+        w1.grad = torch.ones_like(w1)
+        opt1.step()
+    w2, opt2 = make()
+    w2.data.copy_(w1.data)
+    buffer = io.BytesIO()
+    torch.save(opt1.state_dict(), buffer)  # through a checkpoint, as the trainer does
+    buffer.seek(0)
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    for w, opt in ((w1, opt1), (w2, opt2)):
+        w.grad = torch.full_like(w, 0.5)
+        opt.step()
+    assert torch.equal(w1, w2)
+
+
+def test_adafactor_state_is_factored():
+    w = torch.nn.Parameter(torch.randn(300, 200))
+    opt = build_optimizer(torch.nn.Linear(1, 1), OptimConfig(name="adafactor"))
+    opt = torch.optim.Adafactor([w], lr=1e-2)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    state_numel = sum(t.numel() for t in opt.state[w].values() if torch.is_tensor(t) and t.dim() > 0)
+    assert state_numel == 300 + 200  # O(n + m), not n * m
+
+
+def test_param_groups_exclude_biases_norms_embeddings():
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=8))
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert any(p is model.wte.weight for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+    decay_e, _ = param_groups(model, 0.1, decay_embeddings=True)
+    assert any(p is model.wte.weight for p in decay_e["params"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])
+def test_build_optimizer_steps(name):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=8))
+    opt = build_optimizer(model, OptimConfig(name=name, lr=1e-2))
+    idx = torch.randint(0, 50, (2, 8))
+    first = model(idx, idx)[1].item()
+    for _ in range(10):
+        opt.zero_grad()
+        model(idx, idx)[1].backward()
+        opt.step()
+    assert model(idx, idx)[1].item() < first
+
+
+def sched(**kw):
+    return ScheduleConfig(**{"warmup_steps": 10, "min_lr_ratio": 0.1, **kw})
+
+
+def test_schedule_values():
+    cos = sched(name="cosine")
+    assert lr_factor(0, 110, cos) == pytest.approx(0.1)
+    assert lr_factor(9, 110, cos) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cos) == pytest.approx(0.55)  # halfway: floor + (1 - floor) / 2
+    assert lr_factor(110, 110, cos) == pytest.approx(0.1)
+    assert lr_factor(60, 110, sched(name="linear")) == pytest.approx(0.55)
+    step = sched(name="step", milestones=[50, 80], gamma=0.5)
+    assert [lr_factor(s, 110, step) for s in (49, 50, 79, 80)] == [1.0, 0.5, 0.5, 0.25]
+    wsd = sched(name="wsd", decay_fraction=0.2)
+    assert lr_factor(80, 100, wsd) == 1.0 and lr_factor(90, 100, wsd) == pytest.approx(0.55)
+    assert lr_factor(50, 110, sched(name="constant")) == 1.0
+
+
+def test_scale_rules():
+    assert scaled_lr(1e-3, 4, "none") == 1e-3
+    assert scaled_lr(1e-3, 4, "linear") == pytest.approx(4e-3)
+    assert scaled_lr(1e-3, 4, "sqrt") == pytest.approx(2e-3)
+
+
+def test_plateau_reduces_and_checkpoints():
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    s = LRSchedule(opt, 1.0, 100, sched(name="constant", warmup_steps=0, plateau=True,
+                                         plateau_patience=2, plateau_factor=0.5))
+    assert [s.observe_val_loss(v) for v in (3.0, 2.0, 2.5, 2.4)] == [False, False, False, True]
+    assert s.apply(5) == 0.5 and opt.param_groups[0]["lr"] == 0.5
+    other = LRSchedule(opt, 1.0, 100, s.cfg)
+    other.load_state_dict(s.state_dict())
+    assert other.lr_at(5) == 0.5 and other.best_val == 2.0
