@@ -67,6 +67,16 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
     return sorted(files)
 
 
+def looks_binary(head: bytes) -> bool:
+    """More than 30% of the characters are undecodable or control characters (a stray NUL
+    or two in real text is cleaning's job, not a reason to refuse the file)."""
+    if not head:
+        return False
+    text = head.decode("utf-8", errors="replace")
+    junk = sum(1 for ch in text if ch == "\ufffd" or (ord(ch) < 32 and ch not in "\t\n\r\f\v\b\x1b"))
+    return junk > 0.3 * len(text)
+
+
 def _decode(raw: bytes, stats: ReadStats) -> str:
     text = raw.decode("utf-8", errors="replace")
     stats.replaced_bytes += text.count("\ufffd") - raw.count("\ufffd".encode())
@@ -88,8 +98,8 @@ def read_documents(index: int, path: Path, text_field: str = "text", strict: boo
     stats.files += 1
     stats.bytes += len(raw)
     if not _is_jsonl(path):
-        if b"\x00" in raw[:8192]:
-            raise UserError(f"{path}: binary file (NUL bytes), not text")
+        if looks_binary(raw[:8192]):
+            raise UserError(f"{path}: binary file, not text")
         stats.records += 1
         yield Document((index, 0), _decode(raw, stats))
         return

@@ -1,0 +1,49 @@
+"""Small corpora and CLI runners shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from hvdllm.comm.launch import mpi_environment, mpirun_command
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega tensor ring allreduce gradient shard rank").split()
+
+
+def random_text(rng: random.Random, words: int) -> str:
+    lines = []
+    for _ in range(max(1, words // 12)):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + ".")
+    return "\n".join(lines) + "\n"
+
+
+def make_corpus(folder: Path, files: int = 6, docs_per_jsonl: int = 5, seed: int = 0) -> Path:
+    """Text files and a JSONL file of distinct random documents."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (folder / f"doc{i:02d}.txt").write_text(random_text(rng, 120 + 20 * i))
+    with open(folder / "records.jsonl", "w") as f:
+        for _ in range(docs_per_jsonl):
+            f.write(json.dumps({"text": random_text(rng, 80)}) + "\n")
+    return folder
+
+
+def hvdllm(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hvdllm", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def hvdllm_mpi(np: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = mpi_environment(dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.run(mpirun_command(np, ["-m", "hvdllm", *args]), capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
