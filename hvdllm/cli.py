@@ -105,6 +105,22 @@ def _add_prepare_parser(verbs) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
 
 
+def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from hvdllm.train.generate import generate_text
+
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
+        raise UserError("--max-new-tokens, --temperature and --top-k must be >= 0")
+    print(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                        args.seed, args.device))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from hvdllm.train.report import run_report
+
+    return run_report(args.run_dir)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(
         prog="hvdllm", description="Train GPT-style language models with PyTorch on Horovod and MPI.")
@@ -125,6 +141,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     train = verbs.add_parser("train", help="train a GPT (launch with horovodrun / mpirun for several ranks)")
     _add_config_args(train)
     handlers["train"] = _cmd_train
+
+    gen = verbs.add_parser("generate", help="sample text from a checkpoint")
+    gen.add_argument("--checkpoint", required=True, help="a .pt file, e.g. runs/demo/checkpoints/best.pt")
+    gen.add_argument("--prompt", default="", help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="cpu")
+    handlers["generate"] = _cmd_generate
+
+    report = verbs.add_parser("report", help="summary and plot of a run folder")
+    report.add_argument("run_dir")
+    handlers["report"] = _cmd_report
 
     plan = verbs.add_parser("plan", help="parameters, FLOPs, memory per GPU and time of a run")
     from hvdllm.plan import add_plan_arguments

@@ -48,6 +48,8 @@ def _one_of(value: str, name: str, choices: tuple[str, ...]) -> None:
 class DataConfig:
     path: str = "data/demo"  # folder with manifest.json and the HDF5 shards
     batch_size: int = 8  # samples per rank per micro-batch
+    global_batch_size: int = 0  # if set: samples per optimizer step over all ranks; then
+    #                             batch_size = global_batch_size / (ranks * accum_steps)
     seq_len: int = 0  # tokens per sample fed to the model; 0 = the shards' seq_len
     seed: int = 1234  # seed of the global per-epoch shuffle
     shuffle: bool = True
@@ -57,6 +59,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.global_batch_size >= 0, "data.global_batch_size", f"must be >= 0, got {self.global_batch_size}")
         _require(self.seq_len >= 0, "data.seq_len", f"must be >= 0, got {self.seq_len}")
         _require(self.prefetch >= 1, "data.prefetch", f"must be >= 1, got {self.prefetch}")
 
@@ -138,11 +141,12 @@ class ScheduleConfig:
 @dataclass
 class ParallelConfig:
     strategy: str = "sync"  # how updates are spread: sync (Horovod ring-allreduce)
+    data_parallel: int = 0  # ranks the job must be launched with; 0 = whatever it gets
     op: str = "average"  # average | adasum
     compression: str = "none"  # none | fp16 (gradients on the wire)
     accum_steps: int = 1  # micro-batches per optimizer step (backward_passes_per_step)
-    fusion_threshold_mb: float = 64.0  # HOROVOD_FUSION_THRESHOLD
-    cycle_time_ms: float = 1.0  # HOROVOD_CYCLE_TIME
+    fusion_threshold_mb: float = -1.0  # HOROVOD_FUSION_THRESHOLD; -1 = Horovod's (128 MB) or the env's
+    cycle_time_ms: float = -1.0  # HOROVOD_CYCLE_TIME; -1 = Horovod's (1 ms) or the env's
     hierarchical_allreduce: bool = False  # HOROVOD_HIERARCHICAL_ALLREDUCE
     timeline: str = ""  # HOROVOD_TIMELINE file; empty = off
 
@@ -151,9 +155,11 @@ class ParallelConfig:
         _one_of(self.op, "parallel.op", ("average", "adasum"))
         _one_of(self.compression, "parallel.compression", ("none", "fp16"))
         _require(self.accum_steps >= 1, "parallel.accum_steps", f"must be >= 1, got {self.accum_steps}")
-        _require(self.fusion_threshold_mb >= 0, "parallel.fusion_threshold_mb",
-                 f"must be >= 0, got {self.fusion_threshold_mb}")
-        _require(self.cycle_time_ms > 0, "parallel.cycle_time_ms", f"must be > 0, got {self.cycle_time_ms}")
+        _require(self.data_parallel >= 0, "parallel.data_parallel", f"must be >= 0, got {self.data_parallel}")
+        _require(self.fusion_threshold_mb >= 0 or self.fusion_threshold_mb == -1, "parallel.fusion_threshold_mb",
+                 f"must be >= 0 (or -1), got {self.fusion_threshold_mb}")
+        _require(self.cycle_time_ms > 0 or self.cycle_time_ms == -1, "parallel.cycle_time_ms",
+                 f"must be > 0 (or -1), got {self.cycle_time_ms}")
 
 
 @dataclass

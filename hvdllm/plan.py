@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from hvdllm.model import GPT, get_preset, preset_config
+from hvdllm.model.flops import flops_per_token
 
 OPTIMIZERS = ("adamw", "lamb", "adafactor")
 GIB = 1024**3
@@ -95,7 +96,7 @@ def build_plan(inputs: PlanInputs) -> dict:
     seq_len = inputs.seq_len or cfg.block_size
     n_total, n_dense = model.num_params(), model.num_params(non_embedding=True)
     head_dim = cfg.d_model // cfg.n_head
-    flops_per_token = 6 * n_dense + 12 * cfg.n_layer * cfg.n_head * head_dim * seq_len
+    per_token = flops_per_token(n_dense, cfg.n_layer, cfg.n_head, head_dim, seq_len)
 
     def memory(mp: int) -> dict:
         tp, pp = split_model(mp, cfg)
@@ -121,7 +122,7 @@ def build_plan(inputs: PlanInputs) -> dict:
         raise ValueError(f"--model-parallel {mp} must divide --gpus and split into tensor parallel "
                          f"<= {MAX_TENSOR_PARALLEL} dividing {cfg.n_head} heads x pipeline stages "
                          f"dividing {cfg.n_layer} layers")
-    train_flops = flops_per_token * inputs.tokens
+    train_flops = per_token * inputs.tokens
     seconds = train_flops / (inputs.gpus * inputs.gpu_tflops * 1e12 * inputs.mfu)
     return {
         "model": inputs.model,
@@ -130,7 +131,7 @@ def build_plan(inputs: PlanInputs) -> dict:
         "params": {"total": n_total, "non_embedding": n_dense, "nominal": preset.nominal_params},
         "tokens": inputs.tokens,
         "seq_len": seq_len,
-        "flops_per_token": flops_per_token,
+        "flops_per_token": per_token,
         "train_flops": train_flops,
         "train_flops_6nd": 6 * n_total * inputs.tokens,
         "memory_per_gpu": memory(mp),

@@ -47,3 +47,25 @@ def hvdllm_mpi(np: int, *args: str, timeout: int = 300) -> subprocess.CompletedP
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def make_dataset(folder: Path, seq_len: int = 32) -> Path:
+    """A byte-tokenized dataset with train and val splits, prepared through the CLI."""
+    make_corpus(folder / "corpus", files=12, docs_per_jsonl=20)
+    result = hvdllm("prepare", str(folder / "corpus"), "--out", str(folder / "data"), "--tokenizer", "byte",
+                    "--seq-len", str(seq_len), "--val-fraction", "0.15", "--min-chars", "16",
+                    "--samples-per-shard", "64")
+    assert result.returncode == 0, result.stderr
+    return folder / "data"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+NANO = str(Path(__file__).resolve().parents[2] / "configs" / "test-nano.toml")
+
+
+def train_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return ["train", "--config", NANO, f"--data.path={data}", f"--train.run_dir={run_dir}",
+            "--train.threads=1", *overrides]

@@ -1,0 +1,86 @@
+"""Synchronous data parallelism with Horovod: ring-allreduce of gradients every step.
+
+- ``hvd.DistributedOptimizer`` with ``named_parameters`` starts each gradient's allreduce
+  from a backward hook as soon as it is ready, overlapping communication with the rest of
+  backward; ``backward_passes_per_step`` accumulates k micro-batches locally and reduces once.
+- Clipping needs the reduced gradients, so the loop calls :meth:`finish_gradients`
+  (``synchronize()``), clips (and unscales fp16 gradients), then :meth:`apply_update` steps
+  under ``skip_synchronize()`` so the allreduce is not issued twice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from hvdllm.parallel.base import UpdateStrategy
+
+
+def horovod_environment(parallel_cfg) -> dict[str, str]:
+    """Horovod knobs from the config, as the variables ``hvd.init`` reads; -1 leaves a knob
+    to Horovod (its default, or what the user's environment already says)."""
+    env = {}
+    if parallel_cfg.fusion_threshold_mb >= 0:
+        env["HOROVOD_FUSION_THRESHOLD"] = str(int(parallel_cfg.fusion_threshold_mb * 1024 * 1024))
+    if parallel_cfg.cycle_time_ms >= 0:
+        env["HOROVOD_CYCLE_TIME"] = str(parallel_cfg.cycle_time_ms)
+    if parallel_cfg.hierarchical_allreduce:
+        env["HOROVOD_HIERARCHICAL_ALLREDUCE"] = "1"
+    if parallel_cfg.timeline:
+        env["HOROVOD_TIMELINE"] = parallel_cfg.timeline
+    return env
+
+
+def apply_horovod_environment(parallel_cfg) -> None:
+    """Set the knobs before ``hvd.init()``, which reads them once."""
+    os.environ.update(horovod_environment(parallel_cfg))
+
+
+class HorovodSync(UpdateStrategy):
+    def __init__(self, parallel_cfg) -> None:
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        self.cfg = parallel_cfg
+
+    @property
+    def data_rank(self) -> tuple[int, int]:
+        return self.hvd.rank(), self.hvd.size()
+
+    @property
+    def world_size(self) -> int:
+        return self.hvd.size()
+
+    def wrap_optimizer(self, optimizer, model: nn.Module):
+        hvd = self.hvd
+        compression = hvd.Compression.fp16 if self.cfg.compression == "fp16" else hvd.Compression.none
+        op = hvd.Adasum if self.cfg.op == "adasum" else hvd.Average
+        return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                        compression=compression, op=op,
+                                        backward_passes_per_step=self.cfg.accum_steps)
+
+    def broadcast_state(self, model: nn.Module, optimizer) -> None:
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        # A fresh optimizer has no state on any rank, so there is nothing to send. (Horovod's
+        # broadcast_optimizer_state would first create it with a zero-gradient step, which for
+        # AdamW applies weight decay and advances the bias-correction step count.)
+        if optimizer.state_dict()["state"]:
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def finish_gradients(self, optimizer) -> None:
+        optimizer.synchronize()
+
+    def apply_update(self, optimizer, scaler) -> None:
+        with optimizer.skip_synchronize():
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+
+    def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name)
+
+    def allgather_object(self, obj, name: str) -> list:
+        return self.hvd.allgather_object(obj, name=name)
