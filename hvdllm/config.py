@@ -53,7 +53,7 @@ class DataConfig:
     seq_len: int = 0  # tokens per sample fed to the model; 0 = the shards' seq_len
     seed: int = 1234  # seed of the global per-epoch shuffle
     shuffle: bool = True
-    prefetch: int = 4  # batches queued by the background reader
+    prefetch: int = 4  # batches queued by the background reader; 0 = read in the training thread
     random_offset: bool = False  # augmentation: start each sample at a random offset
     verify_checksums: bool = False  # sha256 of every shard against the manifest on open
 
@@ -61,7 +61,7 @@ class DataConfig:
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.global_batch_size >= 0, "data.global_batch_size", f"must be >= 0, got {self.global_batch_size}")
         _require(self.seq_len >= 0, "data.seq_len", f"must be >= 0, got {self.seq_len}")
-        _require(self.prefetch >= 1, "data.prefetch", f"must be >= 1, got {self.prefetch}")
+        _require(self.prefetch >= 0, "data.prefetch", f"must be >= 0, got {self.prefetch}")
 
 
 @dataclass

@@ -252,7 +252,9 @@ class Trainer:
             stop_early = bool(patience) and self.evals_without_improvement >= patience
             every_ckpt = self.cfg.checkpoint.every
             # An improving evaluation is checkpointed at once, so best.pt is exactly the best model.
-            if (every_ckpt and self.step % every_ckpt == 0) or self.step == self.total_steps or stop_early or improved:
+            due = (every_ckpt and self.step % every_ckpt == 0) or self.step == self.total_steps or stop_early
+            # Not in a run of skipped steps: the newest checkpoint stays the last good state.
+            if (due or improved) and self.bad_steps_in_row == 0:
                 self.save_checkpoint(is_best=improved)
             if stop_early:
                 self._say(f"early stop at step {self.step}: no val improvement in {patience} evaluations "

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, make_dataset, read_metrics, train_args
@@ -154,3 +155,15 @@ def test_report_and_generate(data, tmp_path):
                  "--max-new-tokens", "20", "--temperature", "0")
     assert out.returncode == 0 and out.stdout.startswith("Alpha")
     assert len(out.stdout.rstrip("\n")) == len("Alpha") + 20  # byte tokens: one character each
+
+
+def test_horovodrun_gloo_matches_mpirun(data, tmp_path):
+    """The same run under Horovod's Gloo controller (horovodrun --gloo) and under mpirun."""
+    args = train_args(data, tmp_path / "gloo", "--data.batch_size=4", "--train.steps=8")
+    gloo = subprocess.run([str(Path(sys.executable).parent / "horovodrun"), "--gloo",
+                           "-np", "2", "-H", "localhost:2", sys.executable, "-m", "hvdllm", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert gloo.returncode == 0, gloo.stderr[-2000:]
+    mpi = hvdllm_mpi(2, *train_args(data, tmp_path / "mpi", "--data.batch_size=4", "--train.steps=8"))
+    assert mpi.returncode == 0, mpi.stderr
+    assert_close(losses(tmp_path / "gloo"), losses(tmp_path / "mpi"), 1e-5)

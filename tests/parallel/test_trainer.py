@@ -1,0 +1,165 @@
+"""The Trainer in-process on 2 ranks: agreement on NaN steps, stops, stages, checkpoints,
+and every optimizer inside hvd.DistributedOptimizer."""
+
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.corpus import NANO, make_corpus, read_metrics
+
+from hvdllm.config import load_config
+from hvdllm.data.prepare import PrepareOptions, run_prepare
+from hvdllm.parallel import HorovodSync
+from hvdllm.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def shared_dir(horovod):
+    """A folder both ranks see (rank 0 makes it)."""
+    path = tempfile.mkdtemp(prefix="hvdllm-par-") if horovod.rank() == 0 else None
+    return Path(horovod.broadcast_object(path, root_rank=0, name="shared_dir"))
+
+
+@pytest.fixture(scope="module")
+def data(shared_dir, horovod):
+    if horovod.rank() == 0:
+        make_corpus(shared_dir / "corpus", files=10, docs_per_jsonl=20)
+    horovod.barrier()
+    run_prepare(PrepareOptions(out=str(shared_dir / "data"), inputs=[str(shared_dir / "corpus")],
+                               tokenizer="byte", seq_len=32, val_fraction=0.15, min_chars=16))
+    return shared_dir / "data"
+
+
+def make_trainer(data, run_dir, *overrides):
+    cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={run_dir}", "--data.prefetch=2", *overrides])
+    return Trainer(cfg, HorovodSync(cfg.parallel), torch.device("cpu"))
+
+
+def inject_nan(trainer, on_rank, steps):
+    """Make this rank's loss NaN at the given (1-based) steps."""
+    forward = trainer.model.forward
+
+    def patched(*args, **kwargs):
+        logits, loss = forward(*args, **kwargs)
+        if trainer.rank == on_rank and trainer.step + 1 in steps:
+            loss = loss * float("nan")
+        return logits, loss
+
+    trainer.model.forward = patched
+
+
+def params_agree(horovod, model):
+    checksum = sum(p.double().sum().item() for p in model.parameters())
+    values = horovod.allgather_object(checksum, name="checksum")
+    return values[0] == values[1]
+
+
+def test_nan_on_one_rank_is_skipped_by_both(data, shared_dir, horovod):
+    trainer = make_trainer(data, shared_dir / "nan", "--train.steps=6", "--train.eval_every=0")
+    inject_nan(trainer, on_rank=1, steps={3, 4})
+    before = {}
+
+    step_fn = trainer.train_step
+
+    def recording_step():
+        if trainer.step + 1 == 3:
+            before["w"] = trainer.model.wte.weight.detach().clone()
+        result = step_fn()
+        if trainer.step + 1 == 4:
+            before["after"] = trainer.model.wte.weight.detach().clone()
+        return result
+
+    trainer.train_step = recording_step
+    assert trainer.train() == 0
+    assert torch.equal(before["w"], before["after"])  # steps 3 and 4 changed nothing
+    assert params_agree(horovod, trainer.model)
+    if horovod.rank() == 0:
+        skipped = [r["step"] for r in read_metrics(shared_dir / "nan") if r["skipped"]]
+        assert skipped == [3, 4]
+
+
+def test_too_many_bad_steps_stop_and_keep_last_good_checkpoint(data, shared_dir, horovod, capsys):
+    trainer = make_trainer(data, shared_dir / "bad", "--train.steps=20", "--checkpoint.every=2",
+                           "--train.max_bad_steps=3", "--train.eval_every=0")
+    inject_nan(trainer, on_rank=0, steps=set(range(5, 21)))
+    assert trainer.train() == 1  # on both ranks
+    if horovod.rank() == 0:
+        saved = sorted(p.name for p in (shared_dir / "bad" / "checkpoints").glob("step-*.pt"))
+        assert saved[-1] == "step-00000004.pt"
+        assert "non-finite steps in a row" in capsys.readouterr().out
+
+
+def test_early_stopping_on_val_loss(data, shared_dir, horovod):
+    trainer = make_trainer(data, shared_dir / "early", "--train.steps=50", "--train.eval_every=2",
+                           "--train.early_stop_patience=2")
+    vals = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+    trainer.evaluate = lambda: {"val_loss": next(vals), "val_ppl": 0.0, "val_acc": 0.0}
+    assert trainer.train() == 0
+    assert trainer.step == 8  # evals at 2, 4 (best), 6, 8: two without improvement
+    if horovod.rank() == 0:
+        best = torch.load(shared_dir / "early" / "checkpoints" / "best.pt", weights_only=True)
+        assert best["step"] == 4
+
+
+def test_multi_stage_and_resume_across_stages(data, shared_dir, horovod):
+    stages_file = shared_dir / "stages.toml"
+    if horovod.rank() == 0:
+        stages_file.write_text(Path(NANO).read_text() + "\n[[stages]]\nsteps = 4\nseq_len = 16\nbatch_size = 2\n"
+                               "\n[[stages]]\nsteps = 4\nlr = 1e-3\nschedule = 'constant'\nwarmup_steps = 0\n")
+    horovod.barrier()
+
+    def build(run, *extra):
+        from hvdllm.config import load_config as load
+
+        cfg = load(stages_file, [f"--data.path={data}", f"--train.run_dir={run}", "--data.prefetch=0",
+                                 "--checkpoint.every=3", *extra])
+        return Trainer(cfg, HorovodSync(cfg.parallel), torch.device("cpu"))
+
+    trainer = build(shared_dir / "stages")
+    shapes = []
+    forward = trainer.model.forward
+    trainer.model.forward = lambda idx, *a, **k: (shapes.append(tuple(idx.shape)), forward(idx, *a, **k))[1]
+    assert trainer.train() == 0
+    assert shapes[:4] == [(2, 16)] * 4 and (4, 32) in shapes[4:]
+    if horovod.rank() == 0:
+        records = read_metrics(shared_dir / "stages")
+        assert [r["stage"] for r in records if "loss" in r] == [0] * 4 + [1] * 4
+        assert all(math.isclose(r["lr"], 1e-3) for r in records if r["stage"] == 1)
+    horovod.barrier()
+    # Resume from step 3 (stage 0) and run into stage 1: the same losses as straight through.
+    resumed_dir = shared_dir / "stages-resumed"
+    if horovod.rank() == 0:
+        (resumed_dir / "checkpoints").mkdir(parents=True)
+        (resumed_dir / "checkpoints" / "step-00000003.pt").write_bytes(
+            (shared_dir / "stages" / "checkpoints" / "step-00000003.pt").read_bytes())
+    horovod.barrier()
+    again = build(resumed_dir, "--checkpoint.resume=auto")
+    assert again.step == 3 and again.train() == 0
+    if horovod.rank() == 0:
+        straight = {r["step"]: r["loss"] for r in read_metrics(shared_dir / "stages")}
+        assert all(straight[r["step"]] == r["loss"] for r in read_metrics(resumed_dir))
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])
+def test_each_optimizer_inside_distributed_optimizer(data, shared_dir, horovod, name):
+    trainer = make_trainer(data, shared_dir / f"opt-{name}", "--train.steps=5", f"--optim.name={name}",
+                           "--train.eval_every=0", "--checkpoint.every=0")
+    first = trainer.model.wte.weight.detach().clone()
+    assert trainer.train() == 0
+    assert not torch.equal(first, trainer.model.wte.weight)
+    assert params_agree(horovod, trainer.model)  # ranks saw different data, same averaged update
+
+
+def test_checkpoint_pruning_and_best(data, shared_dir, horovod):
+    trainer = make_trainer(data, shared_dir / "keep", "--train.steps=10", "--checkpoint.every=2",
+                           "--checkpoint.keep_last=2", "--train.eval_every=5")
+    assert trainer.train() == 0
+    if horovod.rank() == 0:
+        folder = shared_dir / "keep" / "checkpoints"
+        assert sorted(p.name for p in folder.glob("step-*.pt")) == ["step-00000008.pt", "step-00000010.pt"]
+        best = torch.load(folder / "best.pt", weights_only=True)
+        vals = {r["step"]: r["val_loss"] for r in read_metrics(shared_dir / "keep") if "val_loss" in r}
+        assert best["step"] == min(vals, key=vals.get)
+        assert len(best["rng"]) == 2  # every rank's RNG state
