@@ -181,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.verb](args, extra)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        # One write per line: under mpirun the ranks' lines must not interleave mid-line.
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         return 130

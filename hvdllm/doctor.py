@@ -134,7 +134,8 @@ def _check_ranks(report: Report, ranks: int) -> None:
     if result.returncode == 0:
         report.ok("allreduce", lines[-1] if lines else "ok")
     else:
-        report.fail("allreduce", f"{ranks}-rank Horovod allreduce failed: {lines[-1] if lines else '?'}",
+        last = lines[-1] if lines else f"exit code {result.returncode} and no output"
+        report.fail("allreduce", f"{ranks}-rank Horovod allreduce failed: {last}",
                     "run `mpirun -np 2 python -m hvdllm.comm.selftest` to see the whole error")
 
 

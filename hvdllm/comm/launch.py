@@ -12,8 +12,19 @@ import sys
 from typing import Sequence
 
 
+# Variables through which Open MPI / PMIx tell a process which job it belongs to. A process
+# that initialized MPI as a singleton passes them on to its children; a new mpirun that
+# inherits them tries to join that job instead of starting its own, and fails.
+_JOB_CONTEXT_PREFIXES = ("PMIX_", "OMPI_COMM_WORLD_", "OMPI_MCA_orte_", "OMPI_MCA_ess", "OMPI_MCA_pmix",
+                         "OMPI_MCA_initial_wdir", "OMPI_UNIVERSE_SIZE", "OMPI_FIRST_RANKS", "OMPI_APP_CTX_",
+                         "OMPI_NUM_APP_CTX", "OMPI_FILE_LOCATION", "OMPI_MCA_shmem_RUNTIME_QUERY_hint")
+
+
 def mpi_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
+    """The environment for launching a new MPI job: the caller's, less any inherited MPI job
+    context, plus what Open MPI needs to run as root."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith(_JOB_CONTEXT_PREFIXES)}
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")

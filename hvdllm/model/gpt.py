@@ -7,7 +7,6 @@ a GELU MLP and residual connections, as in GPT-2/GPT-3. The blocks live in an
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -80,5 +80,6 @@ def resolve_resume(resume: str, run_dir: str | Path) -> tuple[Path | None, dict 
         try:
             return path, load_checkpoint(path)
         except UserError as err:
-            print(f"warning: skipping {err}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"warning: skipping {err}\n")  # one write: ranks must not interleave
+            sys.stderr.flush()
     return None, None

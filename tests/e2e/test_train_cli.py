@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, make_dataset, read_metrics, train_args
+from helpers.corpus import clean_env, error_lines, hvdllm, hvdllm_mpi, make_dataset, read_metrics, train_args
 
-from hvdllm.comm.launch import mpi_environment, mpirun_command
+from hvdllm.comm.launch import mpirun_command
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def _wait_for(predicate, timeout):
 def _launch_long_run(data, run_dir):
     args = train_args(data, run_dir, "--train.steps=100000", "--checkpoint.every=0", "--train.eval_every=0")
     proc = subprocess.Popen(mpirun_command(2, ["-m", "hvdllm", *args]), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=mpi_environment(dict(os.environ, PYTHONUNBUFFERED="1")))
+                            stderr=subprocess.PIPE, text=True, env=clean_env())
     metrics = run_dir / "metrics.jsonl"
     assert _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 120)
     ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -162,7 +162,7 @@ def test_horovodrun_gloo_matches_mpirun(data, tmp_path):
     args = train_args(data, tmp_path / "gloo", "--data.batch_size=4", "--train.steps=8")
     gloo = subprocess.run([str(Path(sys.executable).parent / "horovodrun"), "--gloo",
                            "-np", "2", "-H", "localhost:2", sys.executable, "-m", "hvdllm", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=clean_env())
     assert gloo.returncode == 0, gloo.stderr[-2000:]
     mpi = hvdllm_mpi(2, *train_args(data, tmp_path / "mpi", "--data.batch_size=4", "--train.steps=8"))
     assert mpi.returncode == 0, mpi.stderr

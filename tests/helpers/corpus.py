@@ -34,15 +34,20 @@ def make_corpus(folder: Path, files: int = 6, docs_per_jsonl: int = 5, seed: int
     return folder
 
 
+def clean_env(base: dict | None = None) -> dict:
+    """This process's environment without MPI job context: an in-process MPI singleton (from a
+    test that ran run_prepare here) would otherwise leak its job into every child."""
+    return mpi_environment(dict(os.environ if base is None else base, PYTHONUNBUFFERED="1"))
+
+
 def hvdllm(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hvdllm", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=clean_env(env))
 
 
 def hvdllm_mpi(np: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = mpi_environment(dict(os.environ, PYTHONUNBUFFERED="1"))
     return subprocess.run(mpirun_command(np, ["-m", "hvdllm", *args]), capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=clean_env())
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:

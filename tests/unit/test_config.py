@@ -1,7 +1,5 @@
-import subprocess
-import sys
-
 import pytest
+from helpers.corpus import hvdllm
 
 from hvdllm.config import Config, ConfigError, config_to_toml, load_config
 
@@ -61,16 +59,15 @@ def test_stages_and_roundtrip(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     for override in ("--model.n_layr=4", "--optim.lr=abc"):
-        result = subprocess.run([sys.executable, "-m", "hvdllm", "train", override],
-                                capture_output=True, text=True, timeout=120)
+        result = hvdllm("train", override)
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
 
 
 def test_cli_print_config_roundtrips(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "hvdllm", "train", "--print-config", "--optim.lr=5e-4"],
-                            capture_output=True, text=True, timeout=120, check=True)
+    result = hvdllm("train", "--print-config", "--optim.lr=5e-4")
+    assert result.returncode == 0, result.stderr
     dumped = tmp_path / "dump.toml"
     dumped.write_text(result.stdout)
     assert load_config(dumped) == load_config(None, ["--optim.lr=5e-4"])

@@ -1,15 +1,13 @@
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
+from helpers.corpus import hvdllm
 from hvdllm.doctor import loaded_mpi_libraries
 
 
 def run_doctor(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "hvdllm", "doctor", *args], capture_output=True,
-                          text=True, timeout=300, env=env)
+    return hvdllm("doctor", *args, env=env)
 
 
 def test_doctor_sound_with_two_ranks():

@@ -1,5 +1,4 @@
 import io
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -1,8 +1,7 @@
 import json
-import subprocess
-import sys
 
 import pytest
+from helpers.corpus import hvdllm
 
 from hvdllm.plan import PlanInputs, build_plan
 
@@ -39,12 +38,10 @@ def test_time_estimate():
 
 
 def test_cli_json_and_errors():
-    out = subprocess.run([sys.executable, "-m", "hvdllm", "plan", "--model", "gpt3-xl", "--json"],
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = hvdllm("plan", "--model", "gpt3-xl", "--json")
+    assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["params"]["total"] > 1.2e9
-    bad = subprocess.run([sys.executable, "-m", "hvdllm", "plan", "--model", "gpt3-huge"],
-                         capture_output=True, text=True, timeout=120)
+    bad = hvdllm("plan", "--model", "gpt3-huge")
     assert bad.returncode == 2 and "unknown model preset" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "hvdllm", "plan", "--mfu", "2"],
-                         capture_output=True, text=True, timeout=120)
+    bad = hvdllm("plan", "--mfu", "2")
     assert bad.returncode == 2 and "--mfu" in bad.stderr
