@@ -7,6 +7,7 @@ Horovod and ``hvdllm doctor`` still runs when Horovod is broken.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Callable, Sequence
 
@@ -121,6 +122,68 @@ def _cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     return run_report(args.run_dir)
 
 
+def _cmd_bench_comm(args: argparse.Namespace) -> int:
+    from hvdllm.bench import comm_report
+    from hvdllm.bench.comm import CommPlan, run_comm_bench
+
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    for dtype in split(args.dtypes):
+        if dtype not in ("fp32", "fp16", "bf16"):
+            raise UserError(f"unknown dtype {dtype!r} in --dtypes (fp32, fp16, bf16)")
+    for op in split(args.ops):
+        if op not in comm_report.OPS:
+            raise UserError(f"unknown op {op!r} in --ops ({', '.join(comm_report.OPS)})")
+    if args.warmup < 0 or args.iters < 1:
+        raise UserError("--warmup must be >= 0 and --iters >= 1")
+    plan = CommPlan(sizes=comm_report.parse_sizes(args.sizes, args.factor), dtypes=split(args.dtypes),
+                    ops=split(args.ops), warmup=args.warmup, iters=args.iters)
+    passthrough = ["--sizes", args.sizes, "--factor", str(args.factor), "--dtypes", args.dtypes, "--ops", args.ops,
+                   "--warmup", str(args.warmup), "--iters", str(args.iters)]
+    plot = None if args.no_plot else (args.plot or (args.json.rsplit(".", 1)[0] + ".png" if args.json else None))
+    return run_comm_bench(plan, split(args.backends), args.json, plot, args.tune, args.tune_repeats, passthrough)
+
+
+def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from hvdllm.bench.common import write_result
+
+    if args.what == "comm":
+        return _cmd_bench_comm(args)
+    if args.what == "optim":
+        from hvdllm.bench.optim import bench_optimizers
+
+        result = bench_optimizers(args.preset, repeats=args.repeats, device=args.device)
+        summary = f"LAMB / AdamW(foreach) step time: {result['ratio_lamb_over_adamw']:.3f} (target <= 1.3)"
+    elif args.what == "loader":
+        from hvdllm.bench.data import bench_loader
+
+        result = bench_loader(args.data, batch_size=args.batch_size, batches=args.batches)
+        summary = (f"loader {result['tokens_per_s']['hvdllm']:,.0f} tokens/s, memmap "
+                   f"{result['tokens_per_s']['memmap']:,.0f}: ratio {result['ratio_hvdllm_over_memmap']:.3f} (target >= 0.5)")
+    elif args.what == "prepare":
+        from hvdllm.bench.data import prepare_throughput
+
+        result = {"benchmark": "prepare", **prepare_throughput(f"{args.data}/manifest.json")}
+        summary = (f"prepare: {result['mb_per_s_per_rank']:.2f} MB/s per rank on {result['ranks']} rank(s); shares: "
+                   + ", ".join(f"{k} {v:.0%}" for k, v in result["share"].items()))
+    elif args.what == "overhead":
+        from hvdllm.bench.train import bench_overhead
+
+        result = bench_overhead(args.config, extra, steps=args.steps, threads=args.threads)
+        summary = f"hvdllm train / plain PyTorch loop tokens/s: {result['ratio_hvdllm_over_plain']:.3f} (target >= 0.95)"
+    else:
+        from hvdllm.bench.train import bench_weak_scaling
+
+        result = bench_weak_scaling(args.config, extra, steps=args.steps)
+        eff = result["efficiency"]
+        summary = (f"weak scaling 1 -> 2 ranks: hvdllm {eff['hvdllm']:.3f}, DDP gloo {eff['ddp_gloo']:.3f} "
+                   f"(target >= 0.85 and not below DDP)")
+    print(json.dumps(result, indent=2))
+    if args.json:
+        write_result(args.json, result)
+    print(summary)
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(
         prog="hvdllm", description="Train GPT-style language models with PyTorch on Horovod and MPI.")
@@ -156,6 +219,34 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     report.add_argument("run_dir")
     handlers["report"] = _cmd_report
 
+    bench = verbs.add_parser("bench", help="benchmarks against a baseline in the same run")
+    bench.add_argument("what", choices=["comm", "optim", "loader", "prepare", "overhead", "scaling"])
+    bench.add_argument("--sizes", default="8B:64MB", help="comm: message sizes MIN:MAX, e.g. 8B:256MB")
+    bench.add_argument("--factor", type=int, default=4, help="comm: size multiplier between steps")
+    bench.add_argument("--dtypes", default="fp32", help="comm: comma list of fp32, fp16, bf16")
+    bench.add_argument("--ops", default="allreduce,allgather,broadcast,reducescatter,alltoall,sendrecv",
+                       help="comm: comma list of operations")
+    bench.add_argument("--warmup", type=int, default=5, help="comm: warm-up iterations per size")
+    bench.add_argument("--iters", type=int, default=20, help="comm: timed iterations per size")
+    bench.add_argument("--backends", default="", help="comm: comma list (default: every one available): "
+                       "mpi4py, torch-gloo, horovod-mpi, horovod-gloo, horovod-nccl, torch-nccl")
+    bench.add_argument("--plot", help="comm: PNG of busbw against size (default: next to --json)")
+    bench.add_argument("--no-plot", action="store_true")
+    bench.add_argument("--tune", default="", help="comm: also sweep Horovod cycle time x fusion threshold "
+                       "on this preset's gradients, e.g. gpt-mini")
+    bench.add_argument("--tune-repeats", type=int, default=10)
+    bench.add_argument("--json", help="write the result here")
+    bench.add_argument("--preset", default="gpt2-small", help="optim: parameter shapes of this model")
+    bench.add_argument("--repeats", type=int, default=15)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--data", default="data/demo", help="loader/prepare: a prepared folder")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--batches", type=int, default=400)
+    bench.add_argument("--config", default="configs/demo.toml", help="overhead/scaling: training config")
+    bench.add_argument("--steps", type=int, default=30)
+    bench.add_argument("--threads", type=int, default=2)
+    handlers["bench"] = _cmd_bench
+
     plan = verbs.add_parser("plan", help="parameters, FLOPs, memory per GPU and time of a run")
     from hvdllm.plan import add_plan_arguments
 
@@ -165,7 +256,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
 
 # Verbs that take --section.key=value overrides after their own flags.
-_CONFIG_VERBS = {"train"}
+_CONFIG_VERBS = {"train", "bench"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

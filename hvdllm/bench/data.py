@@ -1,0 +1,67 @@
+"""Data benchmarks: ``prepare`` throughput, and the loader against a plain np.memmap."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hvdllm.data import DistributedBatches, ShardedSamples
+
+
+def prepare_throughput(manifest_path: str | Path) -> dict:
+    """MB of text per second per rank and each step's share of the time, from a manifest."""
+    manifest = json.loads(Path(manifest_path).read_text())
+    timing = manifest["timing"]
+    total = timing["total_seconds"]
+    return {"ranks": timing["ranks"], "mb": manifest["stats"]["bytes"] / 1e6, "seconds": total,
+            "mb_per_s_per_rank": timing["mb_per_s_per_rank"],
+            "share": {step: s / total for step, s in timing["seconds"].items()}}
+
+
+def bench_loader(folder: str | Path, batch_size: int = 32, batches: int = 400, prefetch: int = 4) -> dict:
+    """Tokens/s of hvdllm's loader over shuffled batches against reading the same rows in the
+    same order from a flat np.memmap of the same tokens, in the same run."""
+    samples = ShardedSamples(folder, "train")
+    loader = DistributedBatches(samples, 0, 1, batch_size, seed=0, prefetch=prefetch)
+    batches = min(batches, loader.batches_per_epoch)
+    row = samples.seq_len + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        # The baseline's file: every sample in global index order, in the shards' dtype.
+        flat = Path(tmp) / "tokens.bin"
+        dtype = samples.files[0]["tokens"].dtype
+        with open(flat, "wb") as f:
+            for shard in samples.files:
+                f.write(np.ascontiguousarray(shard["tokens"][...], dtype=dtype).tobytes())
+        table = np.memmap(flat, dtype=dtype, mode="r").reshape(len(samples), row)
+        order = loader.epoch_order(0)
+
+        def memmap_batches() -> int:
+            tokens = 0
+            for b in range(batches):
+                rows = torch.from_numpy(table[order[b * batch_size:(b + 1) * batch_size]].astype(np.int64))
+                inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+                tokens += inputs.numel()
+            return tokens
+
+        def hvdllm_batches() -> int:
+            loader.load_state_dict({"epoch": 0, "batch": 0})
+            it = iter(loader)
+            tokens = sum(next(it).inputs.numel() for _ in range(batches))
+            loader.close()
+            return tokens
+
+        results = {}
+        for name, fn in (("memmap", memmap_batches), ("hvdllm", hvdllm_batches)) * 2:  # second pass: warm
+            start = time.perf_counter()
+            tokens = fn()
+            results[name] = tokens / (time.perf_counter() - start)
+        del table
+    samples.close()
+    return {"benchmark": "loader", "folder": str(folder), "batch_size": batch_size, "batches": batches,
+            "seq_len": samples.seq_len, "tokens_per_s": results,
+            "ratio_hvdllm_over_memmap": results["hvdllm"] / results["memmap"], "target_ratio_min": 0.5}

@@ -1,0 +1,134 @@
+"""Training benchmarks, each against a baseline in the same run:
+
+- overhead: tokens/s of ``hvdllm train`` on 1 rank against a minimal plain PyTorch loop over
+  the same model, optimizer, batch and threads;
+- weak scaling: 2 ranks against 1 (one torch thread per rank) for hvdllm (Horovod) and for
+  torch DDP with the gloo backend.
+
+Every measurement is its own process (``python -m hvdllm.bench.train MODE ...``), launched
+with mpirun where it has 2 ranks; the throughput is the median over steps after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hvdllm.comm.launch import mpi_environment, mpirun_command
+from hvdllm.config import load_config
+
+WARMUP_STEPS = 3
+
+
+def _build(cfg):
+    from hvdllm.data import ShardedSamples
+    from hvdllm.data.shards import read_manifest
+    from hvdllm.model import GPT, gpt_config_from
+    from hvdllm.optim import build_optimizer
+
+    manifest = read_manifest(cfg.data.path)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(gpt_config_from(cfg.model, vocab_size=manifest["vocab_size"]))
+    samples = ShardedSamples(cfg.data.path, "train")
+    seq = cfg.data.seq_len or manifest["seq_len"]
+    rows = samples.rows(torch.randperm(len(samples))[: cfg.data.batch_size * 8].numpy())[0][:, : seq + 1]
+    batches = [torch.from_numpy(rows[i::8]) for i in range(8)]
+    return model, build_optimizer, batches
+
+
+def plain_loop(cfg, steps: int, ddp: bool = False) -> float:
+    """The minimal loop: forward, backward, clip, step. Returns global tokens/s (median)."""
+    model, build_optimizer, batches = _build(cfg)
+    world, rank = 1, 0
+    if ddp:
+        import torch.distributed as dist
+
+        rank, world = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        dist.init_process_group("gloo", init_method=os.environ["HVDLLM_BENCH_INIT"], rank=rank, world_size=world)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = build_optimizer(model.module if ddp else model, cfg.optim)
+    times = []
+    for step in range(steps):
+        batch = batches[(step * world + rank) % len(batches)]
+        start = time.perf_counter()
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    tokens = world * batches[0].shape[0] * (batches[0].shape[1] - 1)
+    return tokens / statistics.median(times[WARMUP_STEPS:])
+
+
+def _run(cmd: list[str], env: dict | None = None) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=mpi_environment(env), timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def _baseline(config: str, overrides: list[str], steps: int, threads: int, np: int = 1) -> float:
+    argv = ["-m", "hvdllm.bench.train", "plain" if np == 1 else "ddp", "--config", config, "--steps", str(steps),
+            "--threads", str(threads), *overrides]
+    env = dict(os.environ, HVDLLM_BENCH_INIT=f"tcp://127.0.0.1:{29500 + os.getpid() % 1000}")
+    out = _run(mpirun_command(np, argv) if np > 1 else [sys.executable, *argv], env)
+    return float(out.strip().splitlines()[-1])
+
+
+def _hvdllm(config: str, overrides: list[str], steps: int, threads: int, np: int = 1) -> float:
+    with tempfile.TemporaryDirectory() as run_dir:
+        argv = ["-m", "hvdllm", "train", "--config", config, f"--train.run_dir={run_dir}", f"--train.steps={steps}",
+                f"--train.threads={threads}", "--train.eval_every=0", "--checkpoint.every=0",
+                "--checkpoint.keep_best=false", "--log.every=1", "--log.tensorboard=false", "--log.progress=false",
+                "--log.plot=false", *overrides]
+        _run(mpirun_command(np, argv) if np > 1 else [sys.executable, *argv])
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["tokens_per_s"] for r in records[WARMUP_STEPS:])
+
+
+def bench_overhead(config: str, overrides: list[str], steps: int = 30, threads: int = 2, rounds: int = 2) -> dict:
+    plain, ours = [], []
+    for _ in range(rounds):  # alternate, so drift on a shared machine hits both
+        plain.append(_baseline(config, overrides, steps, threads))
+        ours.append(_hvdllm(config, overrides, steps, threads))
+    p, h = statistics.median(plain), statistics.median(ours)
+    return {"benchmark": "framework_overhead", "config": config, "overrides": overrides, "steps": steps,
+            "threads": threads, "tokens_per_s": {"plain_pytorch": p, "hvdllm": h}, "rounds": {"plain": plain, "hvdllm": ours},
+            "ratio_hvdllm_over_plain": h / p, "target_ratio_min": 0.95}
+
+
+def bench_weak_scaling(config: str, overrides: list[str], steps: int = 30) -> dict:
+    one = {"hvdllm": _hvdllm(config, overrides, steps, 1, np=1), "ddp_gloo": _baseline(config, overrides, steps, 1, np=1)}
+    two = {"hvdllm": _hvdllm(config, overrides, steps, 1, np=2), "ddp_gloo": _baseline(config, overrides, steps, 1, np=2)}
+    efficiency = {k: two[k] / (2 * one[k]) for k in one}
+    return {"benchmark": "weak_scaling", "config": config, "overrides": overrides, "steps": steps,
+            "threads_per_rank": 1, "tokens_per_s_1_rank": one, "tokens_per_s_2_ranks": two,
+            "efficiency": efficiency, "target_efficiency_min": 0.85,
+            "hvdllm_not_below_ddp": efficiency["hvdllm"] >= efficiency["ddp_gloo"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=["plain", "ddp"])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    args, overrides = parser.parse_known_args()
+    torch.set_num_threads(args.threads)
+    tokens_per_s = plain_loop(load_config(args.config, overrides), args.steps, ddp=args.mode == "ddp")
+    if int(os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == 0:
+        print(tokens_per_s)
+
+
+if __name__ == "__main__":
+    main()
