@@ -140,7 +140,7 @@ def _cmd_bench_comm(args: argparse.Namespace) -> int:
     passthrough = ["--sizes", args.sizes, "--factor", str(args.factor), "--dtypes", args.dtypes, "--ops", args.ops,
                    "--warmup", str(args.warmup), "--iters", str(args.iters)]
     plot = None if args.no_plot else (args.plot or (args.json.rsplit(".", 1)[0] + ".png" if args.json else None))
-    return run_comm_bench(plan, split(args.backends), args.json, plot, args.tune, args.tune_repeats, passthrough)
+    return run_comm_bench(plan, split(args.backends), args.json, plot, args.tune_preset, args.tune_repeats, passthrough)
 
 
 def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
@@ -232,7 +232,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                        "mpi4py, torch-gloo, horovod-mpi, horovod-gloo, horovod-nccl, torch-nccl")
     bench.add_argument("--plot", help="comm: PNG of busbw against size (default: next to --json)")
     bench.add_argument("--no-plot", action="store_true")
-    bench.add_argument("--tune", default="", help="comm: also sweep Horovod cycle time x fusion threshold "
+    bench.add_argument("--tune-preset", default="", help="comm: also sweep Horovod cycle time x fusion threshold "
                        "on this preset's gradients, e.g. gpt-mini")
     bench.add_argument("--tune-repeats", type=int, default=10)
     bench.add_argument("--json", help="write the result here")

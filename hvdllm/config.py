@@ -148,6 +148,10 @@ class ParallelConfig:
     fusion_threshold_mb: float = -1.0  # HOROVOD_FUSION_THRESHOLD; -1 = Horovod's (128 MB) or the env's
     cycle_time_ms: float = -1.0  # HOROVOD_CYCLE_TIME; -1 = Horovod's (1 ms) or the env's
     hierarchical_allreduce: bool = False  # HOROVOD_HIERARCHICAL_ALLREDUCE
+    # Open MPI's mpi_yield_when_idle: its progress loop yields the core while it waits.
+    # Horovod's background thread otherwise spins against the training thread; on a node
+    # with no spare cores that halves the step rate (benchmarks/results/scaling.json).
+    mpi_yield_when_idle: bool = True
     timeline: str = ""  # HOROVOD_TIMELINE file; empty = off
 
     def __post_init__(self) -> None:

@@ -10,8 +10,8 @@ Formulas and sources:
   GPT-3's own 3.14e23 for 175B at 300B tokens (Brown et al. 2020, appendix D) is ``6 N D``
   without the attention term; it is reported as ``train_flops_6nd`` for comparison.
 - Memory per GPU under mixed precision (Rajbhandari et al. 2020, ZeRO, section 3.1): fp16/bf16
-  weights 2 B and gradients 2 B per parameter; optimizer state in fp32: AdamW and LAMB keep a
-  master copy, m and v (12 B); Adafactor keeps the master copy (4 B) and, for each n x m
+  weights 2 B and gradients 2 B per parameter; optimizer state in fp32: AdamW keeps a master
+  copy, m and v (12 B), hvdllm's LAMB those and a workspace for the update (16 B); Adafactor keeps the master copy (4 B) and, for each n x m
   matrix, n + m factored second-moment entries (4 B each), vectors in full. Parameters are
   split evenly over the model-parallel degree = tensor parallel (at most 8, within a node,
   dividing the heads) x pipeline stages (dividing the layers), as Megatron-LM lays out GPT-3
@@ -66,8 +66,10 @@ def meta_model(name: str) -> GPT:
 def optimizer_state_bytes(model: GPT, optimizer: str) -> int:
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
-    if optimizer in ("adamw", "lamb"):
+    if optimizer == "adamw":
         return 12 * total
+    if optimizer == "lamb":  # hvdllm's Lamb also keeps an fp32 workspace for the update
+        return 16 * total
     factored = sum(p.shape[-2] + p.shape[-1] if p.dim() >= 2 else p.numel() for p in params)
     return 4 * total + 4 * factored
 

@@ -8,7 +8,9 @@ as a ``horovodrun --gloo`` sub-job on the same hosts while the MPI ranks sleep. 
 ``horovodrun --gloo`` itself, only the Gloo backends run.
 
 Each (backend, op, dtype, size) is timed per iteration on every rank; the reported time is
-the median over iterations of the maximum across ranks, and every result is checked.
+the median over iterations of the maximum across ranks, and every result is checked (on the
+first call: allreduce runs in place on every backend, as gradient reduction does, so later
+iterations keep summing the same buffer).
 """
 
 from __future__ import annotations
@@ -88,15 +90,15 @@ class Mpi4pyBackend:
         MPI, comm, n, r = self.MPI, self.comm, self.comm.size, self.comm.rank
         send_count = count // n if op == "allgather" else count
         send = rep.inputs_for(op, r, n, send_count).astype(np.float32)
-        if op == "allreduce":
-            recv = np.empty_like(send)
-            return lambda: (comm.Allreduce(send, recv, op=MPI.SUM), recv)[1]
+        if op == "allreduce":  # in place, as a gradient allreduce is; checked on the first call
+            buf = send.copy()
+            return lambda: (comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), buf)[1]
         if op == "allgather":
             recv = np.empty(send_count * n, dtype=np.float32)
             return lambda: (comm.Allgather(send, recv), recv)[1]
         if op == "broadcast":
             buf = send.copy()
-            return lambda: (buf.__setitem__(slice(None), send), comm.Bcast(buf, root=0), buf)[2]
+            return lambda: (comm.Bcast(buf, root=0), buf)[1]
         if op == "reducescatter":
             recv = np.empty(count // n, dtype=np.float32)
             return lambda: (comm.Reduce_scatter_block(send, recv, op=MPI.SUM), recv)[1]
@@ -128,22 +130,25 @@ class TorchDistBackend:
 
     def prepare(self, op: str, dtype: str, count: int) -> Callable[[], np.ndarray]:
         dist, n, r = self.dist, self.n, self.rank
+        # torch 2.13 renamed the flat-tensor collectives (*_single); older releases have *_tensor.
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         t = lambda a: torch.from_numpy(a).to(self.device, TORCH_DTYPES[dtype])  # noqa: E731
         send_count = count // n if op == "allgather" else count
         send = t(rep.inputs_for(op, r, n, send_count))
         out = lambda x: x.float().cpu().numpy()  # noqa: E731
-        if op == "allreduce":
+        if op == "allreduce":  # in place; checked on the first call
             buf = send.clone()
-            return lambda: (buf.copy_(send), dist.all_reduce(buf), out(buf))[2]
+            return lambda: (dist.all_reduce(buf), out(buf))[1]
         if op == "allgather":
             recv = torch.empty(send_count * n, dtype=send.dtype, device=self.device)
-            return lambda: (dist.all_gather_into_tensor(recv, send), out(recv))[1]
+            return lambda: (all_gather(recv, send), out(recv))[1]
         if op == "broadcast":
             buf = send.clone()
-            return lambda: (buf.copy_(send), dist.broadcast(buf, src=0), out(buf))[2]
+            return lambda: (dist.broadcast(buf, src=0), out(buf))[1]
         if op == "reducescatter":
             recv = torch.empty(count // n, dtype=send.dtype, device=self.device)
-            return lambda: (dist.reduce_scatter_tensor(recv, send), out(recv))[1]
+            return lambda: (reduce_scatter(recv, send), out(recv))[1]
         if op == "alltoall":
             recv = torch.empty_like(send)
             return lambda: (dist.all_to_all_single(recv, send), out(recv))[1]
@@ -174,8 +179,8 @@ class HorovodBackend:
         send = torch.from_numpy(rep.inputs_for(op, r, n, send_count)).to(self.device, TORCH_DTYPES[dtype])
         out = lambda x: x.float().cpu().numpy()  # noqa: E731
         tag = f"{op}.{dtype}.{count}"
-        if op == "allreduce":
-            return lambda: out(hvd.allreduce(send, op=hvd.Sum, name=tag))
+        if op == "allreduce":  # in place, as DistributedOptimizer reduces gradients
+            return lambda: out(hvd.allreduce_(send, op=hvd.Sum, name=tag))
         if op == "allgather":
             return lambda: out(hvd.allgather(send, name=tag))
         if op == "broadcast":
@@ -237,11 +242,12 @@ def measure(backend, control: Control, plan: CommPlan, device: torch.device, say
     return records
 
 
-def _horovod_init_mpi(comm, env: dict[str, str]):
+def _horovod_on_mpi(comm):
+    """Horovod on the MPI job, initialized once: a second init after shutdown crashes."""
     import horovod.torch as hvd
 
-    os.environ.update(env)
-    hvd.init(comm=comm)
+    if not hvd.is_initialized():
+        hvd.init(comm=comm)
     return hvd
 
 
@@ -274,7 +280,7 @@ def run_gloo_subjob(control: Control, plan: CommPlan, say: Callable[[str], None]
 
 # --- Horovod tuning ---------------------------------------------------------------------
 
-CYCLE_TIMES_MS = (0.1, 0.5, 1.0, 2.0, 5.0)
+CYCLE_TIMES_MS = (0.1, 0.5, 1.0, 5.0)
 FUSION_MB = (0, 4, 32, 128)
 
 
@@ -285,13 +291,13 @@ def gradient_shapes(preset: str) -> list[torch.Size]:
         return [p.shape for p in GPT(preset_config(preset)).parameters()]
 
 
-def _time_loads(hvd, shapes: list[torch.Size], repeats: int) -> dict[str, float]:
+def time_loads(hvd, shapes: list[torch.Size], repeats: int) -> dict[str, float]:
     """Median seconds of (a) one 4-byte allreduce, (b) every gradient tensor of a model
     allreduced asynchronously and then waited for, as DistributedOptimizer does."""
     small = torch.ones(1)
     grads = [torch.ones(s) for s in shapes]
     latency, full = [], []
-    for i in range(repeats + 2):
+    for _ in range(repeats + 2):  # the first two warm up
         start = time.perf_counter()
         hvd.allreduce(small, name="tune.small")
         latency.append(time.perf_counter() - start)
@@ -303,32 +309,63 @@ def _time_loads(hvd, shapes: list[torch.Size], repeats: int) -> dict[str, float]
     return {"small_allreduce_s": statistics.median(latency[2:]), "gradients_s": statistics.median(full[2:])}
 
 
-def tune_horovod(comm, preset: str, repeats: int, say: Callable[[str], None]) -> dict:
-    """Sweep HOROVOD_CYCLE_TIME x HOROVOD_FUSION_THRESHOLD; Horovod reads them at init, so
-    it is shut down and initialized again for every setting (MPI stays up through mpi4py)."""
-    shapes = gradient_shapes(preset)
-    rows = []
-    for cycle in CYCLE_TIMES_MS:
-        for fusion in FUSION_MB:
-            hvd = _horovod_init_mpi(comm, {"HOROVOD_CYCLE_TIME": str(cycle),
-                                           "HOROVOD_FUSION_THRESHOLD": str(fusion * 1024 * 1024)})
-            times = _time_loads(hvd, shapes, repeats)
-            gathered = comm.allgather(times)
-            hvd.shutdown()
-            rows.append({"cycle_time_ms": cycle, "fusion_threshold_mb": fusion,
-                         **{k: max(g[k] for g in gathered) for k in times}})
-    default = next(r for r in rows if r["cycle_time_ms"] == 1.0 and r["fusion_threshold_mb"] == 128)
-    best_small = min(rows, key=lambda r: r["small_allreduce_s"])
-    best_grads = min(rows, key=lambda r: r["gradients_s"])
-    summary = {"preset": preset, "tensors": len(shapes), "gradient_bytes": 4 * sum(s.numel() for s in shapes),
-               "rows": rows, "default": default, "best_small": best_small, "best_gradients": best_grads,
-               "speedup_small_vs_default": default["small_allreduce_s"] / best_small["small_allreduce_s"],
-               "speedup_gradients_vs_default": default["gradients_s"] / best_grads["gradients_s"]}
-    say(f"tuning ({preset} gradients, {len(shapes)} tensors): small allreduce best at cycle "
-        f"{best_small['cycle_time_ms']} ms / fusion {best_small['fusion_threshold_mb']} MB, "
-        f"{summary['speedup_small_vs_default']:.2f}x the default; gradients best at cycle "
-        f"{best_grads['cycle_time_ms']} ms / fusion {best_grads['fusion_threshold_mb']} MB, "
-        f"{summary['speedup_gradients_vs_default']:.2f}x the default")
+def _tune_worker(preset: str, repeats: int, out: str) -> None:
+    """One setting, in its own MPI job: Horovod reads the knobs once at init, and shutting it
+    down and initializing it again in one process is not reliable (it crashes here)."""
+    import horovod.torch as hvd
+
+    hvd.init()
+    torch.set_num_threads(1)
+    times = time_loads(hvd, gradient_shapes(preset), repeats)
+    gathered = hvd.allgather_object(times, name="tune.times")
+    if hvd.rank() == 0:
+        with open(out, "w") as f:
+            json.dump({k: max(g[k] for g in gathered) for k in times}, f)
+
+
+def tune_horovod(control: Control, preset: str, repeats: int, say: Callable[[str], None]) -> dict | None:
+    """Sweep HOROVOD_CYCLE_TIME x HOROVOD_FUSION_THRESHOLD, one mpirun sub-job per setting on
+    the same hosts, started by rank 0 while the other ranks sleep."""
+    from hvdllm.comm.launch import mpi_environment
+
+    hosts = control.allgather(socket.gethostname())
+    summary = None
+    if control.rank == 0:
+        shapes = gradient_shapes(preset)
+        slots = ",".join(f"{h}:{hosts.count(h)}" for h in dict.fromkeys(hosts))
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for cycle in CYCLE_TIMES_MS:
+                for fusion in FUSION_MB:
+                    out = os.path.join(tmp, f"{cycle}-{fusion}.json")
+                    env = {"HOROVOD_CYCLE_TIME": str(cycle), "HOROVOD_FUSION_THRESHOLD": str(fusion << 20)}
+                    cmd = ["mpirun", "-np", str(control.size), "-H", slots, "--bind-to", "none"]
+                    for key in env:
+                        cmd += ["-x", key]
+                    cmd += [sys.executable, "-m", "hvdllm.bench.comm", "tune-worker", preset, str(repeats), out]
+                    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                                            env=mpi_environment(dict(os.environ, **env)))
+                    if result.returncode != 0:
+                        say(f"skip tuning at cycle {cycle} ms / fusion {fusion} MB: "
+                            f"{(result.stderr.strip().splitlines() or ['failed'])[-1]}")
+                        continue
+                    rows.append({"cycle_time_ms": cycle, "fusion_threshold_mb": fusion, **json.load(open(out))})
+        default = next((r for r in rows if r["cycle_time_ms"] == 1.0 and r["fusion_threshold_mb"] == 128), None)
+        if rows and default:
+            best_small = min(rows, key=lambda r: r["small_allreduce_s"])
+            best_grads = min(rows, key=lambda r: r["gradients_s"])
+            summary = {"preset": preset, "tensors": len(shapes), "gradient_bytes": 4 * sum(s.numel() for s in shapes),
+                       "rows": rows, "default": default, "best_small": best_small, "best_gradients": best_grads,
+                       "speedup_small_vs_default": default["small_allreduce_s"] / best_small["small_allreduce_s"],
+                       "speedup_gradients_vs_default": default["gradients_s"] / best_grads["gradients_s"]}
+            say(f"tuning ({preset} gradients, {len(shapes)} tensors): small allreduce best at cycle "
+                f"{best_small['cycle_time_ms']} ms / fusion {best_small['fusion_threshold_mb']} MB, "
+                f"{summary['speedup_small_vs_default']:.2f}x the default (1 ms / 128 MB); gradients best at "
+                f"cycle {best_grads['cycle_time_ms']} ms / fusion {best_grads['fusion_threshold_mb']} MB, "
+                f"{summary['speedup_gradients_vs_default']:.2f}x the default")
+    done = control.mpi.Ibarrier()
+    while not done.Test():
+        time.sleep(0.05)
     return summary
 
 
@@ -398,9 +435,8 @@ def run_comm_bench(plan: CommPlan, backends: list[str], json_path: str | None, p
             if gloo_job:
                 skip(name, "launched by horovodrun --gloo: no MPI job")
                 continue
-            hvd = _horovod_init_mpi(control.mpi, {})
+            hvd = _horovod_on_mpi(control.mpi)
             records += measure(HorovodBackend(name, hvd, torch.device("cpu")), control, plan, torch.device("cpu"), say)
-            hvd.shutdown()
         elif name == "horovod-gloo":
             if gloo_job:
                 records += measure(HorovodBackend(name, control.hvd, torch.device("cpu")), control, plan,
@@ -413,13 +449,11 @@ def run_comm_bench(plan: CommPlan, backends: list[str], json_path: str | None, p
             if not cuda or not hvd_module.nccl_built():
                 skip(name, "no CUDA device" if not cuda else "this Horovod build has no NCCL operations")
                 continue
-            hvd = control.hvd if gloo_job else _horovod_init_mpi(control.mpi, {})
+            hvd = control.hvd if gloo_job else _horovod_on_mpi(control.mpi)
             records += measure(HorovodBackend(name, hvd, device), control, plan, device, say)
-            if not gloo_job:
-                hvd.shutdown()
 
     if tune and not gloo_job:
-        tuning = tune_horovod(control.mpi, tune, tune_repeats, say)
+        tuning = tune_horovod(control, tune, tune_repeats, say)
     if control.rank != 0:
         return 0
     result = summarize(records, control.size, skipped, tuning)
@@ -456,9 +490,13 @@ def summarize(records: list[dict], n: int, skipped: list[str], tuning: dict | No
         lines.append(f"{backend} / mpi4py allreduce busbw at >= 16MB: "
                      + ", ".join(f"{rep.format_size(b)} {v:.2f}x" for b, v in sorted(by_size.items()))
                      + " (target >= 0.9x)")
-    wrong = [r for r in records if not r["correct"]]
+    wrong = [f"{r['backend']} {r['op']} {r['dtype']} {r['bytes']}B" for r in records if not r["correct"]]
     lines.append(f"correctness: {len(records) - len(wrong)} of {len(records)} results right"
-                 + (f"; WRONG: {', '.join(f'{r['backend']} {r['op']} {r['bytes']}' for r in wrong)}" if wrong else ""))
+                 + (f"; WRONG: {', '.join(wrong)}" if wrong else ""))
     return {"np": n, "records": records, "skipped": skipped, "ring_fit": fits,
             "busbw_ratio_to_mpi4py": {b: {str(k): v for k, v in d.items()} for b, d in ratios.items()},
             "tuning": tuning, "summary": lines}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["tune-worker"]:
+    _tune_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])

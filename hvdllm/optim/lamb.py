@@ -11,7 +11,9 @@ parameter tensor and phi the identity (optionally clamped), as NVIDIA's FusedLAM
     w = w - lr * ratio * r
 
 The math runs on whole lists of tensors with ``torch._foreach_*`` ops, one kernel per op for
-all parameters of a group, rather than a Python loop of small kernels.
+all parameters of a group, rather than a Python loop of small kernels. The update is built
+in a per-parameter workspace kept between steps (one more parameter-sized buffer, 4 bytes
+per fp32 parameter, not saved in the state dict).
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ class Lamb(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, trust_clip=trust_clip)
         super().__init__(params, defaults)
+        self._buffers: dict[torch.Tensor, torch.Tensor] = {}
+
+    def _workspace(self, p: torch.Tensor) -> torch.Tensor:
+        """A scratch tensor shaped like p, reused every step (not part of the state dict)."""
+        buffer = self._buffers.get(p)
+        if buffer is None or buffer.shape != p.shape or buffer.device != p.device:
+            buffer = self._buffers[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return buffer
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -71,14 +81,20 @@ class Lamb(Optimizer):
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
 
-        denom = torch._foreach_sqrt(exp_avg_sqs)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
-        torch._foreach_div_(denom, bias2)
-        torch._foreach_add_(denom, group["eps"])
-        update = torch._foreach_div(exp_avgs, bias1)  # m_hat
-        torch._foreach_div_(update, denom)
+        # r = m_hat / (sqrt(v_hat) + eps) + wd w, with the bias corrections folded into two
+        # per-tensor scalars (as torch's Adam does), so no pass materializes m_hat or v_hat:
+        #   m_hat / (sqrt(v_hat) + eps) = (sqrt(c2) / c1) * m / (sqrt(v) + eps sqrt(c2))
+        # It is built in a workspace kept between steps: on the CPU a fresh parameter-sized
+        # allocation per step costs more than the arithmetic (page faults on new memory).
+        update = [self._workspace(p) for p in params]
+        torch._foreach_copy_(update, exp_avg_sqs)
+        torch._foreach_sqrt_(update)
+        torch._foreach_add_(update, [group["eps"] * b2 for b2 in bias2])  # denominator
+        torch._foreach_reciprocal_(update)
+        torch._foreach_mul_(update, exp_avgs)
+        torch._foreach_mul_(update, [b2 / b1 for b1, b2 in zip(bias1, bias2)])
         if group["weight_decay"]:
             torch._foreach_add_(update, params, alpha=group["weight_decay"])
-
         # Norms in at least fp32 (fp64 parameters keep fp64), one element per tensor.
         w_norm = torch.stack(torch._foreach_norm(params))
         w_norm = w_norm.to(torch.promote_types(w_norm.dtype, torch.float32))

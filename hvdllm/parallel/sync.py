@@ -30,11 +30,14 @@ def horovod_environment(parallel_cfg) -> dict[str, str]:
         env["HOROVOD_HIERARCHICAL_ALLREDUCE"] = "1"
     if parallel_cfg.timeline:
         env["HOROVOD_TIMELINE"] = parallel_cfg.timeline
+    if parallel_cfg.mpi_yield_when_idle:
+        env["OMPI_MCA_mpi_yield_when_idle"] = "1"
     return env
 
 
 def apply_horovod_environment(parallel_cfg) -> None:
-    """Set the knobs before ``hvd.init()``, which reads them once."""
+    """Set the knobs before ``hvd.init()``, which reads them once (and initializes MPI, which
+    reads its OMPI_MCA_* variables then)."""
     os.environ.update(horovod_environment(parallel_cfg))
 
 

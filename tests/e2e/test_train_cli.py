@@ -141,8 +141,9 @@ def test_bad_settings_fail_every_rank_before_any_collective(data, tmp_path, over
 
 def test_report_and_generate(data, tmp_path):
     run = tmp_path / "run"
-    assert hvdllm(*train_args(data, run, "--log.plot=true")).returncode == 0
+    assert hvdllm(*train_args(data, run, "--log.plot=true", "--log.tensorboard=true")).returncode == 0
     assert (run / "training.png").stat().st_size > 10_000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     (run / "training.png").unlink()
     report = hvdllm("report", str(run))
     assert report.returncode == 0 and "val loss" in report.stdout and (run / "training.png").exists()

@@ -163,3 +163,29 @@ def test_checkpoint_pruning_and_best(data, shared_dir, horovod):
         vals = {r["step"]: r["val_loss"] for r in read_metrics(shared_dir / "keep") if "val_loss" in r}
         assert best["step"] == min(vals, key=vals.get)
         assert len(best["rng"]) == 2  # every rank's RNG state
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--parallel.op=adasum"],
+    ["--parallel.compression=fp16"],
+    ["--train.precision=bf16", "--optim.name=lamb", "--parallel.accum_steps=2"],
+])
+def test_update_variants_keep_ranks_in_step(data, shared_dir, horovod, overrides):
+    name = "-".join(o.split("=")[1] for o in overrides)
+    trainer = make_trainer(data, shared_dir / f"variant-{name}", "--train.steps=4", "--train.eval_every=0",
+                           "--checkpoint.every=0", *overrides)
+    first = trainer.model.wte.weight.detach().clone()
+    assert trainer.train() == 0
+    assert not torch.equal(first, trainer.model.wte.weight)
+    assert params_agree(horovod, trainer.model)
+    if horovod.rank() == 0:
+        assert all(math.isfinite(r["loss"]) for r in read_metrics(shared_dir / f"variant-{name}"))
+
+
+def test_lr_scales_with_ranks(data, shared_dir, horovod):
+    trainer = make_trainer(data, shared_dir / "scaled", "--train.steps=1", "--train.eval_every=0",
+                           "--schedule.scale_rule=linear", "--schedule.warmup_steps=0", "--optim.lr=1e-3")
+    assert trainer.stages[0].lr == pytest.approx(2e-3)  # 2 ranks, linear rule
+    assert trainer.train() == 0
+    if horovod.rank() == 0:
+        assert read_metrics(shared_dir / "scaled")[0]["lr"] == pytest.approx(2e-3)

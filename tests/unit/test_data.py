@@ -144,6 +144,17 @@ def test_resume_reproduces_batches(tmp_path, prefetch):
         assert np.array_equal(a, b)
 
 
+def test_streamed_blocks_equal_whole_table(tmp_path):
+    make_corpus(tmp_path / "corpus", files=6)
+    _, out = prepare(tmp_path, tokenizer="byte", samples_per_shard=25)
+    whole = ShardedSamples(out, "train")
+    streamed = ShardedSamples(out, "train", cache_mb=0.002)  # a few chunks at a time
+    assert whole._table is not None and streamed._table is None
+    order = np.random.default_rng(0).permutation(len(whole))
+    assert np.array_equal(whole.rows(order)[0], streamed.rows(order)[0])
+    assert streamed._cache_bytes <= 0.002e6 or len(streamed._cache) == 1
+
+
 def test_random_offset_windows_stay_in_stream(tmp_path):
     make_corpus(tmp_path / "corpus", files=3)
     _, out = prepare(tmp_path, tokenizer="byte", val_fraction=0.0, seq_len=16)
@@ -257,9 +268,11 @@ def test_token_id_beyond_vocab(dataset):
     shard = dataset / "train-00000.h5"
     with h5py.File(shard, "r+") as f:
         f["tokens"][3, 5] = 300
-    samples = ShardedSamples(dataset, "train")
     with pytest.raises(UserError, match=f"{shard}: token id 300 >= vocab size 258"):
-        samples.rows(np.arange(len(samples)))
+        ShardedSamples(dataset, "train")  # a split that fits in memory is read, and checked, on open
+    streamed = ShardedSamples(dataset, "train", cache_mb=0.001)  # one that does not: when read
+    with pytest.raises(UserError, match=f"{shard}: token id 300 >= vocab size 258"):
+        streamed.rows(np.arange(len(streamed)))
     assert any("token id 300" in p for p in verify_folder(dataset))
 
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every benchmark, each against its baseline in the same run; JSON (and PNG) under
+# benchmarks/results/. Needs the demo data (make demo, or the prepare line below).
+set -euo pipefail
+VENV=${VENV:-.venv}
+export PATH="$PWD/$VENV/bin:$PATH"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if ! hvdllm verify data/demo >/dev/null 2>&1; then
+  mpirun -np 2 --bind-to none hvdllm prepare --preset python-stdlib --out data/demo --seq-len 128 --overwrite
+fi
+echo "== communication (mpirun -np 2), with the Horovod cycle/fusion sweep"
+mpirun -np 2 --bind-to none hvdllm bench comm --sizes "${COMM_SIZES:-8B:64MB}" --tune-preset gpt-mini \
+  --json "$OUT/comm.json" | tail -12
+echo "== optimizer step: LAMB vs AdamW (foreach), GPT-2 small shapes"
+hvdllm bench optim --json "$OUT/optim.json" | tail -1
+echo "== loader vs np.memmap"
+hvdllm bench loader --data data/demo --json "$OUT/loader.json" | tail -1
+echo "== prepare throughput (from the manifest of data/demo)"
+hvdllm bench prepare --data data/demo --json "$OUT/prepare.json" | tail -1
+echo "== framework overhead: hvdllm train vs a plain PyTorch loop (1 rank, 2 threads)"
+hvdllm bench overhead --config configs/demo.toml --json "$OUT/overhead.json" | tail -1
+echo "== weak scaling 1 -> 2 ranks: Horovod vs torch DDP (gloo)"
+hvdllm bench scaling --config configs/demo.toml --json "$OUT/scaling.json" | tail -1
