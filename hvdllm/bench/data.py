@@ -44,8 +44,8 @@ def bench_loader(folder: str | Path, batch_size: int = 32, batches: int = 400, p
             tokens = 0
             for b in range(batches):
                 rows = torch.from_numpy(table[order[b * batch_size:(b + 1) * batch_size]].astype(np.int64))
-                inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-                tokens += inputs.numel()
+                batch = (rows[:, :-1].contiguous(), rows[:, 1:].contiguous())  # as the loader's
+                tokens += batch[0].numel()
             return tokens
 
         def hvdllm_batches() -> int:
@@ -60,7 +60,6 @@ def bench_loader(folder: str | Path, batch_size: int = 32, batches: int = 400, p
             start = time.perf_counter()
             tokens = fn()
             results[name] = tokens / (time.perf_counter() - start)
-        del table
     samples.close()
     return {"benchmark": "loader", "folder": str(folder), "batch_size": batch_size, "batches": batches,
             "seq_len": samples.seq_len, "tokens_per_s": results,

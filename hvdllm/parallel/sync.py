@@ -6,6 +6,9 @@
 - Clipping needs the reduced gradients, so the loop calls :meth:`finish_gradients`
   (``synchronize()``), clips (and unscales fp16 gradients), then :meth:`apply_update` steps
   under ``skip_synchronize()`` so the allreduce is not issued twice.
+- With ``op = "adasum"`` Horovod reduces parameter updates, not gradients, inside ``step()``
+  (Maleki et al. 2020); it has no ``skip_synchronize``, and clipping acts on each rank's
+  own gradients.
 """
 
 from __future__ import annotations
@@ -73,14 +76,18 @@ class HorovodSync(UpdateStrategy):
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     def finish_gradients(self, optimizer) -> None:
-        optimizer.synchronize()
+        # Adasum combines each rank's parameter *update* inside step(), so there is nothing to
+        # finish before it: clipping and the logged norm are then per rank, by design.
+        if self.cfg.op != "adasum":
+            optimizer.synchronize()
 
     def apply_update(self, optimizer, scaler) -> None:
+        step = scaler.step if scaler is not None else (lambda opt: opt.step())
+        if self.cfg.op == "adasum":
+            step(optimizer)
+            return
         with optimizer.skip_synchronize():
-            if scaler is not None:
-                scaler.step(optimizer)
-            else:
-                optimizer.step()
+            step(optimizer)
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name)
