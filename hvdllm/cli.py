@@ -219,16 +219,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     report.add_argument("run_dir")
     handlers["report"] = _cmd_report
 
+    from hvdllm.config import BenchConfig
+
+    comm_defaults = BenchConfig()  # the comm sweep's defaults live with the other config
     bench = verbs.add_parser("bench", help="benchmarks against a baseline in the same run")
     bench.add_argument("what", choices=["comm", "optim", "loader", "prepare", "overhead", "scaling"])
-    bench.add_argument("--sizes", default="8B:64MB", help="comm: message sizes MIN:MAX, e.g. 8B:256MB")
-    bench.add_argument("--factor", type=int, default=4, help="comm: size multiplier between steps")
-    bench.add_argument("--dtypes", default="fp32", help="comm: comma list of fp32, fp16, bf16")
+    bench.add_argument("--sizes", default=comm_defaults.sizes, help="comm: message sizes MIN:MAX, e.g. 8B:256MB")
+    bench.add_argument("--factor", type=int, default=comm_defaults.factor, help="comm: size multiplier between steps")
+    bench.add_argument("--dtypes", default=",".join(comm_defaults.dtypes), help="comm: comma list of fp32, fp16, bf16")
     bench.add_argument("--ops", default="allreduce,allgather,broadcast,reducescatter,alltoall,sendrecv",
                        help="comm: comma list of operations")
-    bench.add_argument("--warmup", type=int, default=5, help="comm: warm-up iterations per size")
-    bench.add_argument("--iters", type=int, default=20, help="comm: timed iterations per size")
-    bench.add_argument("--backends", default="", help="comm: comma list (default: every one available): "
+    bench.add_argument("--warmup", type=int, default=comm_defaults.warmup, help="comm: warm-up iterations per size")
+    bench.add_argument("--iters", type=int, default=comm_defaults.iters, help="comm: timed iterations per size")
+    bench.add_argument("--backends", default=",".join(comm_defaults.backends),
+                       help="comm: comma list (default: every one available): "
                        "mpi4py, torch-gloo, horovod-mpi, horovod-gloo, horovod-nccl, torch-nccl")
     bench.add_argument("--plot", help="comm: PNG of busbw against size (default: next to --json)")
     bench.add_argument("--no-plot", action="store_true")
