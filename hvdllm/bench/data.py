@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +24,11 @@ def prepare_throughput(manifest_path: str | Path) -> dict:
             "share": {step: s / total for step, s in timing["seconds"].items()}}
 
 
-def bench_loader(folder: str | Path, batch_size: int = 32, batches: int = 400, prefetch: int = 4) -> dict:
+def bench_loader(folder: str | Path, batch_size: int = 32, batches: int = 400, prefetch: int = 4,
+                 rounds: int = 6) -> dict:
     """Tokens/s of hvdllm's loader over shuffled batches against reading the same rows in the
-    same order from a flat np.memmap of the same tokens, in the same run."""
+    same order from a flat np.memmap of the same tokens, in the same run: alternating rounds,
+    the first of each discarded as warm-up, the median of the paired ratios reported."""
     samples = ShardedSamples(folder, "train")
     loader = DistributedBatches(samples, 0, 1, batch_size, seed=0, prefetch=prefetch)
     batches = min(batches, loader.batches_per_epoch)
@@ -55,12 +58,16 @@ def bench_loader(folder: str | Path, batch_size: int = 32, batches: int = 400, p
             loader.close()
             return tokens
 
-        results = {}
-        for name, fn in (("memmap", memmap_batches), ("hvdllm", hvdllm_batches)) * 2:  # second pass: warm
-            start = time.perf_counter()
-            tokens = fn()
-            results[name] = tokens / (time.perf_counter() - start)
+        rates: dict[str, list[float]] = {"memmap": [], "hvdllm": []}
+        for _ in range(rounds):  # alternating, after one warm-up pass of each
+            for name, fn in (("memmap", memmap_batches), ("hvdllm", hvdllm_batches)):
+                start = time.perf_counter()
+                tokens = fn()
+                rates[name].append(tokens / (time.perf_counter() - start))
+        ratios = [h / m for h, m in zip(rates["hvdllm"][1:], rates["memmap"][1:])]
     samples.close()
     return {"benchmark": "loader", "folder": str(folder), "batch_size": batch_size, "batches": batches,
-            "seq_len": samples.seq_len, "tokens_per_s": results,
-            "ratio_hvdllm_over_memmap": results["hvdllm"] / results["memmap"], "target_ratio_min": 0.5}
+            "seq_len": samples.seq_len, "prefetch": prefetch,
+            "tokens_per_s": {name: statistics.median(values[1:]) for name, values in rates.items()},
+            "rounds": {"ratio": ratios, **rates},
+            "ratio_hvdllm_over_memmap": statistics.median(ratios), "target_ratio_min": 0.5}
