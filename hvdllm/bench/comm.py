@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -251,31 +252,43 @@ def _horovod_on_mpi(comm):
     return hvd
 
 
-def run_gloo_subjob(control: Control, plan: CommPlan, say: Callable[[str], None], args: list[str]) -> list[dict]:
-    """Horovod with its Gloo controller, as a ``horovodrun --gloo`` job on the same hosts,
-    started by rank 0 while every MPI rank sleeps (a busy MPI barrier would steal the cores)."""
-    from hvdllm.comm.launch import mpi_environment
-
+def _host_slots(control: Control) -> str:
+    """``host1:k,host2:m``: where this job's ranks run, for a sub-job on the same hosts."""
     hosts = control.allgather(socket.gethostname())
-    slots = {h: hosts.count(h) for h in dict.fromkeys(hosts)}
-    records: list[dict] = []
-    if control.rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "gloo.json")
-            horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-            cmd = [horovodrun, "--gloo", "-np", str(control.size), "-H", ",".join(f"{h}:{k}" for h, k in slots.items()),
-                   sys.executable, "-m", "hvdllm", "bench", "comm", "--backends", "horovod-gloo",
-                   "--json", out, "--no-plot", *args]
-            result = subprocess.run(cmd, capture_output=True, text=True, env=mpi_environment(), timeout=3600)
-            if result.returncode == 0 and os.path.exists(out):
-                records = json.loads(open(out).read())["records"]
-            else:
-                tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-                say(f"skip horovod-gloo: horovodrun --gloo failed: {tail[0]}")
+    return ",".join(f"{h}:{hosts.count(h)}" for h in dict.fromkeys(hosts))
+
+
+def _on_rank0_while_others_sleep(control: Control, work: Callable[[], object]):
+    """Run ``work`` on rank 0 (its result there, None elsewhere); the other MPI ranks wait
+    in a polled, sleeping barrier, since a busy MPI barrier would steal the sub-job's cores."""
+    result = work() if control.rank == 0 else None
     done = control.mpi.Ibarrier()
     while not done.Test():
         time.sleep(0.05)
-    return records
+    return result
+
+
+def run_gloo_subjob(control: Control, plan: CommPlan, say: Callable[[str], None], args: list[str]) -> list[dict]:
+    """Horovod with its Gloo controller, as a ``horovodrun --gloo`` job on the same hosts."""
+    from hvdllm.comm.launch import mpi_environment
+
+    slots = _host_slots(control)
+
+    def work() -> list[dict]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "gloo.json"
+            horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+            cmd = [horovodrun, "--gloo", "-np", str(control.size), "-H", slots,
+                   sys.executable, "-m", "hvdllm", "bench", "comm", "--backends", "horovod-gloo",
+                   "--json", str(out), "--no-plot", *args]
+            result = subprocess.run(cmd, capture_output=True, text=True, env=mpi_environment(), timeout=3600)
+            if result.returncode == 0 and out.exists():
+                return json.loads(out.read_text())["records"]
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            say(f"skip horovod-gloo: horovodrun --gloo failed: {tail[0]}")
+            return []
+
+    return _on_rank0_while_others_sleep(control, work) or []
 
 
 # --- Horovod tuning ---------------------------------------------------------------------
@@ -325,47 +338,45 @@ def _tune_worker(preset: str, repeats: int, out: str) -> None:
 
 def tune_horovod(control: Control, preset: str, repeats: int, say: Callable[[str], None]) -> dict | None:
     """Sweep HOROVOD_CYCLE_TIME x HOROVOD_FUSION_THRESHOLD, one mpirun sub-job per setting on
-    the same hosts, started by rank 0 while the other ranks sleep."""
-    from hvdllm.comm.launch import mpi_environment
+    the same hosts."""
+    from hvdllm.comm.launch import mpi_environment, mpirun_command
 
-    hosts = control.allgather(socket.gethostname())
-    summary = None
-    if control.rank == 0:
-        shapes = gradient_shapes(preset)
-        slots = ",".join(f"{h}:{hosts.count(h)}" for h in dict.fromkeys(hosts))
+    slots = _host_slots(control)
+
+    def sweep() -> list[dict]:
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             for cycle in CYCLE_TIMES_MS:
                 for fusion in FUSION_MB:
-                    out = os.path.join(tmp, f"{cycle}-{fusion}.json")
+                    out = Path(tmp) / f"{cycle}-{fusion}.json"
                     env = {"HOROVOD_CYCLE_TIME": str(cycle), "HOROVOD_FUSION_THRESHOLD": str(fusion << 20)}
-                    cmd = ["mpirun", "-np", str(control.size), "-H", slots, "--bind-to", "none"]
-                    for key in env:
-                        cmd += ["-x", key]
-                    cmd += [sys.executable, "-m", "hvdllm.bench.comm", "tune-worker", preset, str(repeats), out]
+                    cmd = mpirun_command(control.size, ["-m", "hvdllm.bench.comm", "tune-worker", preset,
+                                                        str(repeats), str(out)], hosts=slots, export=list(env))
                     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                                             env=mpi_environment(dict(os.environ, **env)))
                     if result.returncode != 0:
                         say(f"skip tuning at cycle {cycle} ms / fusion {fusion} MB: "
                             f"{(result.stderr.strip().splitlines() or ['failed'])[-1]}")
                         continue
-                    rows.append({"cycle_time_ms": cycle, "fusion_threshold_mb": fusion, **json.load(open(out))})
-        default = next((r for r in rows if r["cycle_time_ms"] == 1.0 and r["fusion_threshold_mb"] == 128), None)
-        if rows and default:
-            best_small = min(rows, key=lambda r: r["small_allreduce_s"])
-            best_grads = min(rows, key=lambda r: r["gradients_s"])
-            summary = {"preset": preset, "tensors": len(shapes), "gradient_bytes": 4 * sum(s.numel() for s in shapes),
-                       "rows": rows, "default": default, "best_small": best_small, "best_gradients": best_grads,
-                       "speedup_small_vs_default": default["small_allreduce_s"] / best_small["small_allreduce_s"],
-                       "speedup_gradients_vs_default": default["gradients_s"] / best_grads["gradients_s"]}
-            say(f"tuning ({preset} gradients, {len(shapes)} tensors): small allreduce best at cycle "
-                f"{best_small['cycle_time_ms']} ms / fusion {best_small['fusion_threshold_mb']} MB, "
-                f"{summary['speedup_small_vs_default']:.2f}x the default (1 ms / 128 MB); gradients best at "
-                f"cycle {best_grads['cycle_time_ms']} ms / fusion {best_grads['fusion_threshold_mb']} MB, "
-                f"{summary['speedup_gradients_vs_default']:.2f}x the default")
-    done = control.mpi.Ibarrier()
-    while not done.Test():
-        time.sleep(0.05)
+                    rows.append({"cycle_time_ms": cycle, "fusion_threshold_mb": fusion, **json.loads(out.read_text())})
+        return rows
+
+    rows = _on_rank0_while_others_sleep(control, sweep)
+    default = next((r for r in rows or [] if r["cycle_time_ms"] == 1.0 and r["fusion_threshold_mb"] == 128), None)
+    if default is None:
+        return None
+    shapes = gradient_shapes(preset)
+    best_small = min(rows, key=lambda r: r["small_allreduce_s"])
+    best_grads = min(rows, key=lambda r: r["gradients_s"])
+    summary = {"preset": preset, "tensors": len(shapes), "gradient_bytes": 4 * sum(s.numel() for s in shapes),
+               "rows": rows, "default": default, "best_small": best_small, "best_gradients": best_grads,
+               "speedup_small_vs_default": default["small_allreduce_s"] / best_small["small_allreduce_s"],
+               "speedup_gradients_vs_default": default["gradients_s"] / best_grads["gradients_s"]}
+    say(f"tuning ({preset} gradients, {len(shapes)} tensors): small allreduce best at cycle "
+        f"{best_small['cycle_time_ms']} ms / fusion {best_small['fusion_threshold_mb']} MB, "
+        f"{summary['speedup_small_vs_default']:.2f}x the default (1 ms / 128 MB); gradients best at "
+        f"cycle {best_grads['cycle_time_ms']} ms / fusion {best_grads['fusion_threshold_mb']} MB, "
+        f"{summary['speedup_gradients_vs_default']:.2f}x the default")
     return summary
 
 

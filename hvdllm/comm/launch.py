@@ -31,12 +31,17 @@ def mpi_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def mpirun_command(np: int, argv: Sequence[str], python: bool = True) -> list[str]:
-    """``mpirun -np N [python] argv...`` with the flags a small shared machine needs."""
+def mpirun_command(np: int, argv: Sequence[str], hosts: str = "", export: Sequence[str] = ()) -> list[str]:
+    """``mpirun -np N [-H hosts] [-x VAR ...] python argv...`` with the flags a small shared
+    machine needs. ``export`` names variables to pass to ranks on other hosts too."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise FileNotFoundError("mpirun not found: run `make install` or `module load openmpi`")
     cmd = [mpirun, "-np", str(np), "--bind-to", "none"]
-    if (os.cpu_count() or 1) < np:
+    if hosts:
+        cmd += ["-H", hosts]
+    elif (os.cpu_count() or 1) < np:
         cmd.append("--oversubscribe")
-    return cmd + ([sys.executable] if python else []) + list(argv)
+    for name in export:
+        cmd += ["-x", name]
+    return cmd + [sys.executable, *argv]

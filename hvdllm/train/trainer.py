@@ -14,6 +14,7 @@ all ranks at the same step.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -164,8 +165,6 @@ class Trainer:
         (self.run_dir / "config.toml").write_text(config_to_toml(self.cfg))
         metrics = self.run_dir / "metrics.jsonl"
         if resumed and metrics.exists():  # drop what was logged after the checkpoint
-            import json
-
             kept = [line for line in metrics.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= self.step]
             tmp = metrics.with_name(".metrics.jsonl.tmp")
