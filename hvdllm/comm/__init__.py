@@ -9,6 +9,7 @@ from hvdllm.comm.runtime import (
     local_size,
     print0,
     rank,
+    set_threads,
     size,
     threads_per_rank,
 )
@@ -16,5 +17,5 @@ from hvdllm.comm.process_sets import contiguous_groups
 
 __all__ = [
     "barrier", "choose_device", "contiguous_groups", "init", "is_initialized", "local_rank",
-    "local_size", "print0", "rank", "size", "threads_per_rank",
+    "local_size", "print0", "rank", "set_threads", "size", "threads_per_rank",
 ]

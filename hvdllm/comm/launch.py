@@ -20,6 +20,27 @@ _JOB_CONTEXT_PREFIXES = ("PMIX_", "OMPI_COMM_WORLD_", "OMPI_MCA_orte_", "OMPI_MC
                          "OMPI_NUM_APP_CTX", "OMPI_FILE_LOCATION", "OMPI_MCA_shmem_RUNTIME_QUERY_hint")
 
 
+# What launchers tell each process about the size of its job.
+_WORLD_SIZE_VARIABLES = (
+    "OMPI_COMM_WORLD_SIZE",  # Open MPI's mpirun, and horovodrun over it
+    "HOROVOD_SIZE",  # horovodrun --gloo
+    "PMI_SIZE",  # MPICH and Intel MPI (hydra), srun --mpi=pmi2
+    "MV2_COMM_WORLD_SIZE",  # MVAPICH2
+    "SLURM_STEP_NUM_TASKS",  # srun
+)
+
+
+def launched_world_size(environ: dict[str, str] | None = None) -> int:
+    """The number of processes the launcher started for this job, read before any
+    communication runtime is initialized; 1 for a plain ``python``/``hvdllm`` command."""
+    env = os.environ if environ is None else environ
+    for name in _WORLD_SIZE_VARIABLES:
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
 def mpi_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for launching a new MPI job: the caller's, less any inherited MPI job
     context, plus what Open MPI needs to run as root."""

@@ -43,7 +43,13 @@ def init(comm: Any = None, process_sets: Sequence[Sequence[int]] | None = None,
         kwargs["process_sets"] = [hvd.ProcessSet(list(ranks)) for ranks in process_sets]
     hvd.init(**kwargs)
     _state["hvd"] = hvd
-    torch.set_num_threads(threads or threads_per_rank(hvd.local_size()))
+    set_threads(threads, hvd.local_size())
+
+
+def set_threads(threads: int, ranks_on_node: int) -> None:
+    """torch intra-op threads for this rank: ``threads``, or when 0 the node's cores divided
+    by its ranks."""
+    torch.set_num_threads(threads or threads_per_rank(ranks_on_node))
 
 
 def is_initialized() -> bool:

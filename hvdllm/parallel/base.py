@@ -34,8 +34,10 @@ class UpdateStrategy(ABC):
         """Make every rank's parameters and optimizer state equal to rank 0's."""
 
     @abstractmethod
-    def finish_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        """Complete the gradient exchange of this step (after the last backward)."""
+    def finish_gradients(self, optimizer: torch.optim.Optimizer, step_stats: torch.Tensor) -> torch.Tensor:
+        """Complete the gradient exchange of this step (after the last backward) and return
+        ``step_stats`` (loss, flags) summed over all ranks. The two travel in the same round,
+        so a step waits for the network once, not twice."""
 
     @abstractmethod
     def apply_update(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:

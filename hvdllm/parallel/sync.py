@@ -4,8 +4,9 @@
   from a backward hook as soon as it is ready, overlapping communication with the rest of
   backward; ``backward_passes_per_step`` accumulates k micro-batches locally and reduces once.
 - Clipping needs the reduced gradients, so the loop calls :meth:`finish_gradients`
-  (``synchronize()``), clips (and unscales fp16 gradients), then :meth:`apply_update` steps
-  under ``skip_synchronize()`` so the allreduce is not issued twice.
+  (``synchronize()``; the step's loss and flags are reduced in the same cycle), clips (and
+  unscales fp16 gradients), then :meth:`apply_update` steps under ``skip_synchronize()`` so
+  the allreduce is not issued twice.
 - With ``op = "adasum"`` Horovod reduces parameter updates, not gradients, inside ``step()``
   (Maleki et al. 2020); it has no ``skip_synchronize``, and clipping acts on each rank's
   own gradients.
@@ -75,11 +76,15 @@ class HorovodSync(UpdateStrategy):
         if optimizer.state_dict()["state"]:
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
-    def finish_gradients(self, optimizer) -> None:
+    def finish_gradients(self, optimizer, step_stats: torch.Tensor) -> torch.Tensor:
+        # Enqueued first, so Horovod negotiates the statistics in the same cycle as the last
+        # gradients instead of one cycle (HOROVOD_CYCLE_TIME) later.
+        stats = self.hvd.allreduce_async(step_stats, op=self.hvd.Sum, name="step_stats")
         # Adasum combines each rank's parameter *update* inside step(), so there is nothing to
         # finish before it: clipping and the logged norm are then per rank, by design.
         if self.cfg.op != "adasum":
             optimizer.synchronize()
+        return self.hvd.synchronize(stats)
 
     def apply_update(self, optimizer, scaler) -> None:
         step = scaler.step if scaler is not None else (lambda opt: opt.step())

@@ -6,8 +6,8 @@ checked in ``__init__``, identically on every rank, before the first collective,
 setting ends every rank with the same one-line error instead of a hang.
 
 Every rank must issue the same collectives in the same order. Per optimizer step there is
-exactly one gradient exchange and one small allreduce of step statistics (loss, a NaN flag
-and a stop flag), so a NaN on one rank, or a SIGTERM reaching only one rank, is acted on by
+exactly one exchange: the gradients and, in the same round, the step statistics (loss, a
+NaN flag and a stop flag), so a NaN on one rank, or a SIGTERM reaching only one rank, is acted on by
 all ranks at the same step.
 """
 
@@ -274,10 +274,9 @@ class Trainer:
             loss = self.forward_backward_step(next(self.batches), accum)
             finite = finite and math.isfinite(loss)
             loss_sum += loss if math.isfinite(loss) else 0.0
-        self.strategy.finish_gradients(self.optimizer)
-        stats = self.strategy.allreduce_sum(
-            torch.tensor([loss_sum, 0.0 if finite else 1.0, 1.0 if self.stop_requested else 0.0],
-                         dtype=torch.float64), name="step_stats")
+        stats = self.strategy.finish_gradients(
+            self.optimizer, torch.tensor([loss_sum, 0.0 if finite else 1.0, 1.0 if self.stop_requested else 0.0],
+                                         dtype=torch.float64))
         loss = stats[0].item() / (self.world * accum)
         skipped = stats[1].item() > 0
         grad_norm = float("nan")

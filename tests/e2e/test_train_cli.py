@@ -42,6 +42,22 @@ def test_two_ranks_equal_one_rank_double_batch(data, tmp_path):
     assert_close(val_one, val_two, 1e-5)
 
 
+def test_one_process_trains_without_horovod(data, tmp_path):
+    """A single rank, whether plain or mpirun -np 1, must not pay for Horovod's background thread."""
+    args = train_args(data, tmp_path / "run", "--train.steps=3")
+    probe = ("import sys\nfrom hvdllm.cli import main\nrc = main(sys.argv[1:])\n"
+             "print('horovod started' if 'horovod.torch' in sys.modules else 'horovod not started')\n"
+             "sys.exit(rc)")
+    plain = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=clean_env())
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.splitlines()[-1] == "horovod not started"
+    one = subprocess.run(mpirun_command(1, ["-c", probe, *train_args(data, tmp_path / "one", "--train.steps=3")]),
+                         capture_output=True, text=True, env=clean_env())
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.splitlines()[-1] == "horovod not started"
+    assert [r["step"] for r in read_metrics(tmp_path / "one")] == [1, 2, 3]
+
+
 def test_accumulation_equals_large_batch(data, tmp_path):
     big = hvdllm(*train_args(data, tmp_path / "big", "--data.batch_size=8"))
     acc = hvdllm(*train_args(data, tmp_path / "acc", "--data.batch_size=2", "--parallel.accum_steps=4"))

@@ -1,5 +1,5 @@
 from hvdllm.config import ParallelConfig
-from hvdllm.parallel import horovod_environment
+from hvdllm.parallel import SingleProcess, build_strategy, horovod_environment
 
 
 def test_horovod_knobs_become_environment():
@@ -10,3 +10,7 @@ def test_horovod_knobs_become_environment():
                    "OMPI_MCA_mpi_yield_when_idle": "1"}
     assert horovod_environment(ParallelConfig(fusion_threshold_mb=-1, cycle_time_ms=-1,
                                               mpi_yield_when_idle=False)) == {}
+
+
+def test_one_launched_rank_trains_without_horovod():
+    assert isinstance(build_strategy(ParallelConfig(), launched_ranks=1), SingleProcess)

@@ -1,0 +1,47 @@
+"""One process, nothing to exchange: the update strategy of a run launched as a single rank.
+
+Starting Horovod for a world of one costs throughput and buys nothing: its background thread
+wakes every cycle (1 ms by default) to negotiate with no one, and each wake-up preempts a
+torch compute thread; with every core busy, the step rate drops by several percent
+(benchmarks/README.md, overhead). PyTorch's own DistributedDataParallel is likewise left out
+of single-process training. The Trainer cannot tell the difference: collectives over a world
+of one are the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hvdllm.parallel.base import UpdateStrategy
+
+
+class SingleProcess(UpdateStrategy):
+    @property
+    def data_rank(self) -> tuple[int, int]:
+        return 0, 1
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        return optimizer
+
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pass  # the only rank is the root
+
+    def finish_gradients(self, optimizer: torch.optim.Optimizer, step_stats: torch.Tensor) -> torch.Tensor:
+        return step_stats  # local gradients are the global ones
+
+    def apply_update(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return tensor
+
+    def allgather_object(self, obj, name: str) -> list:
+        return [obj]
