@@ -148,6 +148,7 @@ def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.what == "comm":
         return _cmd_bench_comm(args)
+    rounds = {"rounds": args.rounds} if args.rounds else {}  # else each benchmark's default
     if args.what == "optim":
         from hvdllm.bench.optim import bench_optimizers
 
@@ -168,12 +169,12 @@ def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.what == "overhead":
         from hvdllm.bench.train import bench_overhead
 
-        result = bench_overhead(args.config, extra, steps=args.steps, threads=args.threads)
+        result = bench_overhead(args.config, extra, steps=args.steps, threads=args.threads, **rounds)
         summary = f"hvdllm train / plain PyTorch loop tokens/s: {result['ratio_hvdllm_over_plain']:.3f} (target >= 0.95)"
     else:
         from hvdllm.bench.train import bench_weak_scaling
 
-        result = bench_weak_scaling(args.config, extra, steps=args.steps)
+        result = bench_weak_scaling(args.config, extra, steps=args.steps, **rounds)
         eff = result["efficiency"]
         summary = (f"weak scaling 1 -> 2 ranks: hvdllm {eff['hvdllm']:.3f}, DDP gloo {eff['ddp_gloo']:.3f} "
                    f"(target >= 0.85 and not below DDP)")
@@ -249,6 +250,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     bench.add_argument("--config", default="configs/demo.toml", help="overhead/scaling: training config")
     bench.add_argument("--steps", type=int, default=30)
     bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--rounds", type=int, default=0,
+                       help="overhead/scaling: paired rounds, the median is reported (default 8 and 5)")
     handlers["bench"] = _cmd_bench
 
     plan = verbs.add_parser("plan", help="parameters, FLOPs, memory per GPU and time of a run")

@@ -96,13 +96,17 @@ def _hvdllm(config: str, overrides: list[str], steps: int, threads: int, np: int
     return statistics.median(r["tokens_per_s"] for r in records[WARMUP_STEPS:])
 
 
-def bench_overhead(config: str, overrides: list[str], steps: int = 30, threads: int = 2, rounds: int = 4) -> dict:
-    """Paired rounds, alternating baseline and hvdllm; the reported ratio is the median of
-    the rounds' ratios (on a shared machine one round can be 10% off either way)."""
+def bench_overhead(config: str, overrides: list[str], steps: int = 30, threads: int = 2, rounds: int = 8) -> dict:
+    """Paired rounds of baseline and hvdllm; the reported ratio is the median of the rounds'
+    ratios (on a shared machine one round can be 10% off either way). The order within a
+    round alternates (ABBA...), so a machine that slows down or speeds up during the run
+    favours neither side."""
+    runs = {"plain": _baseline, "hvdllm": _hvdllm}
     plain, ours = [], []
-    for _ in range(rounds):
-        plain.append(_baseline(config, overrides, steps, threads))
-        ours.append(_hvdllm(config, overrides, steps, threads))
+    for index in range(rounds):
+        measured = {name: runs[name](config, overrides, steps, threads) for name in _alternating(list(runs), index)}
+        plain.append(measured["plain"])
+        ours.append(measured["hvdllm"])
     ratios = [h / p for h, p in zip(ours, plain)]
     return {"benchmark": "framework_overhead", "config": config, "overrides": overrides, "steps": steps,
             "threads": threads, "tokens_per_s": {"plain_pytorch": statistics.median(plain),
@@ -111,14 +115,17 @@ def bench_overhead(config: str, overrides: list[str], steps: int = 30, threads: 
             "ratio_hvdllm_over_plain": statistics.median(ratios), "target_ratio_min": 0.95}
 
 
-def bench_weak_scaling(config: str, overrides: list[str], steps: int = 30, rounds: int = 2) -> dict:
-    """Efficiency = tokens/s on 2 ranks / (2 x tokens/s on 1 rank), per round, median."""
+def bench_weak_scaling(config: str, overrides: list[str], steps: int = 30, rounds: int = 5) -> dict:
+    """Efficiency = tokens/s on 2 ranks / (2 x tokens/s on 1 rank), per round, median. Within a
+    round each framework's 1-rank and 2-rank runs are adjacent, and which framework goes
+    first alternates between rounds."""
     runs = {"hvdllm": _hvdllm, "ddp_gloo": _baseline}
     per_round = {name: [] for name in runs}
     one = {name: [] for name in runs}
     two = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+    for index in range(rounds):
+        for name in _alternating(list(runs), index):
+            run = runs[name]
             single, pair = run(config, overrides, steps, 1, np=1), run(config, overrides, steps, 1, np=2)
             one[name].append(single)
             two[name].append(pair)
@@ -128,6 +135,10 @@ def bench_weak_scaling(config: str, overrides: list[str], steps: int = 30, round
             "threads_per_rank": 1, "tokens_per_s_1_rank": one, "tokens_per_s_2_ranks": two,
             "efficiency_per_round": per_round, "efficiency": efficiency, "target_efficiency_min": 0.85,
             "hvdllm_not_below_ddp": efficiency["hvdllm"] >= efficiency["ddp_gloo"]}
+
+
+def _alternating(names: list[str], round_index: int) -> list[str]:
+    return names if round_index % 2 == 0 else names[::-1]
 
 
 def main() -> None:
