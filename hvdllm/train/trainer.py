@@ -208,18 +208,17 @@ class Trainer:
         try:
             return self._train()
         finally:
-            if self.loader is not None:
-                self.loader.close()
-            if self.logger is not None:
-                self.logger.close()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the loader's reader thread and flush the logs."""
+        if self.loader is not None:
+            self.loader.close()
+        if self.logger is not None:
+            self.logger.close()
 
     def _train(self) -> int:
-        if self.stage is None:
-            self._enter_stage(self._stage_at(self.step))
         while self.step < self.total_steps:
-            stage = self._stage_at(self.step)
-            if stage is not self.stage:
-                self._enter_stage(stage)
             result = self.train_step()
             if result.stop_requested:
                 self.save_checkpoint(is_best=False)
@@ -263,7 +262,11 @@ class Trainer:
         return 0
 
     def train_step(self) -> StepResult:
-        """One optimizer step: accumulate micro-batches, exchange gradients, clip, update."""
+        """One optimizer step (``self.step`` is the caller's to advance): accumulate
+        micro-batches, exchange gradients, clip, update."""
+        stage = self._stage_at(self.step)
+        if stage is not self.stage:
+            self._enter_stage(stage)
         start = time.perf_counter()
         local_step = self.step - self.stage.start_step
         lr = self.schedule.apply(local_step)

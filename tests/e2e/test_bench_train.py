@@ -15,6 +15,7 @@ def test_overhead_and_scaling_benchmarks_report_ratios(tmp_path):
     result = json.loads((tmp_path / "o.json").read_text())
     assert all(result["tokens_per_s"][k] > 0 for k in ("plain_pytorch", "hvdllm"))
     assert result["ratio_hvdllm_over_plain"] == result["rounds"]["ratio"][0] > 0
+    assert 0.2 < result["interleaved_ratio"] < 5  # the same steps in one process: near 1 unless broken
     assert "hvdllm train / plain PyTorch loop tokens/s" in overhead.stdout
 
     scaling = hvdllm("bench", "scaling", *common, "--json", str(tmp_path / "s.json"), timeout=600)
