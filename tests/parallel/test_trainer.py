@@ -189,3 +189,38 @@ def test_lr_scales_with_ranks(data, shared_dir, horovod):
     assert trainer.train() == 0
     if horovod.rank() == 0:
         assert read_metrics(shared_dir / "scaled")[0]["lr"] == pytest.approx(2e-3)
+
+
+def _scaled_step(horovod, scale: float, poison: bool = False):
+    """One step of the fp16 pattern with a CPU GradScaler: scale, backward, synchronize,
+    unscale, then step under skip_synchronize. ``poison`` makes rank 1's loss infinite."""
+    from hvdllm.config import ParallelConfig
+
+    strategy = HorovodSync(ParallelConfig())
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = strategy.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    loss = model(torch.full((2, 4), float(horovod.rank() + 1))).square().mean()
+    if poison and horovod.rank() == 1:
+        loss = loss * math.inf
+    (scaler.scale(loss) if scaler else loss).backward()
+    strategy.finish_gradients(optimizer, torch.zeros(1))
+    if scaler:
+        scaler.unscale_(optimizer)  # after the allreduce: both ranks unscale the same sums
+    strategy.apply_update(optimizer, scaler)
+    if scaler:
+        scaler.update()
+    return model, scaler
+
+
+def test_loss_scaling_unscales_after_the_allreduce(horovod):
+    plain, _ = _scaled_step(horovod, scale=0)
+    scaled, scaler = _scaled_step(horovod, scale=2.0 ** 12)
+    assert torch.allclose(plain.weight, scaled.weight, rtol=1e-6) and scaler.get_scale() == 2.0 ** 12
+    assert params_agree(horovod, scaled)
+    torch.manual_seed(0)
+    initial = torch.nn.Linear(4, 3).weight
+    skipped, scaler = _scaled_step(horovod, scale=2.0 ** 12, poison=True)
+    # The inf reached both ranks through the allreduce: both skip the step and halve the scale.
+    assert torch.equal(skipped.weight, initial) and scaler.get_scale() == 2.0 ** 11
