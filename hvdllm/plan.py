@@ -11,8 +11,9 @@ Formulas and sources:
   without the attention term; it is reported as ``train_flops_6nd`` for comparison.
 - Memory per GPU under mixed precision (Rajbhandari et al. 2020, ZeRO, section 3.1): fp16/bf16
   weights 2 B and gradients 2 B per parameter; optimizer state in fp32: AdamW keeps a master
-  copy, m and v (12 B), hvdllm's LAMB those and a workspace for the update (16 B); Adafactor keeps the master copy (4 B) and, for each n x m
-  matrix, n + m factored second-moment entries (4 B each), vectors in full. Parameters are
+  copy, m and v (12 B), hvdllm's LAMB those and a workspace for the update (16 B); Adafactor
+  keeps the master copy (4 B) and, for each n x m matrix, n + m factored second-moment
+  entries (4 B each), vectors in full. Parameters are
   split evenly over the model-parallel degree = tensor parallel (at most 8, within a node,
   dividing the heads) x pipeline stages (dividing the layers), as Megatron-LM lays out GPT-3
   (Narayanan et al. 2021); data parallelism (Horovod allreduce) keeps a full replica per group.

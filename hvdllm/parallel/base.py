@@ -50,3 +50,12 @@ class UpdateStrategy(ABC):
     @abstractmethod
     def allgather_object(self, obj, name: str) -> list:
         """One Python object from every rank, in rank order."""
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """``optimizer.step()``, through the loss scaler when there is one (it skips the step when
+    the unscaled gradients hold an inf or NaN)."""
+    if scaler is not None:
+        scaler.step(optimizer)
+    else:
+        optimizer.step()

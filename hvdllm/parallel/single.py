@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hvdllm.parallel.base import UpdateStrategy
+from hvdllm.parallel.base import UpdateStrategy, step_optimizer
 
 
 class SingleProcess(UpdateStrategy):
@@ -35,10 +35,7 @@ class SingleProcess(UpdateStrategy):
         return step_stats  # local gradients are the global ones
 
     def apply_update(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-        if scaler is not None:
-            scaler.step(optimizer)
-        else:
-            optimizer.step()
+        step_optimizer(optimizer, scaler)
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return tensor

@@ -19,7 +19,7 @@ import os
 import torch
 from torch import nn
 
-from hvdllm.parallel.base import UpdateStrategy
+from hvdllm.parallel.base import UpdateStrategy, step_optimizer
 
 
 def horovod_environment(parallel_cfg) -> dict[str, str]:
@@ -87,12 +87,11 @@ class HorovodSync(UpdateStrategy):
         return self.hvd.synchronize(stats)
 
     def apply_update(self, optimizer, scaler) -> None:
-        step = scaler.step if scaler is not None else (lambda opt: opt.step())
         if self.cfg.op == "adasum":
-            step(optimizer)
+            step_optimizer(optimizer, scaler)
             return
         with optimizer.skip_synchronize():
-            step(optimizer)
+            step_optimizer(optimizer, scaler)
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name)

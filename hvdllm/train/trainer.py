@@ -7,8 +7,8 @@ setting ends every rank with the same one-line error instead of a hang.
 
 Every rank must issue the same collectives in the same order. Per optimizer step there is
 exactly one exchange: the gradients and, in the same round, the step statistics (loss, a
-NaN flag and a stop flag), so a NaN on one rank, or a SIGTERM reaching only one rank, is acted on by
-all ranks at the same step.
+NaN flag and a stop flag), so a NaN on one rank, or a SIGTERM reaching only one rank, is
+acted on by all ranks at the same step.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers.corpus import NANO, make_corpus, read_metrics
 
-from hvdllm.config import load_config
+from hvdllm.config import ParallelConfig, load_config
 from hvdllm.data.prepare import PrepareOptions, run_prepare
 from hvdllm.parallel import HorovodSync
 from hvdllm.train.trainer import Trainer
@@ -194,8 +194,6 @@ def test_lr_scales_with_ranks(data, shared_dir, horovod):
 def _scaled_step(horovod, scale: float, poison: bool = False):
     """One step of the fp16 pattern with a CPU GradScaler: scale, backward, synchronize,
     unscale, then step under skip_synchronize. ``poison`` makes rank 1's loss infinite."""
-    from hvdllm.config import ParallelConfig
-
     strategy = HorovodSync(ParallelConfig())
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
