@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark, each against its baseline in the same run; JSON (and PNG) under
 # benchmarks/results/. Needs the demo data (make demo, or the prepare line below).
+# Each benchmark's flags and their defaults: hvdllm bench NAME --help.
 set -euo pipefail
 VENV=${VENV:-.venv}
 export PATH="$PWD/$VENV/bin:$PATH"

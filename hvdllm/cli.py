@@ -122,68 +122,10 @@ def _cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     return run_report(args.run_dir)
 
 
-def _cmd_bench_comm(args: argparse.Namespace) -> int:
-    from hvdllm.bench import comm_report
-    from hvdllm.bench.comm import CommPlan, run_comm_bench
-
-    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
-    for dtype in split(args.dtypes):
-        if dtype not in ("fp32", "fp16", "bf16"):
-            raise UserError(f"unknown dtype {dtype!r} in --dtypes (fp32, fp16, bf16)")
-    for op in split(args.ops):
-        if op not in comm_report.OPS:
-            raise UserError(f"unknown op {op!r} in --ops ({', '.join(comm_report.OPS)})")
-    if args.warmup < 0 or args.iters < 1:
-        raise UserError("--warmup must be >= 0 and --iters >= 1")
-    plan = CommPlan(sizes=comm_report.parse_sizes(args.sizes, args.factor), dtypes=split(args.dtypes),
-                    ops=split(args.ops), warmup=args.warmup, iters=args.iters)
-    passthrough = ["--sizes", args.sizes, "--factor", str(args.factor), "--dtypes", args.dtypes, "--ops", args.ops,
-                   "--warmup", str(args.warmup), "--iters", str(args.iters)]
-    plot = None if args.no_plot else (args.plot or (args.json.rsplit(".", 1)[0] + ".png" if args.json else None))
-    return run_comm_bench(plan, split(args.backends), args.json, plot, args.tune_preset, args.tune_repeats, passthrough)
-
-
 def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
-    from hvdllm.bench.common import write_result
+    from hvdllm.bench.commands import run_bench
 
-    if args.what == "comm":
-        return _cmd_bench_comm(args)
-    rounds = {"rounds": args.rounds} if args.rounds else {}  # else each benchmark's default
-    if args.what == "optim":
-        from hvdllm.bench.optim import bench_optimizers
-
-        result = bench_optimizers(args.preset, repeats=args.repeats, device=args.device)
-        summary = f"LAMB / AdamW(foreach) step time: {result['ratio_lamb_over_adamw']:.3f} (target <= 1.3)"
-    elif args.what == "loader":
-        from hvdllm.bench.data import bench_loader
-
-        result = bench_loader(args.data, batch_size=args.batch_size, batches=args.batches)
-        summary = (f"loader {result['tokens_per_s']['hvdllm']:,.0f} tokens/s, memmap "
-                   f"{result['tokens_per_s']['memmap']:,.0f}: ratio {result['ratio_hvdllm_over_memmap']:.3f} (target >= 0.5)")
-    elif args.what == "prepare":
-        from hvdllm.bench.data import prepare_throughput
-
-        result = {"benchmark": "prepare", **prepare_throughput(f"{args.data}/manifest.json")}
-        summary = (f"prepare: {result['mb_per_s_per_rank']:.2f} MB/s per rank on {result['ranks']} rank(s); shares: "
-                   + ", ".join(f"{k} {v:.0%}" for k, v in result["share"].items()))
-    elif args.what == "overhead":
-        from hvdllm.bench.train import bench_overhead
-
-        result = bench_overhead(args.config, extra, steps=args.steps, threads=args.threads, **rounds)
-        summary = (f"hvdllm train / plain PyTorch loop tokens/s: {result['ratio_hvdllm_over_plain']:.3f} in separate "
-                   f"processes, {result['interleaved_ratio']:.3f} interleaved in one (target >= 0.95)")
-    else:
-        from hvdllm.bench.train import bench_weak_scaling
-
-        result = bench_weak_scaling(args.config, extra, steps=args.steps, **rounds)
-        eff = result["efficiency"]
-        summary = (f"weak scaling 1 -> 2 ranks: hvdllm {eff['hvdllm']:.3f}, DDP gloo {eff['ddp_gloo']:.3f} "
-                   f"(target >= 0.85 and not below DDP)")
-    print(json.dumps(result, indent=2))
-    if args.json:
-        write_result(args.json, result)
-    print(summary)
-    return 0
+    return run_bench(args, extra)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
@@ -205,6 +147,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     train = verbs.add_parser("train", help="train a GPT (launch with horovodrun / mpirun for several ranks)")
     _add_config_args(train)
+    train.set_defaults(takes_overrides=True)
     handlers["train"] = _cmd_train
 
     gen = verbs.add_parser("generate", help="sample text from a checkpoint")
@@ -221,38 +164,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     report.add_argument("run_dir")
     handlers["report"] = _cmd_report
 
-    from hvdllm.config import BenchConfig
+    from hvdllm.bench.options import add_bench_commands
 
-    comm_defaults = BenchConfig()  # the comm sweep's defaults live with the other config
     bench = verbs.add_parser("bench", help="benchmarks against a baseline in the same run")
-    bench.add_argument("what", choices=["comm", "optim", "loader", "prepare", "overhead", "scaling"])
-    bench.add_argument("--sizes", default=comm_defaults.sizes, help="comm: message sizes MIN:MAX, e.g. 8B:256MB")
-    bench.add_argument("--factor", type=int, default=comm_defaults.factor, help="comm: size multiplier between steps")
-    bench.add_argument("--dtypes", default=",".join(comm_defaults.dtypes), help="comm: comma list of fp32, fp16, bf16")
-    bench.add_argument("--ops", default="allreduce,allgather,broadcast,reducescatter,alltoall,sendrecv",
-                       help="comm: comma list of operations")
-    bench.add_argument("--warmup", type=int, default=comm_defaults.warmup, help="comm: warm-up iterations per size")
-    bench.add_argument("--iters", type=int, default=comm_defaults.iters, help="comm: timed iterations per size")
-    bench.add_argument("--backends", default=",".join(comm_defaults.backends),
-                       help="comm: comma list (default: every one available): "
-                       "mpi4py, torch-gloo, horovod-mpi, horovod-gloo, horovod-nccl, torch-nccl")
-    bench.add_argument("--plot", help="comm: PNG of busbw against size (default: next to --json)")
-    bench.add_argument("--no-plot", action="store_true")
-    bench.add_argument("--tune-preset", default="", help="comm: also sweep Horovod cycle time x fusion threshold "
-                       "on this preset's gradients, e.g. gpt-mini")
-    bench.add_argument("--tune-repeats", type=int, default=10)
-    bench.add_argument("--json", help="write the result here")
-    bench.add_argument("--preset", default="gpt2-small", help="optim: parameter shapes of this model")
-    bench.add_argument("--repeats", type=int, default=15)
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--data", default="data/demo", help="loader/prepare: a prepared folder")
-    bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--batches", type=int, default=400)
-    bench.add_argument("--config", default="configs/demo.toml", help="overhead/scaling: training config")
-    bench.add_argument("--steps", type=int, default=30)
-    bench.add_argument("--threads", type=int, default=2)
-    bench.add_argument("--rounds", type=int, default=0,
-                       help="overhead/scaling: paired rounds, the median is reported (default 8 and 5)")
+    add_bench_commands(bench)
     handlers["bench"] = _cmd_bench
 
     plan = verbs.add_parser("plan", help="parameters, FLOPs, memory per GPU and time of a run")
@@ -263,21 +178,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     return parser, handlers
 
 
-# Verbs that take --section.key=value overrides after their own flags.
-_CONFIG_VERBS = {"train", "bench"}
+def _is_override(arg: str) -> bool:
+    return arg.startswith("--") and "." in arg.split("=", 1)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, handlers = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _CONFIG_VERBS:
-        args, extra = parser.parse_known_args(argv)
-        unknown = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0])]
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides are --section.key=value)")
-    else:
-        args, extra = parser.parse_args(argv), []
+    # --section.key=value overrides come after a command's own flags; argparse leaves them in
+    # ``extra``. Only commands that read a training config (takes_overrides) accept them.
+    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    takes_overrides = getattr(args, "takes_overrides", False)
+    stray = [a for a in extra if not _is_override(a)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}"
+                     + (" (overrides are --section.key=value)" if takes_overrides else ""))
     try:
+        if extra and not takes_overrides:
+            command = " ".join(filter(None, ("hvdllm", args.verb, getattr(args, "benchmark", None))))
+            raise UserError(f"{extra[0]}: `{command}` reads no training config, so it takes no "
+                            "--section.key=value overrides")
         return handlers[args.verb](args, extra)
     except UserError as err:
         # One write per line: under mpirun the ranks' lines must not interleave mid-line.

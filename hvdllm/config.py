@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvdllm.choices import INIT_STRATEGIES, OPTIMIZERS, POSITIONS, SCALE_RULES, SCHEDULES
 from hvdllm.errors import UserError
 
 
@@ -84,8 +85,8 @@ class ModelConfig:
             value = getattr(self, name)
             _require(value >= 0, f"model.{name}", f"must be >= 0, got {value}")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
-        _one_of(self.position, "model.position", ("learned", "rope"))
-        _one_of(self.init, "model.init", ("gpt2", "xavier", "kaiming", "small"))
+        _one_of(self.position, "model.position", POSITIONS)
+        _one_of(self.init, "model.init", INIT_STRATEGIES)
 
 
 @dataclass
@@ -100,7 +101,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
 
     def __post_init__(self) -> None:
-        _one_of(self.name, "optim.name", ("adamw", "lamb", "adafactor"))
+        _one_of(self.name, "optim.name", OPTIMIZERS)
         _require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", f"must be > 0, got {self.lr}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                  f"must be two numbers in [0, 1), got {self.betas}")
@@ -124,8 +125,8 @@ class ScheduleConfig:
     plateau_patience: int = 2  # evaluations without improvement before a reduction
 
     def __post_init__(self) -> None:
-        _one_of(self.name, "schedule.name", ("cosine", "step", "linear", "wsd", "constant"))
-        _one_of(self.scale_rule, "schedule.scale_rule", ("none", "linear", "sqrt"))
+        _one_of(self.name, "schedule.name", SCHEDULES)
+        _one_of(self.scale_rule, "schedule.scale_rule", SCALE_RULES)
         _require(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio",
                  f"must be in [0, 1], got {self.min_lr_ratio}")
@@ -140,8 +141,12 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "sync"  # how updates are spread: sync (Horovod ring-allreduce)
-    data_parallel: int = 0  # ranks the job must be launched with; 0 = whatever it gets
+    # The layout (hvdllm/parallel/layout.py): data x pipeline + servers = the launched ranks.
+    strategy: str = "sync"  # how updates travel: sync (Horovod ring-allreduce every step)
+    data: int = 0  # data-parallel degree; 0 = the launched ranks left after pipeline and servers
+    pipeline: int = 1  # pipeline stages across ranks
+    servers: int = 0  # parameter-server ranks (for asynchronous updates)
+    devices: list[str] = field(default_factory=list)  # devices driven by each rank; [] = its own
     op: str = "average"  # average | adasum
     compression: str = "none"  # none | fp16 (gradients on the wire)
     accum_steps: int = 1  # micro-batches per optimizer step (backward_passes_per_step)
@@ -159,7 +164,9 @@ class ParallelConfig:
         _one_of(self.op, "parallel.op", ("average", "adasum"))
         _one_of(self.compression, "parallel.compression", ("none", "fp16"))
         _require(self.accum_steps >= 1, "parallel.accum_steps", f"must be >= 1, got {self.accum_steps}")
-        _require(self.data_parallel >= 0, "parallel.data_parallel", f"must be >= 0, got {self.data_parallel}")
+        _require(self.data >= 0, "parallel.data", f"must be >= 0, got {self.data}")
+        _require(self.pipeline >= 1, "parallel.pipeline", f"must be >= 1, got {self.pipeline}")
+        _require(self.servers >= 0, "parallel.servers", f"must be >= 0, got {self.servers}")
         _require(self.fusion_threshold_mb >= 0 or self.fusion_threshold_mb == -1, "parallel.fusion_threshold_mb",
                  f"must be >= 0 (or -1), got {self.fusion_threshold_mb}")
         _require(self.cycle_time_ms > 0 or self.cycle_time_ms == -1, "parallel.cycle_time_ms",
@@ -215,23 +222,6 @@ class LogConfig:
 
 
 @dataclass
-class BenchConfig:
-    sizes: str = "8B:64MB"  # message sizes, min:max
-    factor: int = 4  # size multiplier between steps of the sweep
-    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
-    warmup: int = 5
-    iters: int = 20
-    backends: list[str] = field(default_factory=list)  # empty = every backend available
-
-    def __post_init__(self) -> None:
-        _require(self.factor >= 2, "bench.factor", f"must be >= 2, got {self.factor}")
-        _require(self.warmup >= 0, "bench.warmup", f"must be >= 0, got {self.warmup}")
-        _require(self.iters >= 1, "bench.iters", f"must be >= 1, got {self.iters}")
-        for dtype in self.dtypes:
-            _one_of(dtype, "bench.dtypes", ("fp32", "fp16", "bf16"))
-
-
-@dataclass
 class StageConfig:
     """One stage of multi-stage training; 0 or empty fields keep the run's own value."""
 
@@ -248,7 +238,7 @@ class StageConfig:
         _require(self.seq_len >= 0, "stages.seq_len", f"must be >= 0, got {self.seq_len}")
         _require(self.lr >= 0, "stages.lr", f"must be >= 0, got {self.lr}")
         if self.schedule:
-            _one_of(self.schedule, "stages.schedule", ("cosine", "step", "linear", "wsd", "constant"))
+            _one_of(self.schedule, "stages.schedule", SCHEDULES)
 
 
 @dataclass
@@ -261,7 +251,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
     stages: list[StageConfig] = field(default_factory=list)
 
 
@@ -296,10 +285,23 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
     return value
 
 
+# Sections and keys of older configs: a clear pointer to what replaced them, not "unknown".
+_REPLACED = {
+    "[bench]": "the flags of `hvdllm bench NAME`, each benchmark's own (see `hvdllm bench NAME --help`)",
+    "parallel.data_parallel": "parallel.data (data-parallel degree; the layout is data x pipeline + servers)",
+}
+
+
+def _refuse_replaced(name: str, where: str = "") -> None:
+    if name in _REPLACED:
+        raise ConfigError(f"{where}{name} was replaced by {_REPLACED[name]}")
+
+
 def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        _refuse_replaced(f"{section}.{key}")
         if key not in hints:
             raise ConfigError(f"unknown key {section}.{key}{_closest(key, list(hints))}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
@@ -318,6 +320,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         if section == "stages":
             _require(isinstance(values, list), "stages", "must be an array of tables ([[stages]])")
             continue
+        _refuse_replaced(f"[{section}]")
         if section not in _SECTIONS:
             raise ConfigError(f"unknown section [{section}]{_closest(section, [*_SECTIONS, 'stages'])}")
         _require(isinstance(values, dict), f"[{section}]", "must be a table")
@@ -358,6 +361,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         section, key, value = parse_override(text)
         if section == "stages":
             raise ConfigError(f"{text!r}: stages can only be set in the config file")
+        _refuse_replaced(f"[{section}]", where=f"{text!r}: ")
         if section not in _SECTIONS:
             raise ConfigError(f"unknown section in {text!r}{_closest(section, list(_SECTIONS))}")
         hints = typing.get_type_hints(_SECTIONS[section])

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
+from hvdllm.choices import OPTIMIZERS
 from hvdllm.model import GPT, get_preset, preset_config
 from hvdllm.model.flops import flops_per_token
 
-OPTIMIZERS = ("adamw", "lamb", "adafactor")
 GIB = 1024**3
 MAX_TENSOR_PARALLEL = 8  # tensor parallelism stays inside one node's NVLink domain
 
@@ -71,8 +71,10 @@ def optimizer_state_bytes(model: GPT, optimizer: str) -> int:
         return 12 * total
     if optimizer == "lamb":  # hvdllm's Lamb also keeps an fp32 workspace for the update
         return 16 * total
-    factored = sum(p.shape[-2] + p.shape[-1] if p.dim() >= 2 else p.numel() for p in params)
-    return 4 * total + 4 * factored
+    if optimizer == "adafactor":
+        factored = sum(p.shape[-2] + p.shape[-1] if p.dim() >= 2 else p.numel() for p in params)
+        return 4 * total + 4 * factored
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
 
 
 def activation_bytes(cfg, micro_batch: int, seq_len: int, tp: int, checkpointing: bool) -> int:

@@ -23,7 +23,9 @@ need_tool() {  # need_tool CMD "what to install"
   command -v "$1" >/dev/null 2>&1 || die "no '$1' found: install $2"
 }
 
-need_tool "$PYTHON" "Python 3.9+ with venv (apt-get install python3 python3-venv)"
+need_tool "$PYTHON" "Python 3.11+ with venv (apt-get install python3 python3-venv)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+  die "$("$PYTHON" --version 2>&1) is too old: hvdllm needs Python 3.11+ (tomllib); set PYTHON=python3.11"
 need_tool gcc "a C/C++ compiler (apt-get install build-essential, or 'module load gcc')"
 need_tool g++ "a C++17 compiler (apt-get install g++, or 'module load gcc')"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -11,12 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hvdllm.bench.options import LoaderBenchOptions
 from hvdllm.data import DistributedBatches, ShardedSamples
+from hvdllm.data.shards import read_manifest
 
 
-def prepare_throughput(manifest_path: str | Path) -> dict:
-    """MB of text per second per rank and each step's share of the time, from a manifest."""
-    manifest = json.loads(Path(manifest_path).read_text())
+def prepare_throughput(folder: str | Path) -> dict:
+    """MB of text per second per rank and each step's share of the time, from the manifest
+    of a prepared folder."""
+    manifest = read_manifest(folder)  # a missing or bad one is a one-line UserError
     timing = manifest["timing"]
     total = timing["total_seconds"]
     return {"ranks": timing["ranks"], "mb": manifest["stats"]["bytes"] / 1e6, "seconds": total,
@@ -24,14 +26,14 @@ def prepare_throughput(manifest_path: str | Path) -> dict:
             "share": {step: s / total for step, s in timing["seconds"].items()}}
 
 
-def bench_loader(folder: str | Path, batch_size: int = 32, batches: int = 400, prefetch: int = 4,
-                 rounds: int = 6) -> dict:
+def bench_loader(options: LoaderBenchOptions) -> dict:
     """Tokens/s of hvdllm's loader over shuffled batches against reading the same rows in the
     same order from a flat np.memmap of the same tokens, in the same run: alternating rounds,
     the first of each discarded as warm-up, the median of the paired ratios reported."""
-    samples = ShardedSamples(folder, "train")
-    loader = DistributedBatches(samples, 0, 1, batch_size, seed=0, prefetch=prefetch)
-    batches = min(batches, loader.batches_per_epoch)
+    batch_size = options.batch_size
+    samples = ShardedSamples(options.data, "train")
+    loader = DistributedBatches(samples, 0, 1, batch_size, seed=0, prefetch=options.prefetch)
+    batches = min(options.batches, loader.batches_per_epoch)
     row = samples.seq_len + 1
     with tempfile.TemporaryDirectory() as tmp:
         # The baseline's file: every sample in global index order, in the shards' dtype.
@@ -59,15 +61,15 @@ def bench_loader(folder: str | Path, batch_size: int = 32, batches: int = 400, p
             return tokens
 
         rates: dict[str, list[float]] = {"memmap": [], "hvdllm": []}
-        for _ in range(rounds):  # alternating, after one warm-up pass of each
+        for _ in range(options.rounds):  # alternating, after one warm-up pass of each
             for name, fn in (("memmap", memmap_batches), ("hvdllm", hvdllm_batches)):
                 start = time.perf_counter()
                 tokens = fn()
                 rates[name].append(tokens / (time.perf_counter() - start))
         ratios = [h / m for h, m in zip(rates["hvdllm"][1:], rates["memmap"][1:])]
     samples.close()
-    return {"benchmark": "loader", "folder": str(folder), "batch_size": batch_size, "batches": batches,
-            "seq_len": samples.seq_len, "prefetch": prefetch,
+    return {"benchmark": "loader", "folder": options.data, "batch_size": batch_size, "batches": batches,
+            "seq_len": samples.seq_len, "prefetch": options.prefetch,
             "tokens_per_s": {name: statistics.median(values[1:]) for name, values in rates.items()},
             "rounds": {"ratio": ratios, **rates},
             "ratio_hvdllm_over_memmap": statistics.median(ratios), "target_ratio_min": 0.5}

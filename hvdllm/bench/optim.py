@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from hvdllm.bench.common import interleaved_medians
+from hvdllm.bench.options import OptimBenchOptions
 from hvdllm.model import GPT, preset_config
 from hvdllm.optim import Lamb
 
@@ -28,15 +29,14 @@ def _groups(params: list[torch.nn.Parameter]) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def bench_optimizers(preset: str = "gpt2-small", repeats: int = 15, warmup: int = 3,
-                     device: str = "cpu") -> dict:
-    dev = torch.device(device)
-    adamw_params = gpt_parameters(preset, dev)
-    lamb_params = gpt_parameters(preset, dev)
+def bench_optimizers(options: OptimBenchOptions) -> dict:
+    device = torch.device(options.device)
+    adamw_params = gpt_parameters(options.preset, device)
+    lamb_params = gpt_parameters(options.preset, device)
     adamw = torch.optim.AdamW(_groups(adamw_params), lr=1e-4, foreach=True)
     lamb = Lamb(_groups(lamb_params), lr=1e-4)
-    medians = interleaved_medians({"adamw_foreach": adamw.step, "lamb": lamb.step}, repeats, warmup)
+    medians = interleaved_medians({"adamw_foreach": adamw.step, "lamb": lamb.step}, options.repeats, options.warmup)
     n = sum(p.numel() for p in adamw_params)
-    return {"benchmark": "optimizer_step", "preset": preset, "params": n, "tensors": len(adamw_params),
-            "device": device, "repeats": repeats, "median_s": medians,
+    return {"benchmark": "optimizer_step", "preset": options.preset, "params": n, "tensors": len(adamw_params),
+            "device": options.device, "repeats": options.repeats, "median_s": medians,
             "ratio_lamb_over_adamw": medians["lamb"] / medians["adamw_foreach"], "target_ratio_max": 1.3}

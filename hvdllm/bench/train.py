@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from hvdllm.bench.options import OverheadBenchOptions, ScalingBenchOptions
 from hvdllm.comm.launch import mpi_environment, mpirun_command
 from hvdllm.config import load_config
 
@@ -57,17 +58,17 @@ def _plain_step(model, optimizer, batch: torch.Tensor, grad_clip: float) -> floa
     return time.perf_counter() - start
 
 
-def plain_loop(cfg, steps: int, ddp: bool = False) -> float:
-    """The minimal loop. Returns global tokens/s (median over steps)."""
+def plain_loop(cfg, steps: int, ddp_rank: tuple[int, int] | None = None) -> float:
+    """The minimal loop; with ``ddp_rank`` = (rank, world size), torch DDP over gloo.
+    Returns global tokens/s (median over steps)."""
     model, build_optimizer, batches = _build(cfg)
-    world, rank = 1, 0
-    if ddp:
+    rank, world = ddp_rank or (0, 1)
+    if ddp_rank:
         import torch.distributed as dist
 
-        rank, world = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
         dist.init_process_group("gloo", init_method=os.environ["HVDLLM_BENCH_INIT"], rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = build_optimizer(model.module if ddp else model, cfg.optim)
+    optimizer = build_optimizer(model.module if ddp_rank else model, cfg.optim)
     times = [_plain_step(model, optimizer, batches[(step * world + rank) % len(batches)], cfg.optim.grad_clip)
              for step in range(steps)]
     tokens = world * batches[0].shape[0] * (batches[0].shape[1] - 1)
@@ -79,14 +80,15 @@ def interleaved_ratio(config: str, overrides: list[str], steps: int, threads: in
     pair of steps sees the same machine, so the median ratio of step rates is the loop's own
     cost, free of the noise between processes (what it cannot see: threads or start-up a
     framework adds to its process; the separate-process rounds catch those)."""
-    from hvdllm.parallel import SingleProcess
+    from hvdllm.parallel import build_strategy
     from hvdllm.train.trainer import Trainer
 
-    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(config, [*overrides, f"--train.run_dir={run_dir}", f"--train.steps={steps}",
                                    "--log.tensorboard=false", "--log.progress=false"])
-        trainer = Trainer(cfg, SingleProcess(), torch.device("cpu"))
+        strategy = build_strategy(cfg, world_size=1)  # as `hvdllm train` runs in one process
+        strategy.setup(threads)  # sets torch's threads for both loops
+        trainer = Trainer(cfg, strategy, torch.device("cpu"))
         model, build_optimizer, batches = _build(cfg)
         optimizer = build_optimizer(model, cfg.optim)
         ratios = []
@@ -131,14 +133,15 @@ def _hvdllm(config: str, overrides: list[str], steps: int, threads: int, np: int
     return statistics.median(r["tokens_per_s"] for r in records[WARMUP_STEPS:])
 
 
-def bench_overhead(config: str, overrides: list[str], steps: int = 30, threads: int = 2, rounds: int = 8) -> dict:
+def bench_overhead(options: OverheadBenchOptions, overrides: list[str]) -> dict:
     """Paired rounds of baseline and hvdllm; the reported ratio is the median of the rounds'
     ratios (on a shared machine one round can be 10% off either way). The order within a
     round alternates (ABBA...), so a machine that slows down or speeds up during the run
-    favours neither side."""
+    favours neither side. ``overrides`` (--section.key=value) apply to the config of both."""
+    config, steps, threads = options.config, options.steps, options.threads
     runs = {"plain": _baseline, "hvdllm": _hvdllm}
     plain, ours = [], []
-    for index in range(rounds):
+    for index in range(options.rounds):
         measured = {name: runs[name](config, overrides, steps, threads) for name in _alternating(list(runs), index)}
         plain.append(measured["plain"])
         ours.append(measured["hvdllm"])
@@ -152,15 +155,16 @@ def bench_overhead(config: str, overrides: list[str], steps: int = 30, threads: 
             "target_ratio_min": 0.95}
 
 
-def bench_weak_scaling(config: str, overrides: list[str], steps: int = 30, rounds: int = 5) -> dict:
+def bench_weak_scaling(options: ScalingBenchOptions, overrides: list[str]) -> dict:
     """Efficiency = tokens/s on 2 ranks / (2 x tokens/s on 1 rank), per round, median. Within a
     round each framework's 1-rank and 2-rank runs are adjacent, and which framework goes
-    first alternates between rounds."""
+    first alternates between rounds. ``overrides`` (--section.key=value) apply to every run."""
+    config, steps = options.config, options.steps
     runs = {"hvdllm": _hvdllm, "ddp_gloo": _baseline}
     per_round = {name: [] for name in runs}
     one = {name: [] for name in runs}
     two = {name: [] for name in runs}
-    for index in range(rounds):
+    for index in range(options.rounds):
         for name in _alternating(list(runs), index):
             run = runs[name]
             single, pair = run(config, overrides, steps, 1, np=1), run(config, overrides, steps, 1, np=2)
@@ -179,15 +183,23 @@ def _alternating(names: list[str], round_index: int) -> list[str]:
 
 
 def main() -> None:
+    """One baseline measurement (what ``_baseline`` launches); prints tokens/s on rank 0."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mode", choices=["plain", "ddp"])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
     args, overrides = parser.parse_known_args()
     torch.set_num_threads(args.threads)
-    tokens_per_s = plain_loop(load_config(args.config, overrides), args.steps, ddp=args.mode == "ddp")
-    if int(os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == 0:
+    cfg = load_config(args.config, overrides)
+    if args.mode == "plain":
+        print(plain_loop(cfg, args.steps))
+        return
+    from mpi4py import MPI  # the DDP ranks are an MPI job (_baseline launches them with mpirun)
+
+    world = MPI.COMM_WORLD
+    tokens_per_s = plain_loop(cfg, args.steps, ddp_rank=(world.rank, world.size))
+    if world.rank == 0:
         print(tokens_per_s)
 
 

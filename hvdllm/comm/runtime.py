@@ -1,4 +1,7 @@
-"""A thin layer over ``horovod.torch``: one place that initializes Horovod and sets up the rank.
+"""A thin layer over ``horovod.torch``: the one place that initializes Horovod and holds it.
+
+Training strategies start it through :func:`init` (``hvdllm.parallel``); code that needs the
+module afterwards asks :func:`horovod` instead of importing and initializing its own.
 
 Works the same under ``mpirun``, ``horovodrun`` (MPI or ``--gloo``), SLURM ``srun`` and plain
 ``python`` (a single rank). Horovod is imported lazily so that code paths which need no
@@ -8,15 +11,17 @@ communication (``hvdllm plan``, single-rank tests) do not pay for it.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Sequence
 
 import torch
 
+from hvdllm.errors import UserError
+
 _state: dict[str, Any] = {"hvd": None}
 
 
-def _hvd():
+def horovod():
+    """The initialized ``horovod.torch`` module."""
     if _state["hvd"] is None:
         raise RuntimeError("hvdllm.comm.init() must be called before using the runtime")
     return _state["hvd"]
@@ -33,6 +38,8 @@ def init(comm: Any = None, process_sets: Sequence[Sequence[int]] | None = None,
         threads: torch intra-op threads; 0 = the node's cores divided by its local ranks.
     """
     if _state["hvd"] is not None:
+        if process_sets:  # they can only be declared at hvd.init (without dynamic process sets)
+            raise RuntimeError("Horovod is already initialized: process sets must be given to the first init()")
         return
     import horovod.torch as hvd
 
@@ -57,23 +64,23 @@ def is_initialized() -> bool:
 
 
 def rank() -> int:
-    return _hvd().rank()
+    return horovod().rank()
 
 
 def size() -> int:
-    return _hvd().size()
+    return horovod().size()
 
 
 def local_rank() -> int:
-    return _hvd().local_rank()
+    return horovod().local_rank()
 
 
 def local_size() -> int:
-    return _hvd().local_size()
+    return horovod().local_size()
 
 
 def barrier() -> None:
-    _hvd().barrier()
+    horovod().barrier()
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
@@ -91,15 +98,27 @@ def threads_per_rank(ranks_on_node: int, cores: int | None = None) -> int:
 
 
 def choose_device(preference: str = "auto", local_rank_: int | None = None) -> torch.device:
-    """``cuda:local_rank`` when CUDA is there (or asked for), else the CPU."""
-    if local_rank_ is None:
-        local_rank_ = local_rank() if _state["hvd"] is not None else 0
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
+    """The device a rank computes on: ``auto`` is ``cuda:local_rank`` when CUDA is there, else
+    the CPU; ``cuda`` is the same but requires CUDA; a name such as ``cuda:1`` or ``cpu`` is
+    taken as it is. Raises UserError, naming the device, for one that is not there."""
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise UserError(f"unknown device {preference!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UserError(f"device {preference!r}: only cpu and cuda devices are supported")
     if not torch.cuda.is_available():
-        print(f"error: train.device=cuda but torch sees no CUDA device (torch {torch.__version__})",
-              file=sys.stderr)
-        raise SystemExit(2)
-    device = torch.device("cuda", local_rank_ % torch.cuda.device_count())
+        raise UserError(f"device {preference!r}: torch sees no CUDA device (torch {torch.__version__})")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        if local_rank_ is None:
+            local_rank_ = local_rank() if _state["hvd"] is not None else 0
+        device = torch.device("cuda", local_rank_ % count)
+    elif device.index >= count:
+        raise UserError(f"device {preference!r}: this node has {count} CUDA device(s)")
     torch.cuda.set_device(device)
     return device

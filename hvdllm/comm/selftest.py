@@ -11,7 +11,7 @@ from hvdllm import comm
 
 def main() -> int:
     comm.init(threads=1)
-    import horovod.torch as hvd
+    hvd = comm.horovod()
 
     n = comm.size()
     # Rank r contributes r + 1 everywhere, so every element must sum to n (n + 1) / 2.

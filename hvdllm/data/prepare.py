@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from hvdllm.atomic import write_json_atomic, write_text_atomic
 from hvdllm.comm.mpi import phase, world
 from hvdllm.data import shards
 from hvdllm.data.clean import clean_reason, normalize
@@ -276,9 +277,9 @@ def run_prepare(opts: PrepareOptions) -> dict:
     manifest: dict = {}
     if rank == 0:
         # Written as to_str() exactly, so the file's sha256 is the one in the manifest.
-        shards.write_text_atomic(out / "tokenizer.json", tok.to_str())
+        write_text_atomic(out / "tokenizer.json", tok.to_str())
         manifest = _manifest(opts, size, vocab_size, tok_sha, dtype, with_mask, all_entries, all_stats, all_timings)
-        shards.write_json_atomic(out / shards.MANIFEST, manifest)
+        write_json_atomic(out / shards.MANIFEST, manifest)
     comm.barrier()
     return manifest
 

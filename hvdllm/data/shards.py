@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import h5py
 import numpy as np
 
+from hvdllm.atomic import atomic_path
 from hvdllm.errors import UserError
 
 FORMAT_NAME = "hvdllm-shards"
@@ -55,8 +55,7 @@ def write_shard(path: str | Path, features: Mapping[str, np.ndarray], attrs: Map
     lengths = {name: len(array) for name, array in features.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"features of {path.name} disagree on the number of samples: {lengths}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for key, value in attrs.items():
                 f.attrs[key] = value
@@ -64,28 +63,8 @@ def write_shard(path: str | Path, features: Mapping[str, np.ndarray], attrs: Map
                 row_bytes = array[0].nbytes if len(array) else array.dtype.itemsize
                 chunk = (min(len(array), rows_per_chunk(row_bytes)) or 1,) + array.shape[1:]
                 f.create_dataset(name, data=array, chunks=chunk if len(array) else None)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         digest = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return digest
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename: readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hvdllm.choices import INIT_STRATEGIES, POSITIONS
+
 
 @dataclass
 class GPTConfig:
@@ -30,6 +32,10 @@ class GPTConfig:
     checkpoint_every: int = 0  # activation checkpointing of every k-th block; 0 = off
 
     def __post_init__(self) -> None:
+        for name, choices in (("position", POSITIONS), ("init", INIT_STRATEGIES)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"model.{name} must be one of {', '.join(choices)}; got {value!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"model.d_model {self.d_model} is not divisible by model.n_head {self.n_head}")
         if self.position == "rope" and (self.d_model // self.n_head) % 2:
@@ -181,11 +187,35 @@ class GPT(nn.Module):
         return idx
 
 
+def _weighted_token_losses(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross entropy in fp32 (B*T,) and the mask's weights (B*T,), ones when None."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    weights = torch.ones_like(losses) if loss_mask is None else loss_mask.flatten().to(losses.dtype)
+    return losses, weights
+
+
+def masked_loss_sums(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Evaluation's sums over the tokens the mask keeps (all when None): sums rather than a
+    mean so that they add up over batches and ranks before dividing.
+
+    Args:
+        logits: (B, T, V); cross entropy is taken in fp32 whatever their dtype.
+        targets: (B, T) next-token ids.
+        loss_mask: (B, T), 1 where a token counts.
+
+    Returns:
+        (loss_sum, tokens, correct), 0-dim fp32 tensors: the summed cross entropy, the number
+        of tokens kept, and how many of them the argmax predicts.
+    """
+    losses, weights = _weighted_token_losses(logits, targets, loss_mask)
+    correct = (logits.detach().argmax(-1).flatten() == targets.flatten()).to(losses.dtype)
+    return (losses * weights).sum(), weights.sum(), (correct * weights).sum()
+
+
 def language_model_loss(logits: torch.Tensor, targets: torch.Tensor,
                         loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross entropy, over the tokens the mask keeps (all when None)."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    if loss_mask is None:
-        return losses.mean()
-    mask = loss_mask.flatten().to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    losses, weights = _weighted_token_losses(logits, targets, loss_mask)
+    return (losses * weights).sum() / weights.sum().clamp(min=1.0)

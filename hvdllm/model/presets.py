@@ -10,7 +10,7 @@ equals d_model and the parameter count matches the nominal size:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 
 from hvdllm.model.gpt import GPTConfig
 
@@ -44,6 +44,10 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# The GPTConfig fields a preset provides (the model's shape and vocabulary).
+_FROM_PRESET = tuple(f.name for f in fields(Preset) if f.name in {g.name for g in fields(GPTConfig)})
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         import difflib
@@ -55,22 +59,21 @@ def get_preset(name: str) -> Preset:
 
 
 def gpt_config_from(model_cfg, vocab_size: int | None = None) -> GPTConfig:
-    """Resolve a ``hvdllm.config.ModelConfig``: preset, then its non-zero fields, then the data's vocab.
+    """A GPTConfig from a ``hvdllm.config.ModelConfig``: its fields, the preset's shape where 0.
 
-    ``vocab_size`` (from the data) is used when ``model.vocab_size`` is 0.
+    Every GPTConfig field is copied by name (ModelConfig declares them all, see
+    tests/unit/test_model.py), so a new model option needs no edit here. ``vocab_size`` (from
+    the data) is used when ``model.vocab_size`` is 0, before the preset's.
     """
     preset = get_preset(model_cfg.preset)
-    shape = {k: getattr(model_cfg, k) or getattr(preset, k)
-             for k in ("n_layer", "n_head", "d_model", "block_size")}
-    vocab = model_cfg.vocab_size or vocab_size or preset.vocab_size
-    return GPTConfig(vocab_size=vocab, dropout=model_cfg.dropout, bias=model_cfg.bias,
-                     tie_weights=model_cfg.tie_weights, position=model_cfg.position,
-                     init=model_cfg.init, checkpoint_every=model_cfg.checkpoint_every, **shape)
+    values = {f.name: getattr(model_cfg, f.name) for f in fields(GPTConfig)}
+    values["vocab_size"] = values["vocab_size"] or vocab_size or 0
+    for name in _FROM_PRESET:
+        values[name] = values[name] or getattr(preset, name)
+    return GPTConfig(**values)
 
 
 def preset_config(name: str, **overrides) -> GPTConfig:
     """A GPTConfig straight from a preset, e.g. ``preset_config("gpt3-175b")``."""
-    p = get_preset(name)
-    base = GPTConfig(vocab_size=p.vocab_size, block_size=p.block_size, n_layer=p.n_layer,
-                     n_head=p.n_head, d_model=p.d_model)
-    return replace(base, **overrides)
+    preset = get_preset(name)
+    return GPTConfig(**{**{k: getattr(preset, k) for k in _FROM_PRESET}, **overrides})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hvdllm.choices import OPTIMIZERS
 from hvdllm.optim.lamb import Lamb
 
 
@@ -47,4 +48,4 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float | None = None) -> tor
     if optim_cfg.name == "adafactor":
         # Factored second moments: O(n + m) state for an n x m matrix (Shazeer & Stern 2018).
         return torch.optim.Adafactor(groups, lr=lr, beta2_decay=-0.8, foreach=True)
-    raise ValueError(f"optim.name: unknown optimizer {optim_cfg.name!r}")
+    raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}; got {optim_cfg.name!r}")

@@ -16,6 +16,9 @@ from bisect import bisect_right
 
 import torch
 
+from hvdllm.choices import SCALE_RULES, SCHEDULES
+from hvdllm.optim.plateau import BestTracker
+
 
 def scaled_lr(base_lr: float, ranks: int, rule: str) -> float:
     """Scale a single-rank lr to ``ranks`` data-parallel ranks: none, linear (Goyal et al.
@@ -24,6 +27,8 @@ def scaled_lr(base_lr: float, ranks: int, rule: str) -> float:
         return base_lr * ranks
     if rule == "sqrt":
         return base_lr * math.sqrt(ranks)
+    if rule != "none":
+        raise ValueError(f"schedule.scale_rule must be one of {', '.join(SCALE_RULES)}; got {rule!r}")
     return base_lr
 
 
@@ -52,7 +57,9 @@ def lr_factor(step: int, total_steps: int, cfg) -> float:
         if step < decay_start:
             return 1.0
         return floor + (1 - floor) * (1 - min(1.0, (step - decay_start) / decay_steps))
-    return 1.0  # constant
+    if cfg.name != "constant":
+        raise ValueError(f"schedule.name must be one of {', '.join(SCHEDULES)}; got {cfg.name!r}")
+    return 1.0
 
 
 class LRSchedule:
@@ -64,8 +71,7 @@ class LRSchedule:
         self.total_steps = total_steps
         self.cfg = cfg
         self.plateau_scale = 1.0
-        self.best_val = math.inf
-        self.bad_evals = 0
+        self.val_loss = BestTracker()
 
     def lr_at(self, step: int) -> float:
         return self.base_lr * lr_factor(step, self.total_steps, self.cfg) * self.plateau_scale
@@ -79,21 +85,18 @@ class LRSchedule:
 
     def observe_val_loss(self, val_loss: float) -> bool:
         """Feed one evaluation; returns True when it reduced the lr."""
-        if val_loss < self.best_val:
-            self.best_val, self.bad_evals = val_loss, 0
+        if self.val_loss.observe(val_loss):
             return False
-        self.bad_evals += 1
-        if self.cfg.plateau and self.bad_evals >= self.cfg.plateau_patience:
+        if self.cfg.plateau and self.val_loss.since_best >= self.cfg.plateau_patience:
             self.plateau_scale *= self.cfg.plateau_factor
-            self.bad_evals = 0
+            self.val_loss.since_best = 0  # wait another patience before the next reduction
             return True
         return False
 
     def state_dict(self) -> dict:
         return {"base_lr": self.base_lr, "total_steps": self.total_steps,
-                "plateau_scale": self.plateau_scale, "best_val": self.best_val, "bad_evals": self.bad_evals}
+                "plateau_scale": self.plateau_scale, "val_loss": self.val_loss.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau_scale = float(state["plateau_scale"])
-        self.best_val = float(state["best_val"])
-        self.bad_evals = int(state["bad_evals"])
+        self.val_loss.load_state_dict(state["val_loss"])

@@ -1,20 +1,41 @@
-"""How gradients and layers are spread over ranks. Today: synchronous data parallel."""
+"""How work and updates are spread over ranks: the layout, and the strategy that runs it."""
 
-from hvdllm.parallel.base import UpdateStrategy
+from hvdllm.errors import UserError
+from hvdllm.parallel.base import ParallelStrategy
+from hvdllm.parallel.layout import Layout, RankCoords, build_layout, rank_coordinates
+from hvdllm.parallel.precision import Precision
 from hvdllm.parallel.single import SingleProcess
 from hvdllm.parallel.sync import HorovodSync, apply_horovod_environment, horovod_environment
 
 
-def build_strategy(parallel_cfg, launched_ranks: int) -> UpdateStrategy:
-    """The strategy for ``parallel.strategy``; a job launched as one process needs no
-    communication runtime, so it runs without Horovod (:class:`SingleProcess`). Horovod must
-    already be initialized when ``launched_ranks > 1``."""
-    if parallel_cfg.strategy != "sync":
-        raise ValueError(f"parallel.strategy: unknown strategy {parallel_cfg.strategy!r}")
-    if launched_ranks == 1:
-        return SingleProcess()
-    return HorovodSync(parallel_cfg)
+def build_strategy(cfg, world_size: int) -> ParallelStrategy:
+    """The strategy for ``cfg.parallel`` on ``world_size`` launched ranks, checked before any
+    communication starts (each rank runs this on the same input and fails the same way).
+
+    A job of one process needs no communication runtime, so it runs without Horovod
+    (:class:`SingleProcess`). Call ``setup()`` on the result to start communication.
+    """
+    parallel = cfg.parallel
+    layout = build_layout(parallel, world_size)
+    if layout.pipeline > 1:
+        raise UserError("parallel.pipeline > 1 (pipeline stages across ranks) is not available yet: "
+                        "use parallel.pipeline=1")
+    if len(layout.devices) > 1:
+        raise UserError("parallel.devices with more than one device (layer placement) is not available yet")
+    if layout.servers:
+        raise UserError(f"parallel.servers={layout.servers} needs an asynchronous parallel.strategy, "
+                        f"not {parallel.strategy!r}")
+    if parallel.op == "adasum":
+        from hvdllm.parallel.adasum import HorovodAdasum, check_adasum_layout
+
+        check_adasum_layout(layout, cfg.train.precision)
+        if world_size > 1:
+            return HorovodAdasum(parallel, layout)
+    if world_size == 1:
+        return SingleProcess(parallel, layout)
+    return HorovodSync(parallel, layout)
 
 
-__all__ = ["HorovodSync", "SingleProcess", "UpdateStrategy", "apply_horovod_environment", "build_strategy",
-           "horovod_environment"]
+__all__ = ["HorovodSync", "Layout", "ParallelStrategy", "Precision", "RankCoords", "SingleProcess",
+           "apply_horovod_environment", "build_layout", "build_strategy", "horovod_environment",
+           "rank_coordinates"]

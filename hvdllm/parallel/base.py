@@ -1,29 +1,69 @@
-"""The seam between the training loop and how updates travel between ranks.
+"""The seam between the training loop and how work and updates travel between ranks.
 
-A strategy owns: which data slice this rank reads, how the optimizer is wrapped, how state
-is made equal across ranks at start and after resume, and how one optimizer step turns
-local gradients into an update. The Trainer calls only this interface, so a ring allreduce
-(``HorovodSync``), an asynchronous parameter server or a pipeline stage can stand behind it.
+A strategy owns everything parallel about a run: starting the communication runtime with
+the process sets its layout needs (:meth:`setup`), cutting and placing the model
+(:meth:`parallelize`), wrapping the optimizer, running forward and backward over the
+micro-batches of a step (:meth:`forward_backward`), exchanging gradients together with the
+step statistics (:meth:`finish_gradients`), clipping by the global norm over every rank that
+holds parameters (:meth:`clip_grad_norm_`), the skip/step decision (:meth:`update`), and
+what each rank contributes to a checkpoint (:meth:`state_dict`). The Trainer calls only
+this interface and never imports Horovod or mpi4py, so a ring allreduce, a pipeline stage
+or a parameter server can stand behind it.
+
+Every rank must issue the same collectives in the same order: each method that
+communicates says so, and the Trainer calls them identically on every rank.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from dataclasses import asdict
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from hvdllm.parallel.layout import Layout, RankCoords
+from hvdllm.parallel.precision import Precision
 
-class UpdateStrategy(ABC):
-    @property
+
+class ParallelStrategy(ABC):
+    def __init__(self, parallel_cfg, layout: Layout) -> None:
+        self.cfg = parallel_cfg
+        self.layout = layout
+        self.coords: RankCoords | None = None  # known once setup() has started the runtime
+        self.device = torch.device("cpu")
+
+    # --- set-up -----------------------------------------------------------------------------
     @abstractmethod
+    def setup(self, threads: int) -> None:
+        """Start the communication runtime this layout needs, learn this rank's coordinates,
+        and give torch ``threads`` threads (0 = the node's cores over its ranks)."""
+
+    @property
     def data_rank(self) -> tuple[int, int]:
-        """(rank, size) of this process in the data-parallel group: the loader's slice."""
+        """(rank, size) of this process in its data-parallel group: the loader's slice."""
+        return self.coords.data_rank, self.layout.data
 
     @property
-    @abstractmethod
     def world_size(self) -> int:
-        """Processes taking part in training."""
+        return self.layout.world_size
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The one rank that prints, logs metrics and writes the run's files."""
+        return self.coords.is_logging_rank
+
+    @property
+    def writes_checkpoint(self) -> bool:
+        """Whether this rank holds state no other rank writes (data rank 0 of each stage)."""
+        return self.coords.data_rank == 0
+
+    def parallelize(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """Cut, place and wrap the model; returns the part this rank trains."""
+        self.device = device
+        return model.to(device)
 
     @abstractmethod
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
@@ -31,25 +71,82 @@ class UpdateStrategy(ABC):
 
     @abstractmethod
     def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Make every rank's parameters and optimizer state equal to rank 0's."""
+        """Collective: make the replicas' parameters and optimizer state equal."""
+
+    # --- one optimizer step -------------------------------------------------------------------
+    def forward_backward(self, model: nn.Module, micro_batches: Sequence, precision: Precision) -> tuple[float, bool]:
+        """Forward and backward of every micro-batch of one step, gradients accumulating.
+
+        Returns the sum of the micro-batches' finite losses and whether all were finite.
+        Each loss is divided by the number of micro-batches before backward, so the
+        accumulated gradient is that of the mean over all their samples.
+        """
+        loss_sum, finite = 0.0, True
+        for batch in micro_batches:
+            inputs = batch.inputs.to(self.device, non_blocking=True)
+            targets = batch.targets.to(self.device, non_blocking=True)
+            mask = batch.loss_mask.to(self.device, non_blocking=True) if batch.loss_mask is not None else None
+            with precision.autocast():
+                _, loss = model(inputs, targets, mask)
+            precision.backward(loss / len(micro_batches))
+            value = loss.item()
+            finite = finite and math.isfinite(value)
+            loss_sum += value if math.isfinite(value) else 0.0
+        return loss_sum, finite
 
     @abstractmethod
     def finish_gradients(self, optimizer: torch.optim.Optimizer, step_stats: torch.Tensor) -> torch.Tensor:
-        """Complete the gradient exchange of this step (after the last backward) and return
-        ``step_stats`` (loss, flags) summed over all ranks. The two travel in the same round,
-        so a step waits for the network once, not twice."""
+        """Collective: complete the gradient exchange of this step (after the last backward)
+        and return ``step_stats`` (loss, flags) summed over all ranks. The two travel in the
+        same round, so a step waits for the network once, not twice."""
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+        """Clip this rank's gradients to the global norm ``max_norm``; returns the norm before.
+        The exchanged gradients are the global ones, so the local norm is the global one."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
 
     @abstractmethod
     def apply_update(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-        """Step the optimizer on the finished gradients."""
+        """Step the optimizer on the finished (unscaled, clipped) gradients."""
 
+    def update(self, optimizer: torch.optim.Optimizer, model: nn.Module, precision: Precision,
+               max_norm: float, nonfinite: bool) -> tuple[float, bool]:
+        """The skip/step decision once gradients are exchanged: skip when any rank saw a
+        non-finite loss (``nonfinite``, agreed through the step statistics) or the global
+        gradient norm is not finite; else unscale, clip and step. The fp16 loss scaler skips
+        (and lowers its scale) by itself. Returns (gradient norm before clipping, skipped)."""
+        if nonfinite:
+            return math.nan, True
+        scaler = precision.scaler
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # after the exchange: every rank unscales the same sums
+        grad_norm = self.clip_grad_norm_(model, max_norm or math.inf)
+        if scaler is not None:
+            self.apply_update(optimizer, scaler)
+            scaler.update()
+            return grad_norm, False
+        if not math.isfinite(grad_norm):
+            return grad_norm, True
+        self.apply_update(optimizer, None)
+        return grad_norm, False
+
+    # --- metrics and checkpoints -----------------------------------------------------------------
     @abstractmethod
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        """Sum a small tensor of metrics over all ranks (same name, same order everywhere)."""
+        """Collective: sum a small tensor of metrics over all ranks."""
 
     @abstractmethod
     def allgather_object(self, obj, name: str) -> list:
-        """One Python object from every rank, in rank order."""
+        """Collective: one Python object from every rank, in rank order."""
+
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's shard of the training state: its part of the model, its optimizer
+        state, and the layout it was cut for."""
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "layout": asdict(self.layout)}
+
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
 
 
 def step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:

@@ -1,4 +1,4 @@
-"""One process, nothing to exchange: the update strategy of a run launched as a single rank.
+"""One process, nothing to exchange: the strategy of a run launched as a single rank.
 
 Starting Horovod for a world of one costs throughput and buys nothing: its background thread
 wakes every cycle (1 ms by default) to negotiate with no one, and each wake-up preempts a
@@ -13,17 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hvdllm.parallel.base import UpdateStrategy, step_optimizer
+from hvdllm import comm
+from hvdllm.parallel.base import ParallelStrategy, step_optimizer
+from hvdllm.parallel.layout import rank_coordinates
 
 
-class SingleProcess(UpdateStrategy):
-    @property
-    def data_rank(self) -> tuple[int, int]:
-        return 0, 1
-
-    @property
-    def world_size(self) -> int:
-        return 1
+class SingleProcess(ParallelStrategy):
+    def setup(self, threads: int) -> None:
+        comm.set_threads(threads, ranks_on_node=1)
+        self.coords = rank_coordinates(self.layout, 0)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
         return optimizer

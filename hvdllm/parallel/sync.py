@@ -7,9 +7,8 @@
   (``synchronize()``; the step's loss and flags are reduced in the same cycle), clips (and
   unscales fp16 gradients), then :meth:`apply_update` steps under ``skip_synchronize()`` so
   the allreduce is not issued twice.
-- With ``op = "adasum"`` Horovod reduces parameter updates, not gradients, inside ``step()``
-  (Maleki et al. 2020); it has no ``skip_synchronize``, and clipping acts on each rank's
-  own gradients.
+- ``op = "adasum"`` is another strategy (:mod:`hvdllm.parallel.adasum`): it combines
+  updates, not gradients.
 """
 
 from __future__ import annotations
@@ -19,7 +18,9 @@ import os
 import torch
 from torch import nn
 
-from hvdllm.parallel.base import UpdateStrategy, step_optimizer
+from hvdllm import comm
+from hvdllm.parallel.base import ParallelStrategy, step_optimizer
+from hvdllm.parallel.layout import rank_coordinates
 
 
 def horovod_environment(parallel_cfg) -> dict[str, str]:
@@ -45,27 +46,23 @@ def apply_horovod_environment(parallel_cfg) -> None:
     os.environ.update(horovod_environment(parallel_cfg))
 
 
-class HorovodSync(UpdateStrategy):
-    def __init__(self, parallel_cfg) -> None:
-        import horovod.torch as hvd
+class HorovodSync(ParallelStrategy):
+    """Replicas of the model on every rank; gradients averaged by a ring allreduce."""
 
-        self.hvd = hvd
-        self.cfg = parallel_cfg
-
-    @property
-    def data_rank(self) -> tuple[int, int]:
-        return self.hvd.rank(), self.hvd.size()
-
-    @property
-    def world_size(self) -> int:
-        return self.hvd.size()
+    def setup(self, threads: int) -> None:
+        apply_horovod_environment(self.cfg)  # hvd.init() reads these once
+        # One process set per pipeline stage for its data-parallel allreduce; with a single
+        # stage that group is the whole world, Horovod's global set.
+        stage_sets = self.layout.data_groups() if self.layout.pipeline > 1 else None
+        comm.init(process_sets=stage_sets, threads=threads)
+        self.hvd = comm.horovod()
+        self.coords = rank_coordinates(self.layout, self.hvd.rank())
 
     def wrap_optimizer(self, optimizer, model: nn.Module):
         hvd = self.hvd
         compression = hvd.Compression.fp16 if self.cfg.compression == "fp16" else hvd.Compression.none
-        op = hvd.Adasum if self.cfg.op == "adasum" else hvd.Average
         return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                        compression=compression, op=op,
+                                        compression=compression, op=hvd.Average,
                                         backward_passes_per_step=self.cfg.accum_steps)
 
     def broadcast_state(self, model: nn.Module, optimizer) -> None:
@@ -80,17 +77,11 @@ class HorovodSync(UpdateStrategy):
         # Enqueued first, so Horovod negotiates the statistics in the same cycle as the last
         # gradients instead of one cycle (HOROVOD_CYCLE_TIME) later.
         stats = self.hvd.allreduce_async(step_stats, op=self.hvd.Sum, name="step_stats")
-        # Adasum combines each rank's parameter *update* inside step(), so there is nothing to
-        # finish before it: clipping and the logged norm are then per rank, by design.
-        if self.cfg.op != "adasum":
-            optimizer.synchronize()
+        optimizer.synchronize()
         return self.hvd.synchronize(stats)
 
     def apply_update(self, optimizer, scaler) -> None:
-        if self.cfg.op == "adasum":
-            step_optimizer(optimizer, scaler)
-            return
-        with optimizer.skip_synchronize():
+        with optimizer.skip_synchronize():  # the allreduce was finished in finish_gradients
             step_optimizer(optimizer, scaler)
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:

@@ -6,8 +6,7 @@ import torch
 from tokenizers import Tokenizer
 
 from hvdllm.model import GPT
-from hvdllm.train.checkpoint import load_checkpoint
-from hvdllm.train.trainer import model_config_from_checkpoint
+from hvdllm.train.checkpoint import load_checkpoint, model_config_from_checkpoint
 
 
 def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,

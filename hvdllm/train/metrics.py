@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from hvdllm.atomic import write_text_atomic
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this rank: allocated CUDA memory on a GPU, else the process's max RSS."""
@@ -31,6 +33,23 @@ def guess_peak_flops(device: torch.device, threads: int) -> float:
                 return flops
         return 0.0
     return threads * 3e9 * 32
+
+
+def start_run_log(run_dir: Path, config_toml: str, log_cfg, total_steps: int, step: int,
+                  resumed: bool) -> "MetricsLogger":
+    """Create the run folder with its resolved config.toml and open the metrics log: a
+    resumed run keeps the lines up to its checkpoint's ``step`` (later ones are replayed), a
+    fresh run starts an empty one."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.toml", config_toml)
+    metrics = run_dir / "metrics.jsonl"
+    if resumed and metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        write_text_atomic(metrics, "".join(line + "\n" for line in kept))
+    elif not resumed:
+        metrics.unlink(missing_ok=True)
+    return MetricsLogger(run_dir, total_steps, log_cfg.tensorboard, log_cfg.progress, start_step=step)
 
 
 class MetricsLogger:

@@ -7,6 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
+from hvdllm.atomic import atomic_path
 from hvdllm.errors import UserError
 
 
@@ -45,12 +46,12 @@ def plot_run(records: list[dict], path: str | Path) -> Path:
     ax_speed.set(xlabel="step", ylabel="tokens/s (all ranks)", title="throughput")
     ax_speed.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")  # the temporary name has no .png to go by
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def summarize(records: list[dict]) -> str:

@@ -1,5 +1,5 @@
-"""``hvdllm train``: set up the process (Horovod when there are ranks to talk to) and the
-device, then hand over to the Trainer."""
+"""``hvdllm train``: check the layout, let the strategy start communication (Horovod when
+there are ranks to talk to), pick the device, then hand over to the Trainer."""
 
 from __future__ import annotations
 
@@ -9,22 +9,18 @@ import sys
 from hvdllm import comm
 from hvdllm.comm.launch import launched_world_size
 from hvdllm.config import Config
-from hvdllm.parallel import apply_horovod_environment, build_strategy
+from hvdllm.parallel import build_strategy
 from hvdllm.train.trainer import Trainer
 
 
 def run_training(cfg: Config) -> int:
     ranks = launched_world_size()
-    if ranks > 1:
-        apply_horovod_environment(cfg.parallel)  # hvd.init() reads these once
-        comm.init(threads=cfg.train.threads)
-    else:
-        comm.set_threads(cfg.train.threads, ranks_on_node=1)
-        if cfg.parallel.timeline:
-            print("note: one process, so Horovod is not started and parallel.timeline is not written",
-                  file=sys.stderr, flush=True)
-    strategy = build_strategy(cfg.parallel, ranks)
-    device = comm.choose_device(cfg.train.device)
+    strategy = build_strategy(cfg, ranks)  # a bad layout fails here, on every rank, before any init
+    if ranks == 1 and cfg.parallel.timeline:
+        print("note: one process, so Horovod is not started and parallel.timeline is not written",
+              file=sys.stderr, flush=True)
+    strategy.setup(cfg.train.threads)
+    device = comm.choose_device(strategy.layout.devices[0] if strategy.layout.devices else cfg.train.device)
     trainer = Trainer(cfg, strategy, device)
     # SLURM preemption sends SIGTERM: finish the step, checkpoint, exit 0.
     signal.signal(signal.SIGTERM, trainer.request_stop)

@@ -31,7 +31,9 @@ def test_comm_bench_measures_every_backend(tmp_path):
 def test_comm_bench_bad_arguments():
     for args, message in ((["--sizes", "8B-1MB"], "malformed --sizes"),
                           (["--backends", "mpi4py,nccl2"], "unknown backend 'nccl2'"),
-                          (["--dtypes", "fp8"], "unknown dtype 'fp8'")):
+                          (["--dtypes", "fp8"], "unknown dtype 'fp8'"),
+                          (["--ops", "allreduce,scan"], "unknown op 'scan'"),
+                          (["--tune-preset", "gpt-huge"], "unknown model preset 'gpt-huge'")):
         result = hvdllm_mpi(2, "bench", "comm", *args, timeout=120)
         assert result.returncode != 0
         lines = error_lines(result)

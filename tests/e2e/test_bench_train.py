@@ -13,6 +13,7 @@ def test_overhead_and_scaling_benchmarks_report_ratios(tmp_path):
     overhead = hvdllm("bench", "overhead", *common, "--threads", "1", "--json", str(tmp_path / "o.json"), timeout=600)
     assert overhead.returncode == 0, overhead.stderr[-3000:]
     result = json.loads((tmp_path / "o.json").read_text())
+    assert result["overrides"] == [f"--data.path={data}"]  # the runs read the tiny dataset, not data/demo
     assert all(result["tokens_per_s"][k] > 0 for k in ("plain_pytorch", "hvdllm"))
     assert result["ratio_hvdllm_over_plain"] == result["rounds"]["ratio"][0] > 0
     assert 0.2 < result["interleaved_ratio"] < 5  # the same steps in one process: near 1 unless broken

@@ -130,11 +130,13 @@ def test_killed_rank_ends_the_job(data, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--data.global_batch_size=7"], "data.global_batch_size 7 is not divisible by 2 ranks"),
+    (["--data.global_batch_size=7"], "data.global_batch_size 7 is not divisible by 2 data-parallel ranks"),
     (["--model.block_size=16"], "data.seq_len 32 is above the model's context (model.block_size 16)"),
     (["--model.vocab_size=100"], "larger than model.vocab_size 100"),
     (["--data.path=/nonexistent/data"], "data folder /nonexistent/data does not exist"),
-    (["--parallel.data_parallel=4"], "world size 2 does not fit parallel.data_parallel=4"),
+    (["--parallel.data=4"], "parallel.data=4 x parallel.pipeline=1 + parallel.servers=0 = 4 ranks, but the job "
+                               "was launched with 2"),
+    (["--parallel.data_parallel=2"], "parallel.data_parallel was replaced by parallel.data"),
     (["--checkpoint.resume=CORRUPT"], "corrupt or truncated checkpoint"),
 ])
 def test_bad_settings_fail_every_rank_before_any_collective(data, tmp_path, overrides, message):

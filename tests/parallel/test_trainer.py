@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers.corpus import NANO, make_corpus, read_metrics
 
-from hvdllm.config import ParallelConfig, load_config
+from hvdllm.config import load_config
 from hvdllm.data.prepare import PrepareOptions, run_prepare
-from hvdllm.parallel import HorovodSync
+from hvdllm.parallel import Precision, build_strategy
 from hvdllm.train.trainer import Trainer
 
 
@@ -32,9 +32,15 @@ def data(shared_dir, horovod):
     return shared_dir / "data"
 
 
+def trainer_for(cfg):
+    strategy = build_strategy(cfg, world_size=2)
+    strategy.setup(threads=1)
+    return Trainer(cfg, strategy, torch.device("cpu"))
+
+
 def make_trainer(data, run_dir, *overrides):
-    cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={run_dir}", "--data.prefetch=2", *overrides])
-    return Trainer(cfg, HorovodSync(cfg.parallel), torch.device("cpu"))
+    return trainer_for(load_config(NANO, [f"--data.path={data}", f"--train.run_dir={run_dir}", "--data.prefetch=2",
+                                          *overrides]))
 
 
 def inject_nan(trainer, on_rank, steps):
@@ -91,11 +97,12 @@ def test_too_many_bad_steps_stop_and_keep_last_good_checkpoint(data, shared_dir,
         assert "non-finite steps in a row" in capsys.readouterr().out
 
 
-def test_early_stopping_on_val_loss(data, shared_dir, horovod):
+def test_early_stopping_on_val_loss(data, shared_dir, horovod, monkeypatch):
     trainer = make_trainer(data, shared_dir / "early", "--train.steps=50", "--train.eval_every=2",
                            "--train.early_stop_patience=2")
     vals = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
-    trainer.evaluate = lambda: {"val_loss": next(vals), "val_ppl": 0.0, "val_acc": 0.0}
+    monkeypatch.setattr("hvdllm.train.trainer.evaluate",
+                        lambda *args: {"val_loss": next(vals), "val_ppl": 0.0, "val_acc": 0.0})
     assert trainer.train() == 0
     assert trainer.step == 8  # evals at 2, 4 (best), 6, 8: two without improvement
     if horovod.rank() == 0:
@@ -115,7 +122,7 @@ def test_multi_stage_and_resume_across_stages(data, shared_dir, horovod):
 
         cfg = load(stages_file, [f"--data.path={data}", f"--train.run_dir={run}", "--data.prefetch=0",
                                  "--checkpoint.every=3", *extra])
-        return Trainer(cfg, HorovodSync(cfg.parallel), torch.device("cpu"))
+        return trainer_for(cfg)
 
     trainer = build(shared_dir / "stages")
     shapes = []
@@ -192,24 +199,23 @@ def test_lr_scales_with_ranks(data, shared_dir, horovod):
 
 
 def _scaled_step(horovod, scale: float, poison: bool = False):
-    """One step of the fp16 pattern with a CPU GradScaler: scale, backward, synchronize,
-    unscale, then step under skip_synchronize. ``poison`` makes rank 1's loss infinite."""
-    strategy = HorovodSync(ParallelConfig())
+    """One step of the fp16 pattern with a CPU GradScaler through the strategy: scale,
+    backward, exchange, then unscale, clip and step. ``poison`` makes rank 1's loss infinite."""
+    strategy = build_strategy(load_config(NANO), world_size=2)
+    strategy.setup(threads=1)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     optimizer = strategy.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
-    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    precision = Precision("fp32", torch.device("cpu"))
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
     loss = model(torch.full((2, 4), float(horovod.rank() + 1))).square().mean()
     if poison and horovod.rank() == 1:
         loss = loss * math.inf
-    (scaler.scale(loss) if scaler else loss).backward()
+    precision.backward(loss)
     strategy.finish_gradients(optimizer, torch.zeros(1))
-    if scaler:
-        scaler.unscale_(optimizer)  # after the allreduce: both ranks unscale the same sums
-    strategy.apply_update(optimizer, scaler)
-    if scaler:
-        scaler.update()
-    return model, scaler
+    # The inf reaches both ranks through the allreduce, so no loss flag is needed here.
+    strategy.update(optimizer, model, precision, max_norm=0.0, nonfinite=False)
+    return model, precision.scaler
 
 
 def test_loss_scaling_unscales_after_the_allreduce(horovod):

@@ -1,13 +1,5 @@
-import pytest
-
-from hvdllm.comm import contiguous_groups, threads_per_rank
+from hvdllm.comm import threads_per_rank
 from hvdllm.comm.launch import launched_world_size
-
-
-def test_contiguous_groups():
-    assert contiguous_groups(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    with pytest.raises(ValueError, match="not divisible"):
-        contiguous_groups(6, 4)
 
 
 def test_threads_per_rank():

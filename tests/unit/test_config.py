@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 from helpers.corpus import hvdllm
 
@@ -24,6 +27,15 @@ def test_unknown_key_names_closest():
         load_config(None, ["--model.n_layr=4"])
 
 
+def test_the_old_bench_section_names_what_replaced_it(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text("[bench]\nsizes = '8B:1MB'\n")
+    for source, overrides in ((path, []), (None, ["--bench.iters=3"])):
+        with pytest.raises(ConfigError, match=r"\[bench\] was replaced by the flags of `hvdllm bench NAME`") as err:
+            load_config(source, overrides)
+        assert "\n" not in str(err.value)
+
+
 def test_wrong_type_names_field():
     with pytest.raises(ConfigError, match=r"optim\.lr must be a number, got 'abc'"):
         load_config(None, ["--optim.lr=abc"])
@@ -41,6 +53,13 @@ def test_out_of_range_names_field():
         load_config(None, ["--data.batch_size=0"])
     with pytest.raises(ConfigError, match=r"optim\.name must be one of"):
         load_config(None, ["--optim.name=sgd"])
+
+
+def test_config_loads_without_torch():
+    # Config errors and --print-config answer without paying for torch's import.
+    code = "import sys, hvdllm.config; assert 'torch' not in sys.modules, 'hvdllm.config imported torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_string_field_keeps_numeric_looking_value():

@@ -3,6 +3,7 @@ import io
 import pytest
 import torch
 
+from hvdllm.choices import OPTIMIZERS, SCALE_RULES, SCHEDULES
 from hvdllm.config import OptimConfig, ScheduleConfig
 from hvdllm.model import GPT, GPTConfig
 from hvdllm.optim import Lamb, LRSchedule, build_optimizer, lr_factor, param_groups, scaled_lr
@@ -93,7 +94,7 @@ def test_param_groups_exclude_biases_norms_embeddings():
     assert any(p is model.wte.weight for p in decay_e["params"])
 
 
-@pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_build_optimizer_steps(name):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=8))
@@ -125,10 +126,28 @@ def test_schedule_values():
     assert lr_factor(50, 110, sched(name="constant")) == 1.0
 
 
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_is_implemented(name):
+    factors = [lr_factor(s, 110, sched(name=name, milestones=[50])) for s in range(110)]
+    assert factors[9] == 1.0 and all(0 < f <= 1 for f in factors)
+
+
 def test_scale_rules():
-    assert scaled_lr(1e-3, 4, "none") == 1e-3
-    assert scaled_lr(1e-3, 4, "linear") == pytest.approx(4e-3)
-    assert scaled_lr(1e-3, 4, "sqrt") == pytest.approx(2e-3)
+    expected = {"none": 1e-3, "linear": 4e-3, "sqrt": 2e-3}  # a new rule needs its entry
+    assert {rule: scaled_lr(1e-3, 4, rule) for rule in SCALE_RULES} == pytest.approx(expected)
+
+
+def test_unknown_names_refused_by_the_implementations():
+    unknown = sched()
+    unknown.name = "exponential"  # past config validation, as a hand-made config could be
+    with pytest.raises(ValueError, match="schedule.name must be one of cosine"):
+        lr_factor(50, 110, unknown)
+    with pytest.raises(ValueError, match="schedule.scale_rule must be one of none"):
+        scaled_lr(1e-3, 4, "cubic")
+    unknown_optim = OptimConfig()
+    unknown_optim.name = "sgd"
+    with pytest.raises(ValueError, match="optim.name must be one of adamw"):
+        build_optimizer(GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=8)), unknown_optim)
 
 
 def test_plateau_reduces_and_checkpoints():
@@ -140,4 +159,4 @@ def test_plateau_reduces_and_checkpoints():
     assert s.apply(5) == 0.5 and opt.param_groups[0]["lr"] == 0.5
     other = LRSchedule(opt, 1.0, 100, s.cfg)
     other.load_state_dict(s.state_dict())
-    assert other.lr_at(5) == 0.5 and other.best_val == 2.0
+    assert other.lr_at(5) == 0.5 and other.val_loss.best == 2.0

@@ -1,4 +1,7 @@
-from hvdllm.config import ParallelConfig
+import pytest
+
+from hvdllm.config import ConfigError, ParallelConfig, load_config
+from hvdllm.errors import UserError
 from hvdllm.parallel import SingleProcess, build_strategy, horovod_environment
 
 
@@ -13,4 +16,24 @@ def test_horovod_knobs_become_environment():
 
 
 def test_one_launched_rank_trains_without_horovod():
-    assert isinstance(build_strategy(ParallelConfig(), launched_ranks=1), SingleProcess)
+    assert isinstance(build_strategy(load_config(), world_size=1), SingleProcess)
+
+
+def test_old_data_parallel_key_names_its_replacement():
+    with pytest.raises(ConfigError, match=r"^parallel.data_parallel was replaced by parallel.data \("):
+        load_config(None, ["--parallel.data_parallel=2"])
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["--parallel.pipeline=2"], 2, "parallel.pipeline > 1 (pipeline stages across ranks) is not available yet"),
+    (["--parallel.devices=['cpu','cpu']"], 1, "parallel.devices with more than one device"),
+    (["--parallel.servers=1"], 3, "parallel.servers=1 needs an asynchronous parallel.strategy, not 'sync'"),
+    (["--parallel.op=adasum"], 3, "parallel.op=adasum needs a power-of-two number of ranks"),
+    (["--parallel.op=adasum", "--train.precision=fp16"], 2, "parallel.op=adasum with train.precision=fp16"),
+    (["--parallel.data=3"], 2, "parallel.data=3 x parallel.pipeline=1 + parallel.servers=0 = 3 ranks, "
+                               "but the job was launched with 2"),
+])
+def test_layouts_that_cannot_run_are_refused_before_any_communication(overrides, world, message):
+    with pytest.raises(UserError) as err:
+        build_strategy(load_config(None, overrides), world_size=world)
+    assert message in str(err.value)

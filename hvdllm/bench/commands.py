@@ -1,0 +1,80 @@
+"""Run one ``hvdllm bench`` sub-command: its options in, its result printed and written.
+
+Each benchmark's module is imported only when it runs, as the CLI's verbs are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from hvdllm.bench.common import write_result
+from hvdllm.bench.options import (BENCHMARKS, LoaderBenchOptions, OptimBenchOptions, OverheadBenchOptions,
+                                  PrepareBenchOptions, ScalingBenchOptions, options_from)
+
+
+def _optim(options: OptimBenchOptions) -> tuple[dict, str]:
+    from hvdllm.bench.optim import bench_optimizers
+
+    result = bench_optimizers(options)
+    return result, f"LAMB / AdamW(foreach) step time: {result['ratio_lamb_over_adamw']:.3f} (target <= 1.3)"
+
+
+def _loader(options: LoaderBenchOptions) -> tuple[dict, str]:
+    from hvdllm.bench.data import bench_loader
+
+    result = bench_loader(options)
+    rates = result["tokens_per_s"]
+    return result, (f"loader {rates['hvdllm']:,.0f} tokens/s, memmap {rates['memmap']:,.0f}: "
+                    f"ratio {result['ratio_hvdllm_over_memmap']:.3f} (target >= 0.5)")
+
+
+def _prepare(options: PrepareBenchOptions) -> tuple[dict, str]:
+    from hvdllm.bench.data import prepare_throughput
+
+    result = {"benchmark": "prepare", **prepare_throughput(options.data)}
+    return result, (f"prepare: {result['mb_per_s_per_rank']:.2f} MB/s per rank on {result['ranks']} rank(s); "
+                    "shares: " + ", ".join(f"{k} {v:.0%}" for k, v in result["share"].items()))
+
+
+def _overhead(options: OverheadBenchOptions, overrides: list[str]) -> tuple[dict, str]:
+    from hvdllm.bench.train import bench_overhead
+
+    result = bench_overhead(options, overrides)
+    return result, (f"hvdllm train / plain PyTorch loop tokens/s: {result['ratio_hvdllm_over_plain']:.3f} in "
+                    f"separate processes, {result['interleaved_ratio']:.3f} interleaved in one (target >= 0.95)")
+
+
+def _scaling(options: ScalingBenchOptions, overrides: list[str]) -> tuple[dict, str]:
+    from hvdllm.bench.train import bench_weak_scaling
+
+    result = bench_weak_scaling(options, overrides)
+    eff = result["efficiency"]
+    return result, (f"weak scaling 1 -> 2 ranks: hvdllm {eff['hvdllm']:.3f}, DDP gloo {eff['ddp_gloo']:.3f} "
+                    "(target >= 0.85 and not below DDP)")
+
+
+_FLAGS_ONLY = {"optim": _optim, "loader": _loader, "prepare": _prepare}
+_TRAINING = {"overhead": _overhead, "scaling": _scaling}
+
+
+def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``overrides`` are --section.key=value of the training config; only the benchmarks
+    that read one get any (the CLI refuses them for the others)."""
+    options = options_from(args, BENCHMARKS[args.benchmark])
+    if args.benchmark == "comm":  # an MPI job of its own: every rank runs it, rank 0 reports
+        from hvdllm.bench.comm import run_comm_bench
+
+        return run_comm_bench(options)
+    if options.takes_training_config:
+        from hvdllm.config import load_config
+
+        load_config(options.config, overrides)  # a bad key or value fails here, in one line, before any run
+        result, summary = _TRAINING[args.benchmark](options, overrides)
+    else:
+        result, summary = _FLAGS_ONLY[args.benchmark](options)
+    print(json.dumps(result, indent=2))
+    if options.json:
+        write_result(options.json, result)
+    print(summary)
+    return 0

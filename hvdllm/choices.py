@@ -1,0 +1,13 @@
+"""The names a config can choose among, each list in one place.
+
+They live here rather than next to their implementations because those import torch, and
+``hvdllm.config`` validates names without it (a config mistake or ``--print-config`` answers
+before torch would have loaded). The implementing code reads the same tuples, and the unit
+tests build every name, so a name cannot be listed without being implemented.
+"""
+
+OPTIMIZERS = ("adamw", "lamb", "adafactor")  # hvdllm.optim.build.build_optimizer
+SCHEDULES = ("cosine", "step", "linear", "wsd", "constant")  # hvdllm.optim.schedule.lr_factor
+SCALE_RULES = ("none", "linear", "sqrt")  # hvdllm.optim.schedule.scaled_lr
+POSITIONS = ("learned", "rope")  # hvdllm.model.gpt: learned table or rotary embeddings
+INIT_STRATEGIES = ("gpt2", "xavier", "kaiming", "small")  # hvdllm.model.init.init_weights

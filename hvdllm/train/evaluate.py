@@ -1,0 +1,36 @@
+"""Validation: loss, perplexity and next-token accuracy on the val split, over all ranks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hvdllm.data import DistributedBatches, ShardedSamples
+from hvdllm.model.gpt import masked_loss_sums
+from hvdllm.parallel import ParallelStrategy, Precision
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, samples: ShardedSamples, strategy: ParallelStrategy, precision: Precision,
+             batch_size: int, seq_len: int, seed: int, max_batches: int) -> dict:
+    """Collective. Each data-parallel rank reads its own slice of the val split (the same
+    ``max_batches`` on each); the sums travel in one allreduce, so every rank gets the mean
+    over all tokens read, not the mean of the ranks' means."""
+    model.eval()
+    rank, ranks = strategy.data_rank
+    loader = DistributedBatches(samples, rank, ranks, batch_size, seed=seed, shuffle=False, seq_len=seq_len,
+                                prefetch=0)
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, correct
+    batches = iter(loader)
+    for _ in range(min(max_batches, loader.batches_per_epoch)):
+        batch = next(batches)
+        mask = batch.loss_mask.to(strategy.device) if batch.loss_mask is not None else None
+        with precision.autocast():
+            logits, _ = model(batch.inputs.to(strategy.device))
+        sums += torch.stack(masked_loss_sums(logits, batch.targets.to(strategy.device), mask)).double().cpu()
+    sums = strategy.allreduce_sum(sums, name="eval_stats")
+    val_loss = (sums[0] / sums[1].clamp(min=1)).item()
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)),
+            "val_acc": (sums[2] / sums[1].clamp(min=1)).item()}
