@@ -11,3 +11,8 @@ SCHEDULES = ("cosine", "step", "linear", "wsd", "constant")  # hvdllm.optim.sche
 SCALE_RULES = ("none", "linear", "sqrt")  # hvdllm.optim.schedule.scaled_lr
 POSITIONS = ("learned", "rope")  # hvdllm.model.gpt: learned table or rotary embeddings
 INIT_STRATEGIES = ("gpt2", "xavier", "kaiming", "small")  # hvdllm.model.init.init_weights
+
+# hvdllm/parallel/partition.py: what a pipeline cut balances across stages.
+BALANCE_COSTS = ("params", "flops", "memory")
+# hvdllm/parallel/schedules.py: pipeline schedules.
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+import traceback
 from typing import Callable, Sequence
 
+from hvdllm import __version__
 from hvdllm.errors import UserError
 
 
@@ -131,6 +135,7 @@ def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = argparse.ArgumentParser(
         prog="hvdllm", description="Train GPT-style language models with PyTorch on Horovod and MPI.")
+    parser.add_argument("--version", action="version", version=f"hvdllm {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     handlers: dict[str, Callable] = {}
 
@@ -151,13 +156,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     handlers["train"] = _cmd_train
 
     gen = verbs.add_parser("generate", help="sample text from a checkpoint")
-    gen.add_argument("--checkpoint", required=True, help="a .pt file, e.g. runs/demo/checkpoints/best.pt")
+    gen.add_argument("--checkpoint", required=True,
+                     help="a .pt file, or a run folder (its best.pt, else its newest step-N.pt)")
     gen.add_argument("--prompt", default="", help="text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     handlers["generate"] = _cmd_generate
 
     report = verbs.add_parser("report", help="summary and plot of a run folder")
@@ -182,16 +188,94 @@ def _is_override(arg: str) -> bool:
     return arg.startswith("--") and "." in arg.split("=", 1)[0]
 
 
+def _join_override_values(extra: list[str]) -> list[str]:
+    """``--section.key value`` -> ``--section.key=value``, so both spellings work."""
+    joined: list[str] = []
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        takes_value = _is_override(arg) and "=" not in arg
+        if takes_value and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            joined.append(f"{arg}={extra[i + 1]}")
+            i += 2
+        else:
+            joined.append(arg)
+            i += 1
+    return joined
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: ...)" to every option of every verb that has a default worth showing
+    (argparse's ArgumentDefaultsHelpFormatter skips options without a help text, and the
+    verbs' parsers are built in several modules)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _show_defaults(sub)
+            continue
+        # ``is``: a default of 0 is worth showing, though 0 == False.
+        boring = any(action.default is v for v in (None, False, argparse.SUPPRESS)) or action.default == "" \
+            or action.help == argparse.SUPPRESS
+        if action.option_strings and not boring and "default" not in (action.help or ""):
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+
+
+# How long a failing rank of a multi-rank job waits before ending the job, so that ranks
+# failing the same way (the usual case: every rank checks the same input) print their own line.
+_PEER_GRACE_S = 2.0
+
+
+def _rank() -> str:
+    for name in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return os.environ[name]
+    return "0"
+
+
+def _end_job(code: int) -> int:
+    """After an error, end the whole job, not only this rank.
+
+    A rank that merely returns leaves its peers waiting in a collective for ever, and itself
+    too: MPI_Finalize at exit waits for them. So a rank of a multi-rank job aborts the MPI job
+    (Horovod shares that MPI); without MPI (horovodrun --gloo) it exits at once, and the
+    launcher ends the job when a rank exits non-zero. A single process simply returns.
+    """
+    from hvdllm.comm.launch import launched_world_size
+
+    if launched_world_size() <= 1:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(_PEER_GRACE_S)
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.COMM_WORLD.Abort(code)
+    os._exit(code)
+
+
+def _report_crash(err: BaseException) -> None:
+    """One line for an unexpected exception; the traceback only on request (with several
+    ranks, interleaved tracebacks bury the line that matters)."""
+    message = str(err).splitlines()[0] if str(err) else ""
+    hint = "" if os.environ.get("HVDLLM_TRACEBACK") == "1" else "; set HVDLLM_TRACEBACK=1 for the traceback"
+    if not hint:
+        traceback.print_exc(file=sys.stderr)
+    sys.stderr.write(f"error: {type(err).__name__}: {message} (rank {_rank()}{hint})\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser, handlers = build_parser()
+    _show_defaults(parser)
     # --section.key=value overrides come after a command's own flags; argparse leaves them in
     # ``extra``. Only commands that read a training config (takes_overrides) accept them.
     args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    extra = _join_override_values(extra)
     takes_overrides = getattr(args, "takes_overrides", False)
     stray = [a for a in extra if not _is_override(a)]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}"
-                     + (" (overrides are --section.key=value)" if takes_overrides else ""))
+                     + (" (overrides are --section.key=value or --section.key value)" if takes_overrides else ""))
     try:
         if extra and not takes_overrides:
             command = " ".join(filter(None, ("hvdllm", args.verb, getattr(args, "benchmark", None))))
@@ -202,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One write per line: under mpirun the ranks' lines must not interleave mid-line.
         sys.stderr.write(f"error: {err}\n")
         sys.stderr.flush()
-        return 2
+        return _end_job(2)
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # a bug or an environment fault: still one line, and never a hang
+        _report_crash(err)
+        return _end_job(1)

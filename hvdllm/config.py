@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvdllm.choices import INIT_STRATEGIES, OPTIMIZERS, POSITIONS, SCALE_RULES, SCHEDULES
+from hvdllm.choices import (BALANCE_COSTS, INIT_STRATEGIES, OPTIMIZERS, PIPELINE_SCHEDULES, POSITIONS,
+                            SCALE_RULES, SCHEDULES)
 from hvdllm.errors import UserError
+from hvdllm.paths import require_file
 
 
 class ConfigError(UserError, ValueError):
@@ -43,6 +45,12 @@ def _require(ok: bool, name: str, why: str) -> None:
 
 def _one_of(value: str, name: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, name, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _at_least(minimum: int, section_obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section_obj, name)
+        _require(value >= minimum, f"{section}.{name}", f"must be >= {minimum}, got {value}")
 
 
 @dataclass
@@ -59,10 +67,8 @@ class DataConfig:
     verify_checksums: bool = False  # sha256 of every shard against the manifest on open
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.global_batch_size >= 0, "data.global_batch_size", f"must be >= 0, got {self.global_batch_size}")
-        _require(self.seq_len >= 0, "data.seq_len", f"must be >= 0, got {self.seq_len}")
-        _require(self.prefetch >= 0, "data.prefetch", f"must be >= 0, got {self.prefetch}")
+        _at_least(1, self, "data", "batch_size")
+        _at_least(0, self, "data", "global_batch_size", "seq_len", "prefetch")
 
 
 @dataclass
@@ -81,9 +87,7 @@ class ModelConfig:
     checkpoint_every: int = 0  # activation checkpointing: 0 off, k = every k-th block
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "d_model", "block_size", "vocab_size", "checkpoint_every"):
-            value = getattr(self, name)
-            _require(value >= 0, f"model.{name}", f"must be >= 0, got {value}")
+        _at_least(0, self, "model", "n_layer", "n_head", "d_model", "block_size", "vocab_size", "checkpoint_every")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _one_of(self.position, "model.position", POSITIONS)
         _one_of(self.init, "model.init", INIT_STRATEGIES)
@@ -106,9 +110,7 @@ class OptimConfig:
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                  f"must be two numbers in [0, 1), got {self.betas}")
         _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
-        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(self.trust_clip >= 0, "optim.trust_clip", f"must be >= 0, got {self.trust_clip}")
-        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _at_least(0, self, "optim", "weight_decay", "trust_clip", "grad_clip")
 
 
 @dataclass
@@ -127,7 +129,7 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _one_of(self.name, "schedule.name", SCHEDULES)
         _one_of(self.scale_rule, "schedule.scale_rule", SCALE_RULES)
-        _require(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _at_least(0, self, "schedule", "warmup_steps")
         _require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio",
                  f"must be in [0, 1], got {self.min_lr_ratio}")
         _require(0 < self.gamma <= 1, "schedule.gamma", f"must be in (0, 1], got {self.gamma}")
@@ -147,6 +149,10 @@ class ParallelConfig:
     pipeline: int = 1  # pipeline stages across ranks
     servers: int = 0  # parameter-server ranks (for asynchronous updates)
     devices: list[str] = field(default_factory=list)  # devices driven by each rank; [] = its own
+    stage_layers: list[int] = field(default_factory=list)  # blocks per stage; [] = cut by `balance`
+    balance: str = "params"  # what the cut evens out across stages: params | flops | memory
+    schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b
+    micro_batches: int = 1  # pipeline micro-batches per batch; must divide data.batch_size
     op: str = "average"  # average | adasum
     compression: str = "none"  # none | fp16 (gradients on the wire)
     accum_steps: int = 1  # micro-batches per optimizer step (backward_passes_per_step)
@@ -163,10 +169,12 @@ class ParallelConfig:
         _one_of(self.strategy, "parallel.strategy", ("sync",))
         _one_of(self.op, "parallel.op", ("average", "adasum"))
         _one_of(self.compression, "parallel.compression", ("none", "fp16"))
-        _require(self.accum_steps >= 1, "parallel.accum_steps", f"must be >= 1, got {self.accum_steps}")
-        _require(self.data >= 0, "parallel.data", f"must be >= 0, got {self.data}")
-        _require(self.pipeline >= 1, "parallel.pipeline", f"must be >= 1, got {self.pipeline}")
-        _require(self.servers >= 0, "parallel.servers", f"must be >= 0, got {self.servers}")
+        _one_of(self.balance, "parallel.balance", BALANCE_COSTS)
+        _one_of(self.schedule, "parallel.schedule", PIPELINE_SCHEDULES)
+        _at_least(1, self, "parallel", "accum_steps", "pipeline", "micro_batches")
+        _at_least(0, self, "parallel", "data", "servers")
+        for i, blocks in enumerate(self.stage_layers):
+            _require(blocks >= 1, f"parallel.stage_layers[{i}]", f"must be >= 1 block, got {blocks}")
         _require(self.fusion_threshold_mb >= 0 or self.fusion_threshold_mb == -1, "parallel.fusion_threshold_mb",
                  f"must be >= 0 (or -1), got {self.fusion_threshold_mb}")
         _require(self.cycle_time_ms > 0 or self.cycle_time_ms == -1, "parallel.cycle_time_ms",
@@ -184,18 +192,16 @@ class TrainConfig:
     eval_batches: int = 8  # batches per rank per evaluation
     early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = off
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
-    peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU; 0 = guess from the device
+    peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU; 0 = GPU data sheet, or a measured CPU matmul
+    # Abort the job when a rank completes no step for this long (a stopped or hung rank); sets
+    stall_timeout_s: float = 600.0  # Horovod's stall warning (half of it), shutdown (2x); 0 = off
     run_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
         _one_of(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
         _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
-        _require(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
-        _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0, got {self.eval_every}")
-        _require(self.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {self.eval_batches}")
-        _require(self.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
-        _require(self.peak_flops >= 0, "train.peak_flops", f"must be >= 0, got {self.peak_flops}")
+        _at_least(1, self, "train", "steps", "eval_batches", "max_bad_steps")
+        _at_least(0, self, "train", "threads", "eval_every", "peak_flops", "stall_timeout_s")
 
 
 @dataclass
@@ -206,15 +212,15 @@ class CheckpointConfig:
     resume: str = ""  # "" = start fresh, "auto" = latest good checkpoint in run_dir, or a path
 
     def __post_init__(self) -> None:
-        _require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
-        _require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+        _at_least(0, self, "checkpoint", "every")
+        _at_least(1, self, "checkpoint", "keep_last")
 
 
 @dataclass
 class LogConfig:
     every: int = 10  # steps between metrics lines
     tensorboard: bool = True
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # tqdm bar on a terminal; else (or off) one line per logged step
     plot: bool = True  # PNG of loss and throughput at the end
 
     def __post_init__(self) -> None:
@@ -233,10 +239,8 @@ class StageConfig:
     warmup_steps: int = -1
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "stages.steps", f"must be >= 1, got {self.steps}")
-        _require(self.batch_size >= 0, "stages.batch_size", f"must be >= 0, got {self.batch_size}")
-        _require(self.seq_len >= 0, "stages.seq_len", f"must be >= 0, got {self.seq_len}")
-        _require(self.lr >= 0, "stages.lr", f"must be >= 0, got {self.lr}")
+        _at_least(1, self, "stages", "steps")
+        _at_least(0, self, "stages", "batch_size", "seq_len", "lr")
         if self.schedule:
             _one_of(self.schedule, "stages.schedule", SCHEDULES)
 
@@ -333,9 +337,10 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """Split ``--section.key=value`` (leading dashes optional) into (section, key, value)."""
+    """Split ``--section.key=value`` (leading dashes optional) into (section, key, value).
+    The command line also takes ``--section.key value``; the CLI joins those with ``=``."""
     body = text.lstrip("-")
-    _require("=" in body, repr(text), "is not of the form --section.key=value")
+    _require("=" in body, repr(text), "has no value: write --section.key=value or --section.key value")
     path, raw_value = body.split("=", 1)
     _require(path.count(".") == 1, repr(text), "must name section.key, e.g. --optim.lr=3e-4")
     section, key = path.split(".")
@@ -350,13 +355,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the TOML file at ``path``, then ``--section.key=value`` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = tomllib.loads(path.read_text())
+            path = require_file(path, "config file")
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a text file (not UTF-8): not a TOML config") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path}: cannot read: {err.strerror or err}") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        except ConfigError:
+            raise
+        except UserError as err:  # not a file: the same kind of error as every other config fault
+            raise ConfigError(str(err)) from None
     for text in overrides:
         section, key, value = parse_override(text)
         if section == "stages":

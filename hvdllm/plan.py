@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdllm.choices import OPTIMIZERS
+from hvdllm.choices import BALANCE_COSTS, OPTIMIZERS
 from hvdllm.model import GPT, get_preset, preset_config
 from hvdllm.model.flops import flops_per_token
 
@@ -56,6 +56,8 @@ class PlanInputs:
     checkpointing: bool = False
     model_parallel: int = 0  # 0 = the smallest degree that fits
     optimizer: str = "adamw"
+    pipeline: int = 0  # also show the cut into this many pipeline stages (parallel.pipeline)
+    balance: str = "memory"  # what that cut evens out: params | flops | memory
 
 
 def meta_model(name: str) -> GPT:
@@ -127,6 +129,13 @@ def build_plan(inputs: PlanInputs) -> dict:
         raise ValueError(f"--model-parallel {mp} must divide --gpus and split into tensor parallel "
                          f"<= {MAX_TENSOR_PARALLEL} dividing {cfg.n_head} heads x pipeline stages "
                          f"dividing {cfg.n_layer} layers")
+
+    def fits(degree: int, checkpointing: bool) -> bool:
+        m = memory(degree)
+        acts = m["activations"]["checkpointing" if checkpointing else "no_checkpointing"]
+        return m["weights"] + m["gradients"] + m["optimizer"][inputs.optimizer] + acts <= limit
+
+    chosen = memory(mp)
     train_flops = per_token * inputs.tokens
     seconds = train_flops / (inputs.gpus * inputs.gpu_tflops * 1e12 * inputs.mfu)
     return {
@@ -139,14 +148,77 @@ def build_plan(inputs: PlanInputs) -> dict:
         "flops_per_token": per_token,
         "train_flops": train_flops,
         "train_flops_6nd": 6 * n_total * inputs.tokens,
-        "memory_per_gpu": memory(mp),
+        "memory_per_gpu": chosen,
+        "assumptions": {"gpu_mem_gb": inputs.gpu_mem_gb, "micro_batch": inputs.micro_batch, "seq_len": seq_len,
+                        "precision": "bf16/fp16 weights and gradients, fp32 optimizer state",
+                        "checkpointing": inputs.checkpointing, "mfu": inputs.mfu},
+        "fit": fit_advice(inputs, cfg, fits, chosen["total"][inputs.optimizer] <= limit),
+        "trainer": trainer_support(chosen),
         "gpu_mem_bytes": int(limit),
         "checkpointing": inputs.checkpointing,
         "optimizer": inputs.optimizer,
         "min_model_parallel": smallest,
         "time": {"gpus": inputs.gpus, "gpu_tflops": inputs.gpu_tflops, "mfu": inputs.mfu,
                  "seconds": seconds, "days": seconds / 86400},
+        "pipeline_cut": pipeline_cut(inputs, cfg, seq_len) if inputs.pipeline else None,
     }
+
+
+def pipeline_cut(inputs: PlanInputs, cfg, seq_len: int) -> dict:
+    """The cut ``hvdllm train`` makes with ``parallel.pipeline = inputs.pipeline`` and
+    ``parallel.balance = inputs.balance`` (1F1B, one micro-batch per stage in flight)."""
+    from hvdllm.config import ParallelConfig
+    from hvdllm.parallel.partition import imbalance
+    from hvdllm.parallel.stage_model import plan_cut
+
+    parallel = ParallelConfig(pipeline=inputs.pipeline, balance=inputs.balance, micro_batches=inputs.pipeline)
+    blocks, costs = plan_cut(cfg, parallel, inputs.pipeline, seq_len, inputs.micro_batch, inputs.optimizer)
+    return {"stages": inputs.pipeline, "balance": inputs.balance, "blocks_per_stage": blocks,
+            "stage_costs": costs, "imbalance": imbalance(costs)}
+
+
+# What hvdllm's own trainer can run today (the planner sizes Megatron-style layouts too):
+# pipeline stages across ranks, but no tensor parallelism.
+TRAINER_MAX_TENSOR_PARALLEL = 1
+
+
+def trainer_support(layout: dict) -> dict:
+    """Whether ``hvdllm train`` can run a layout of :func:`build_plan`, and why not."""
+    why_not = []
+    if layout["tensor_parallel"] > TRAINER_MAX_TENSOR_PARALLEL:
+        why_not.append(f"tensor parallel {layout['tensor_parallel']}: not implemented in hvdllm's trainer")
+    return {"runnable": not why_not, "why_not": why_not}
+
+
+def fit_advice(inputs: PlanInputs, cfg, fits, fits_now: bool) -> list[str]:
+    """What would make the model fit in GPU memory when it does not: activation checkpointing,
+    a model-parallel degree (and a GPU count it divides), or more memory per GPU.
+
+    Args:
+        fits: (model-parallel degree, checkpointing) -> bool for the chosen optimizer.
+    """
+    if fits_now:
+        return []
+    advice = []
+    # Degrees that split the model, not only those dividing --gpus: up to one node of tensor
+    # parallelism times one stage per layer.
+    degrees = [d for d in range(1, MAX_TENSOR_PARALLEL * cfg.n_layer + 1) if split_model(d, cfg)]
+    best = None
+    for checkpointing in ([inputs.checkpointing] + ([True] if not inputs.checkpointing else [])):
+        degree = next((d for d in degrees if fits(d, checkpointing)), None)
+        if degree is None or (best is not None and degree >= best):
+            continue  # checkpointing is advised only where it needs fewer GPUs per replica
+        best = degree
+        how = "with activation checkpointing (--checkpointing)" if checkpointing and not inputs.checkpointing \
+            else "as it is"
+        gpus = -(-inputs.gpus // degree) * degree  # the next multiple of the degree
+        where = f"--model-parallel {degree}" + ("" if inputs.gpus % degree == 0
+                                                 else f" on a GPU count it divides, e.g. --gpus {gpus}")
+        advice.append(f"fits {how} at {where}")
+    if not advice:
+        advice.append(f"no layout fits in {inputs.gpu_mem_gb:g} GiB per GPU: more memory per GPU, "
+                      "a smaller --micro-batch or --seq-len, or another --optimizer")
+    return advice
 
 
 def _gib(n: float) -> str:
@@ -156,7 +228,10 @@ def _gib(n: float) -> str:
 def format_plan(plan: dict) -> str:
     shape, mem, t = plan["shape"], plan["memory_per_gpu"], plan["time"]
     ckpt = "with" if plan["checkpointing"] else "without"
+    a = plan["assumptions"]
     rows = [
+        f"assumptions        {a['gpu_mem_gb']:g} GiB per GPU, micro-batch {a['micro_batch']} of {a['seq_len']} "
+        f"tokens, {a['precision']}, MFU {a['mfu']} (set with --gpu-mem-gb, --micro-batch, --seq-len, --mfu)",
         f"model              {plan['model']}: {shape['n_layer']} layers, d_model {shape['d_model']}, "
         f"{shape['n_head']} heads of {shape['d_head']}, context {shape['context']}, vocab {shape['vocab_size']}",
         f"parameters         {plan['params']['total']:,} total, {plan['params']['non_embedding']:,} non-embedding",
@@ -181,10 +256,25 @@ def format_plan(plan: dict) -> str:
     rows += [
         f"  activations: {_gib(mem['activations']['no_checkpointing'])} without checkpointing, "
         f"{_gib(mem['activations']['checkpointing'])} with",
+    ]
+    rows += [f"  {plan['optimizer']} does not fit; it {advice}" for advice in plan["fit"]]
+    trainer = plan["trainer"]
+    rows += ["  hvdllm train can run this layout" if trainer["runnable"] else
+             "  hvdllm train cannot run this layout: " + "; ".join(trainer["why_not"])]
+    rows += [
         "",
         f"time               {t['days']:,.1f} days on {t['gpus']} GPUs at {t['gpu_tflops']} TFLOP/s, "
         f"MFU {t['mfu']}",
     ]
+    cut = plan["pipeline_cut"]
+    if cut:
+        unit = {"params": "parameters", "flops": "FLOPs per token", "memory": "bytes"}[cut["balance"]]
+        rows += ["", f"pipeline cut       {cut['stages']} stages balanced by {cut['balance']} "
+                     f"(parallel.stage_layers = {cut['blocks_per_stage']}), imbalance {cut['imbalance']:.3f} "
+                     f"(largest stage / mean)"]
+        rows += [f"  stage {i}: {blocks} blocks{' + embedding' if i == 0 else ''}"
+                 f"{' + head' if i == cut['stages'] - 1 else ''}, {cost:.4g} {unit}"
+                 for i, (blocks, cost) in enumerate(zip(cut["blocks_per_stage"], cut["stage_costs"]))]
     return "\n".join(rows)
 
 
@@ -201,6 +291,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--model-parallel", type=int, default=0, help="default: the smallest that fits")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
+    parser.add_argument("--pipeline", type=int, default=0, help="also print the cut into this many pipeline stages")
+    parser.add_argument("--balance", choices=BALANCE_COSTS, default=defaults.balance,
+                        help="what the pipeline cut evens out across stages")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -210,7 +303,7 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     checks = {"--tokens": inputs.tokens > 0, "--gpus": inputs.gpus >= 1, "--gpu-tflops": inputs.gpu_tflops > 0,
               "--gpu-mem-gb": inputs.gpu_mem_gb > 0, "--mfu": 0 < inputs.mfu <= 1,
               "--micro-batch": inputs.micro_batch >= 1, "--seq-len": inputs.seq_len >= 0,
-              "--model-parallel": inputs.model_parallel >= 0}
+              "--model-parallel": inputs.model_parallel >= 0, "--pipeline": inputs.pipeline >= 0}
     for flag, ok in checks.items():
         value = getattr(inputs, flag[2:].replace("-", "_"))
         if not ok or not math.isfinite(value):

@@ -1,6 +1,10 @@
 #!/bin/bash
-# horovodrun across nodes:  mpi_launch/horovodrun.sh 8 node1:4,node2:4 configs/gpt2-small.toml
-# Add --gloo to use Horovod's Gloo controller instead of MPI.
+# horovodrun across nodes; arguments after the config go to `hvdllm train`:
+#   mpi_launch/horovodrun.sh 8 node1:4,node2:4 configs/gpt2-small.toml --checkpoint.resume=auto
+# Set HOROVODRUN_FLAGS=--gloo to use Horovod's Gloo controller instead of MPI.
+# Activate the venv first (source .venv/bin/activate) so horovodrun and hvdllm are on PATH.
 set -euo pipefail
 NP=${1:?number of ranks}; HOSTS=${2:?host:slots,...}; CONFIG=${3:-configs/gpt2-small.toml}
-exec horovodrun -np "$NP" -H "$HOSTS" hvdllm train --config "$CONFIG"
+shift $(( $# < 3 ? $# : 3 ))
+# shellcheck disable=SC2086  # HOROVODRUN_FLAGS is a list of flags
+exec horovodrun ${HOROVODRUN_FLAGS:-} -np "$NP" -H "$HOSTS" hvdllm train --config "$CONFIG" "$@"

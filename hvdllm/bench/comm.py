@@ -8,9 +8,11 @@ as a ``horovodrun --gloo`` sub-job on the same hosts while the MPI ranks sleep. 
 ``horovodrun --gloo`` itself, only the Gloo backends run.
 
 Each (backend, op, dtype, size) is timed per iteration on every rank; the reported time is
-the median over iterations of the maximum across ranks, and every result is checked (on the
-first call: allreduce runs in place on every backend, as gradient reduction does, so later
-iterations keep summing the same buffer).
+the median over iterations of the maximum across ranks. Every result is checked on every
+rank: the first call's and each timed call's, outside the timed region (``checked`` counts
+them). Allreduce runs in place on every backend, as gradient reduction does; its buffer is
+put back to the input before each call (not timed), so every call sums the same small
+integers, exact and finite in fp16 and bf16.
 
 The libraries under test and the control plane are in ``comm_backends``, the Horovod
 cycle-time x fusion sweep (``--tune-preset``) in ``comm_tune``, the arithmetic in ``comm_report``.
@@ -67,24 +69,29 @@ def measure(backend, control: Control, options: CommBenchOptions, device: torch.
                 unit = n if op in ("allgather", "reducescatter", "alltoall") else 1
                 count = max(unit, (nbytes // itemsize) // unit * unit)
                 try:
-                    run = backend.prepare(op, dtype, count)
-                    result = run()
+                    case = backend.prepare(op, dtype, count)
+                    case.run()
                     supported = True
                 except (NotImplementedError, RuntimeError, ValueError) as err:
                     supported, reason = False, str(err).strip().splitlines()[0][:120]
                 if not control.agree(supported):
                     say(f"skip {backend.name} {op} {dtype}: {reason if not supported else 'unsupported on another rank'}")
                     break
-                wrong = rep.count_wrong(result, rep.expected_for(op, control.rank, n, count), dtype)
+                expected = rep.expected_for(op, control.rank, n, count)
+                wrong = rep.count_wrong(case.result(), expected, dtype)
                 for _ in range(options.warmup):
-                    run()
+                    case.reset()
+                    case.run()
                 times = []
                 control.barrier()
                 for _ in range(_timed_iterations(options.iters, nbytes)):
+                    case.reset()  # not timed: the input back in an in-place buffer
+                    _sync(device)
                     start = time.perf_counter()
-                    run()
+                    case.run()
                     _sync(device)
                     times.append(time.perf_counter() - start)
+                    wrong += rep.count_wrong(case.result(), expected, dtype)  # every timed result, not timed
                 gathered = control.allgather((times, wrong))
                 if control.rank == 0:
                     slowest = np.max(np.array([t for t, _ in gathered]), axis=0)
@@ -93,7 +100,7 @@ def measure(backend, control: Control, options: CommBenchOptions, device: torch.
                     algbw, busbw = rep.bandwidths(op, real_bytes, n, seconds)
                     records.append({"backend": backend.name, "op": op, "dtype": dtype, "bytes": real_bytes,
                                     "np": n, "time_s": seconds, "algbw_GBps": algbw, "busbw_GBps": busbw,
-                                    "wrong": int(sum(w for _, w in gathered)),
+                                    "checked": 1 + len(times), "wrong": int(sum(w for _, w in gathered)),
                                     "correct": all(w == 0 for _, w in gathered)})
     return records
 

@@ -1,15 +1,15 @@
 """The communication libraries under ``hvdllm bench comm``, behind one interface, and the
 control plane that coordinates the ranks while they are measured.
 
-Each backend's ``prepare(op, dtype, count)`` returns a function that runs the op once and
-returns the result as a numpy array for checking, or raises NotImplementedError with the
-reason.
+Each backend's ``prepare(op, dtype, count)`` returns a :class:`Case` (the op, ready to run
+and to check), or raises NotImplementedError with the reason.
 """
 
 from __future__ import annotations
 
 import socket
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -18,6 +18,24 @@ import torch
 from hvdllm.bench import comm_report as rep
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Case:
+    """One collective ready to be timed: ``run`` issues it and is the only thing timed;
+    ``result`` copies what this rank holds afterwards to a numpy array, for checking outside
+    the timed region; ``reset`` puts an in-place buffer back to its input first, so each
+    call reduces the same finite values (summing one buffer over and over overflows fp16)."""
+
+    run: Callable[[], object]
+    result: Callable[[], np.ndarray]
+    reset: Callable[[], object] = lambda: None
+
+
+def _kept(call: Callable[[], object]) -> tuple[Callable[[], None], Callable[[], object]]:
+    """For ops that return a new buffer: a run that keeps the output, and a getter for it."""
+    box = {}
+    return (lambda: box.__setitem__("out", call())), (lambda: box["out"])
 
 
 class Control:
@@ -76,31 +94,27 @@ class Mpi4pyBackend:
 
         self.MPI, self.comm = MPI, comm
 
-    def prepare(self, op: str, dtype: str, count: int) -> Callable[[], np.ndarray]:
+    def prepare(self, op: str, dtype: str, count: int) -> Case:
         if dtype != "fp32":
             raise NotImplementedError("MPI has no standard fp16/bf16 reduction type")
         MPI, comm, n, r = self.MPI, self.comm, self.comm.size, self.comm.rank
         send_count = count // n if op == "allgather" else count
         send = rep.inputs_for(op, r, n, send_count).astype(np.float32)
-        if op == "allreduce":  # in place, as a gradient allreduce is; checked on the first call
+        if op in ("allreduce", "broadcast"):  # in place, as a gradient allreduce is
             buf = send.copy()
-            return lambda: (comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), buf)[1]
-        if op == "allgather":
-            recv = np.empty(send_count * n, dtype=np.float32)
-            return lambda: (comm.Allgather(send, recv), recv)[1]
-        if op == "broadcast":
-            buf = send.copy()
-            return lambda: (comm.Bcast(buf, root=0), buf)[1]
-        if op == "reducescatter":
-            recv = np.empty(count // n, dtype=np.float32)
-            return lambda: (comm.Reduce_scatter_block(send, recv, op=MPI.SUM), recv)[1]
-        if op == "alltoall":
-            recv = np.empty_like(send)
-            return lambda: (comm.Alltoall(send, recv), recv)[1]
-        if op == "sendrecv":
-            recv = np.empty_like(send)
-            return lambda: (comm.Sendrecv(send, dest=(r + 1) % n, recvbuf=recv, source=(r - 1) % n), recv)[1]
-        raise NotImplementedError(op)
+            if op == "allreduce":
+                return Case(lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), lambda: buf.copy(),
+                            lambda: np.copyto(buf, send))
+            return Case(lambda: comm.Bcast(buf, root=0), lambda: buf.copy(), lambda: np.copyto(buf, send))
+        recv = np.empty(count // n if op == "reducescatter" else send_count * n if op == "allgather" else count,
+                        dtype=np.float32)
+        runs = {"allgather": lambda: comm.Allgather(send, recv),
+                "reducescatter": lambda: comm.Reduce_scatter_block(send, recv, op=MPI.SUM),
+                "alltoall": lambda: comm.Alltoall(send, recv),
+                "sendrecv": lambda: comm.Sendrecv(send, dest=(r + 1) % n, recvbuf=recv, source=(r - 1) % n)}
+        if op not in runs:
+            raise NotImplementedError(op)
+        return Case(runs[op], lambda: recv.copy())
 
 
 class TorchDistBackend:
@@ -120,7 +134,7 @@ class TorchDistBackend:
     def close(self) -> None:
         self.dist.destroy_process_group()
 
-    def prepare(self, op: str, dtype: str, count: int) -> Callable[[], np.ndarray]:
+    def prepare(self, op: str, dtype: str, count: int) -> Case:
         dist, n, r = self.dist, self.n, self.rank
         # torch 2.13 renamed the flat-tensor collectives (*_single); older releases have *_tensor.
         all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -129,33 +143,24 @@ class TorchDistBackend:
         send_count = count // n if op == "allgather" else count
         send = t(rep.inputs_for(op, r, n, send_count))
         out = lambda x: x.float().cpu().numpy()  # noqa: E731
-        if op == "allreduce":  # in place; checked on the first call
+        if op in ("allreduce", "broadcast"):  # in place, as a gradient allreduce is
             buf = send.clone()
-            return lambda: (dist.all_reduce(buf), out(buf))[1]
-        if op == "allgather":
-            recv = torch.empty(send_count * n, dtype=send.dtype, device=self.device)
-            return lambda: (all_gather(recv, send), out(recv))[1]
-        if op == "broadcast":
-            buf = send.clone()
-            return lambda: (dist.broadcast(buf, src=0), out(buf))[1]
-        if op == "reducescatter":
-            recv = torch.empty(count // n, dtype=send.dtype, device=self.device)
-            return lambda: (reduce_scatter(recv, send), out(recv))[1]
-        if op == "alltoall":
-            recv = torch.empty_like(send)
-            return lambda: (dist.all_to_all_single(recv, send), out(recv))[1]
-        if op == "sendrecv":
-            recv = torch.empty_like(send)
+            run = (lambda: dist.all_reduce(buf)) if op == "allreduce" else (lambda: dist.broadcast(buf, src=0))
+            return Case(run, lambda: out(buf), lambda: buf.copy_(send))
+        size = count // n if op == "reducescatter" else send_count * n if op == "allgather" else count
+        recv = torch.empty(size, dtype=send.dtype, device=self.device)
 
-            def exchange():
-                reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, (r + 1) % n),
-                                               dist.P2POp(dist.irecv, recv, (r - 1) % n)])
-                for req in reqs:
-                    req.wait()
-                return out(recv)
+        def exchange():
+            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, (r + 1) % n),
+                                           dist.P2POp(dist.irecv, recv, (r - 1) % n)])
+            for req in reqs:
+                req.wait()
 
-            return exchange
-        raise NotImplementedError(op)
+        runs = {"allgather": lambda: all_gather(recv, send), "reducescatter": lambda: reduce_scatter(recv, send),
+                "alltoall": lambda: dist.all_to_all_single(recv, send), "sendrecv": exchange}
+        if op not in runs:
+            raise NotImplementedError(op)
+        return Case(runs[op], lambda: out(recv))
 
 
 class HorovodBackend:
@@ -163,7 +168,7 @@ class HorovodBackend:
         self.name, self.hvd, self.device = name, hvd, device
         self.n, self.rank = hvd.size(), hvd.rank()
 
-    def prepare(self, op: str, dtype: str, count: int) -> Callable[[], np.ndarray]:
+    def prepare(self, op: str, dtype: str, count: int) -> Case:
         hvd, n, r = self.hvd, self.n, self.rank
         if op == "sendrecv":
             raise NotImplementedError("Horovod has no point-to-point operations")
@@ -172,13 +177,13 @@ class HorovodBackend:
         out = lambda x: x.float().cpu().numpy()  # noqa: E731
         tag = f"{op}.{dtype}.{count}"
         if op == "allreduce":  # in place, as DistributedOptimizer reduces gradients
-            return lambda: out(hvd.allreduce_(send, op=hvd.Sum, name=tag))
-        if op == "allgather":
-            return lambda: out(hvd.allgather(send, name=tag))
-        if op == "broadcast":
-            return lambda: out(hvd.broadcast(send, root_rank=0, name=tag))
-        if op == "reducescatter":
-            return lambda: out(hvd.reducescatter(send, op=hvd.Sum, name=tag))
-        if op == "alltoall":
-            return lambda: out(hvd.alltoall(send, name=tag))
-        raise NotImplementedError(op)
+            buf = send.clone()
+            return Case(lambda: hvd.allreduce_(buf, op=hvd.Sum, name=tag), lambda: out(buf), lambda: buf.copy_(send))
+        calls = {"allgather": lambda: hvd.allgather(send, name=tag),
+                 "broadcast": lambda: hvd.broadcast(send, root_rank=0, name=tag),
+                 "reducescatter": lambda: hvd.reducescatter(send, op=hvd.Sum, name=tag),
+                 "alltoall": lambda: hvd.alltoall(send, name=tag)}
+        if op not in calls:
+            raise NotImplementedError(op)
+        run, output = _kept(calls[op])
+        return Case(run, lambda: out(output()))

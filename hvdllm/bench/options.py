@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hvdllm.bench import comm_report
+from hvdllm.choices import PIPELINE_SCHEDULES
 from hvdllm.errors import UserError
 
 COMM_BACKENDS = ("mpi4py", "torch-gloo", "horovod-mpi", "horovod-gloo", "horovod-nccl", "torch-nccl")
@@ -169,9 +170,47 @@ class ScalingBenchOptions(TrainingBenchOptions):
     summary: ClassVar[str] = "weak scaling 1 -> 2 ranks (1 thread each) of hvdllm against torch DDP (gloo)"
 
 
+@dataclass
+class PipelineBenchOptions(BenchOptions):
+    summary: ClassVar[str] = ("measured bubble of GPipe and 1F1B against (p-1)/(m+p-1), and peak activation "
+                              "memory per stage")
+
+    stages: tuple[str, ...] = _flag(("2", "4"), "pipeline stages p, one mpirun job each (oversubscribed past the cores)")
+    micro_batches: tuple[str, ...] = _flag(("1", "2", "4", "8"), "micro-batches m per batch")
+    schedules: tuple[str, ...] = _flag(PIPELINE_SCHEDULES, "pipeline schedules")
+    preset: str = _flag("gpt-mini", "model preset, cut into p stages balanced by FLOPs")
+    batch_size: int = _flag(16, "samples per batch (divisible by every m)")
+    seq_len: int = _flag(128, "tokens per sample")
+    steps: int = _flag(5, "timed steps per case")
+    warmup: int = _flag(2, "untimed steps per case first")
+    plot: str = _flag("", "PNG of bubble against m; empty: next to --json")
+
+    def __post_init__(self) -> None:
+        _known_preset(self.preset, "--preset")
+        _all_known(self.schedules, "--schedules", PIPELINE_SCHEDULES, "schedule")
+        for flag, values in (("--stages", self.stages), ("--micro-batches", self.micro_batches)):
+            _check(all(v.isdigit() and int(v) >= 1 for v in values), flag, f"must be whole numbers >= 1, got {values}")
+        for m in self.micro_batch_counts:
+            _check(self.batch_size % m == 0, "--batch-size", f"{self.batch_size} is not divisible by {m} micro-batches")
+        _check(self.steps >= 1 and self.warmup >= 0, "--steps", "must be >= 1 (and --warmup >= 0)")
+
+    @property
+    def stage_counts(self) -> list[int]:
+        return [int(v) for v in self.stages]
+
+    @property
+    def micro_batch_counts(self) -> list[int]:
+        return [int(v) for v in self.micro_batches]
+
+    @property
+    def plot_path(self) -> str:
+        return self.plot or (self.json.rsplit(".", 1)[0] + ".png" if self.json else "")
+
+
 BENCHMARKS: dict[str, type[BenchOptions]] = {
     "comm": CommBenchOptions, "optim": OptimBenchOptions, "loader": LoaderBenchOptions,
     "prepare": PrepareBenchOptions, "overhead": OverheadBenchOptions, "scaling": ScalingBenchOptions,
+    "pipeline": PipelineBenchOptions,
 }
 
 

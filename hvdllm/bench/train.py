@@ -7,7 +7,13 @@
   torch DDP with the gloo backend.
 
 Every measurement is its own process (``python -m hvdllm.bench.train MODE ...``), launched
-with mpirun where it has 2 ranks; the throughput is the median over steps after warm-up.
+with mpirun where it has 2 ranks. Each gives two figures, both after the warm-up steps:
+
+- ``step``: the median over steps of tokens / the time inside one step (hvdllm: inside
+  ``Trainer.train_step``: forward, backward, exchange, clip, update; the loop around it,
+  metrics, logging and reading ahead of the next batch are outside);
+- ``loop``: all tokens / the wall-clock time of the whole loop over those steps (hvdllm:
+  from its metrics' ``elapsed_s``, so logging, metrics and data waits are in it).
 """
 
 from __future__ import annotations
@@ -58,9 +64,9 @@ def _plain_step(model, optimizer, batch: torch.Tensor, grad_clip: float) -> floa
     return time.perf_counter() - start
 
 
-def plain_loop(cfg, steps: int, ddp_rank: tuple[int, int] | None = None) -> float:
+def plain_loop(cfg, steps: int, ddp_rank: tuple[int, int] | None = None) -> dict:
     """The minimal loop; with ``ddp_rank`` = (rank, world size), torch DDP over gloo.
-    Returns global tokens/s (median over steps)."""
+    Returns global tokens/s: {"step": median over steps, "loop": the whole loop}."""
     model, build_optimizer, batches = _build(cfg)
     rank, world = ddp_rank or (0, 1)
     if ddp_rank:
@@ -69,10 +75,13 @@ def plain_loop(cfg, steps: int, ddp_rank: tuple[int, int] | None = None) -> floa
         dist.init_process_group("gloo", init_method=os.environ["HVDLLM_BENCH_INIT"], rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = build_optimizer(model.module if ddp_rank else model, cfg.optim)
-    times = [_plain_step(model, optimizer, batches[(step * world + rank) % len(batches)], cfg.optim.grad_clip)
-             for step in range(steps)]
+    times, ends = [], []
+    for step in range(steps):
+        times.append(_plain_step(model, optimizer, batches[(step * world + rank) % len(batches)], cfg.optim.grad_clip))
+        ends.append(time.perf_counter())
     tokens = world * batches[0].shape[0] * (batches[0].shape[1] - 1)
-    return tokens / statistics.median(times[WARMUP_STEPS:])
+    loop_s = ends[-1] - ends[WARMUP_STEPS - 1]
+    return {"step": tokens / statistics.median(times[WARMUP_STEPS:]), "loop": tokens * (steps - WARMUP_STEPS) / loop_s}
 
 
 def interleaved_ratio(config: str, overrides: list[str], steps: int, threads: int) -> float:
@@ -114,15 +123,15 @@ def _run(cmd: list[str], env: dict | None = None) -> str:
     return result.stdout
 
 
-def _baseline(config: str, overrides: list[str], steps: int, threads: int, np: int = 1) -> float:
+def _baseline(config: str, overrides: list[str], steps: int, threads: int, np: int = 1) -> dict:
     argv = ["-m", "hvdllm.bench.train", "plain" if np == 1 else "ddp", "--config", config, "--steps", str(steps),
             "--threads", str(threads), *overrides]
     env = dict(os.environ, HVDLLM_BENCH_INIT=f"tcp://127.0.0.1:{29500 + os.getpid() % 1000}")
     out = _run(mpirun_command(np, argv) if np > 1 else [sys.executable, *argv], env)
-    return float(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
 
 
-def _hvdllm(config: str, overrides: list[str], steps: int, threads: int, np: int = 1) -> float:
+def _hvdllm(config: str, overrides: list[str], steps: int, threads: int, np: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         argv = ["-m", "hvdllm", "train", "--config", config, f"--train.run_dir={run_dir}", f"--train.steps={steps}",
                 f"--train.threads={threads}", "--train.eval_every=0", "--checkpoint.every=0",
@@ -130,7 +139,11 @@ def _hvdllm(config: str, overrides: list[str], steps: int, threads: int, np: int
                 "--log.plot=false", *overrides]
         _run(mpirun_command(np, argv) if np > 1 else [sys.executable, *argv])
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in records[WARMUP_STEPS:])
+    after = records[WARMUP_STEPS:]
+    looped = after[:-1]  # the last step also runs the final evaluation, which the baseline lacks
+    loop_s = looped[-1]["elapsed_s"] - records[WARMUP_STEPS - 1]["elapsed_s"]
+    return {"step": statistics.median(r["tokens_per_s"] for r in after),
+            "loop": sum(r["tokens_per_s"] * r["step_time_s"] for r in looped) / loop_s}
 
 
 def bench_overhead(options: OverheadBenchOptions, overrides: list[str]) -> dict:
@@ -145,12 +158,21 @@ def bench_overhead(options: OverheadBenchOptions, overrides: list[str]) -> dict:
         measured = {name: runs[name](config, overrides, steps, threads) for name in _alternating(list(runs), index)}
         plain.append(measured["plain"])
         ours.append(measured["hvdllm"])
-    ratios = [h / p for h, p in zip(ours, plain)]
+    ratios = [h["step"] / p["step"] for h, p in zip(ours, plain)]
+    loop_ratios = [h["loop"] / p["loop"] for h, p in zip(ours, plain)]
     return {"benchmark": "framework_overhead", "config": config, "overrides": overrides, "steps": steps,
-            "threads": threads, "tokens_per_s": {"plain_pytorch": statistics.median(plain),
-                                                 "hvdllm": statistics.median(ours)},
-            "rounds": {"plain": plain, "hvdllm": ours, "ratio": ratios},
+            "threads": threads,
+            "figures": {"tokens_per_s": "median over steps of tokens / time inside one step (hvdllm: "
+                                        "Trainer.train_step; metrics, logging and the loop around it not included)",
+                        "loop_tokens_per_s": "tokens / wall-clock time of the whole loop after warm-up (hvdllm: "
+                                             "from metrics elapsed_s; logging, metrics and data waits included)"},
+            "tokens_per_s": {"plain_pytorch": statistics.median(p["step"] for p in plain),
+                             "hvdllm": statistics.median(h["step"] for h in ours)},
+            "loop_tokens_per_s": {"plain_pytorch": statistics.median(p["loop"] for p in plain),
+                                  "hvdllm": statistics.median(h["loop"] for h in ours)},
+            "rounds": {"plain": plain, "hvdllm": ours, "ratio": ratios, "loop_ratio": loop_ratios},
             "ratio_hvdllm_over_plain": statistics.median(ratios),
+            "loop_ratio_hvdllm_over_plain": statistics.median(loop_ratios),
             "interleaved_ratio": interleaved_ratio(config, overrides, 2 * steps, threads),
             "target_ratio_min": 0.95}
 
@@ -167,7 +189,9 @@ def bench_weak_scaling(options: ScalingBenchOptions, overrides: list[str]) -> di
     for index in range(options.rounds):
         for name in _alternating(list(runs), index):
             run = runs[name]
-            single, pair = run(config, overrides, steps, 1, np=1), run(config, overrides, steps, 1, np=2)
+            # The in-step figure: scaling of the step itself, as DDP's baseline measures it.
+            single = run(config, overrides, steps, 1, np=1)["step"]
+            pair = run(config, overrides, steps, 1, np=2)["step"]
             one[name].append(single)
             two[name].append(pair)
             per_round[name].append(pair / (2 * single))
@@ -193,14 +217,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, overrides)
     if args.mode == "plain":
-        print(plain_loop(cfg, args.steps))
+        print(json.dumps(plain_loop(cfg, args.steps)))
         return
     from mpi4py import MPI  # the DDP ranks are an MPI job (_baseline launches them with mpirun)
 
     world = MPI.COMM_WORLD
     tokens_per_s = plain_loop(cfg, args.steps, ddp_rank=(world.rank, world.size))
     if world.rank == 0:
-        print(tokens_per_s)
+        print(json.dumps(tokens_per_s))
 
 
 if __name__ == "__main__":

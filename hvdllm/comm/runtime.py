@@ -28,7 +28,7 @@ def horovod():
 
 
 def init(comm: Any = None, process_sets: Sequence[Sequence[int]] | None = None,
-         threads: int = 0) -> None:
+         threads: int = 0) -> list:
     """Initialize Horovod (idempotent) and this rank's torch threads.
 
     Args:
@@ -36,21 +36,26 @@ def init(comm: Any = None, process_sets: Sequence[Sequence[int]] | None = None,
             MPI_COMM_WORLD; None uses the whole world.
         process_sets: extra groups of ranks to register as Horovod process sets.
         threads: torch intra-op threads; 0 = the node's cores divided by its local ranks.
+
+    Returns:
+        The registered ``hvd.ProcessSet`` objects, in the order of ``process_sets``.
     """
     if _state["hvd"] is not None:
         if process_sets:  # they can only be declared at hvd.init (without dynamic process sets)
             raise RuntimeError("Horovod is already initialized: process sets must be given to the first init()")
-        return
+        return []
     import horovod.torch as hvd
 
     kwargs: dict[str, Any] = {}
     if comm is not None:
         kwargs["comm"] = comm
-    if process_sets:
-        kwargs["process_sets"] = [hvd.ProcessSet(list(ranks)) for ranks in process_sets]
+    sets = [hvd.ProcessSet(list(ranks)) for ranks in process_sets or ()]
+    if sets:
+        kwargs["process_sets"] = sets
     hvd.init(**kwargs)
     _state["hvd"] = hvd
     set_threads(threads, hvd.local_size())
+    return sets
 
 
 def set_threads(threads: int, ranks_on_node: int) -> None:

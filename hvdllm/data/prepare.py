@@ -8,16 +8,24 @@ that order: exact dedup (first occurrence wins), near-dedup (on rank 0), the tra
 knows the global offset of its token stream and borrows the few tokens its last sample needs
 from the next ranks). So the samples, in order, are the same whatever N is; only where the
 shard files are cut differs. Rank 0 writes the manifest last.
+
+The new dataset is built in a hidden folder inside --out and moved into place (renames only)
+once complete, so a failure part way (a full disk) leaves any old dataset there intact.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -27,11 +35,13 @@ from hvdllm.comm.mpi import phase, world
 from hvdllm.data import shards
 from hvdllm.data.clean import clean_reason, normalize
 from hvdllm.data.dedup import MinHasher, NearDuplicateIndex, exact_hash
-from hvdllm.data.sources import Document, ReadStats, preset_files, read_documents, resolve_inputs
+from hvdllm.data.sources import Document, ReadStats, Skipped, preset_files, read_documents, resolve_inputs
 from hvdllm.data.tokenizer import byte_tokenizer, eos_id, load_tokenizer, tokenizer_sha256, train_bpe
 from hvdllm.errors import UserError
+from hvdllm.paths import require_file, require_writable_folder
 
 SPLITS = ("train", "val")
+MAX_SEQ_LEN = 1 << 24  # tokens per sample; beyond it a row of a shard would not fit in memory
 
 
 @dataclass
@@ -58,7 +68,7 @@ class PrepareOptions:
     def validate(self) -> None:
         if bool(self.inputs) == bool(self.preset):
             raise UserError("give input paths or --preset, not both or neither")
-        checks = {"--seq-len": self.seq_len >= 1, "--vocab-size": 258 <= self.vocab_size <= 1 << 32,
+        checks = {"--seq-len": 1 <= self.seq_len <= MAX_SEQ_LEN, "--vocab-size": 258 <= self.vocab_size <= 1 << 32,
                   "--val-fraction": 0 <= self.val_fraction < 1, "--min-chars": self.min_chars >= 0,
                   "--max-noise": 0 <= self.max_noise <= 1, "--near-dup-threshold": 0 <= self.near_dup_threshold <= 1,
                   "--samples-per-shard": self.samples_per_shard >= 1, "--shingle": self.shingle >= 1,
@@ -215,9 +225,13 @@ def run_prepare(opts: PrepareOptions) -> dict:
 
     with phase(comm):
         opts.validate()
-        files = preset_files(opts.preset) if opts.preset else resolve_inputs(opts.inputs)
-        if opts.tokenizer not in ("bpe", "byte") and not Path(opts.tokenizer).is_file():
-            raise UserError(f"{opts.tokenizer}: no such tokenizer file (or use --tokenizer bpe|byte)")
+        skipped = Skipped()
+        files = preset_files(opts.preset) if opts.preset else resolve_inputs(opts.inputs, skipped)
+        if rank == 0 and skipped.by_reason:
+            print(skipped.describe(), file=sys.stderr, flush=True)
+        if opts.tokenizer not in ("bpe", "byte"):
+            require_file(opts.tokenizer, "tokenizer file", " (or use --tokenizer bpe|byte)")
+        require_writable_folder(out, "--out")
         if (out / shards.MANIFEST).exists() and not opts.overwrite:
             raise UserError(f"{out / shards.MANIFEST} exists: pass --overwrite to replace that dataset")
     with phase(comm):
@@ -238,17 +252,83 @@ def run_prepare(opts: PrepareOptions) -> dict:
     streams, masks = _encode(docs, split, tok, with_mask, rank)
     lap("tokenize")
 
+    # Everything is written into a hidden folder inside --out and moved into place at the end,
+    # so a failure (a full disk) leaves the old dataset as it was.
+    with phase(comm):
+        build = _make_build_folder(comm, out)
+    try:
+        manifest = _pack_and_write(comm, opts, build, streams, masks, tok, vocab_size, with_mask, docs, split,
+                                   stats, timings, lap)
+        with phase(comm):
+            if rank == 0:
+                _move_into_place(build, out)
+    finally:
+        if rank == 0:
+            shutil.rmtree(build, ignore_errors=True)
+    return manifest
+
+
+def _make_build_folder(comm, out: Path) -> Path:
+    """A new empty hidden folder inside ``out`` (the same file system, so moving the files
+    into place is a rename and needs no space), made by rank 0 and named to every rank."""
+    name, error = None, None
+    if comm.rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            name = tempfile.mkdtemp(prefix=".building-", dir=out)
+        except OSError as err:
+            error = f"--out {out}: cannot create a folder in it: {err.strerror or err}"
+    name, error = comm.bcast((name, error), root=0)
+    if error:
+        raise UserError(error)
+    return Path(name)
+
+
+def _old_dataset_files(out: Path) -> set[str]:
+    """The files the dataset now in ``out`` consists of (none when there is no sound manifest)."""
+    try:
+        old = shards.read_manifest(out)
+    except UserError:
+        return set()
+    return {e["file"] for e in old["shards"]} | {old["tokenizer"]["file"]}
+
+
+def _move_into_place(build: Path, out: Path) -> None:
+    """Replace the dataset in ``out`` with the one in ``build``, renames only. The old manifest
+    goes first and the new one comes last, so a manifest never lists a mix of old and new
+    shards; files in ``out`` that are not part of the old dataset are left alone."""
+    old_files = _old_dataset_files(out)
+    try:
+        (out / shards.MANIFEST).unlink(missing_ok=True)
+        new_files = sorted(p.name for p in build.iterdir() if p.name != shards.MANIFEST)
+        for name in new_files:
+            os.replace(build / name, out / name)
+        for name in old_files - set(new_files):
+            (out / name).unlink(missing_ok=True)
+        os.replace(build / shards.MANIFEST, out / shards.MANIFEST)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot move the new dataset into place: {err.strerror or err}") from None
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A failed write (a full disk, a quota) as one line naming the file."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"{path}: cannot write: {err.strerror or err}") from None
+
+
+def _pack_and_write(comm, opts: PrepareOptions, out: Path, streams, masks, tok, vocab_size: int, with_mask: bool,
+                    docs, split, stats: Counter, timings: dict, lap) -> dict:
+    """Cut the token streams into samples, write this rank's shards into ``out`` and, on rank
+    0, the tokenizer and the manifest; returns the manifest on rank 0 (else {})."""
+    rank, size = comm.rank, comm.size
     row = opts.seq_len + 1
     dtype = shards.token_dtype(vocab_size)
     tok_sha = tokenizer_sha256(tok)
     attrs = {"format_version": shards.FORMAT_VERSION, "seq_len": opts.seq_len, "vocab_size": vocab_size,
              "tokenizer_sha256": tok_sha}
-    with phase(comm):
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            # From here on the old dataset is being replaced: never leave its manifest
-            # pointing at a mix of old and new shards.
-            (out / shards.MANIFEST).unlink(missing_ok=True)
     entries = []
     with phase(comm):
         for s in SPLITS:
@@ -257,13 +337,16 @@ def run_prepare(opts: PrepareOptions) -> dict:
             if len(rows) and int(rows.max()) >= vocab_size:
                 raise UserError(f"{opts.tokenizer}: produced token id {int(rows.max())} >= vocab size {vocab_size}")
             counts = comm.allgather(-(-len(rows) // opts.samples_per_shard))
+            if s == "train" and sum(counts) == 0:  # the same on every rank: a global count
+                raise UserError(_too_short(comm, streams[s], opts.seq_len))
             number = sum(counts[:rank])
             for begin in range(0, len(rows), opts.samples_per_shard):
                 name = f"{s}-{number:05d}.h5"
                 features = {"tokens": rows[begin:begin + opts.samples_per_shard].astype(dtype)}
                 if mask_rows is not None:
                     features["loss_mask"] = mask_rows[begin:begin + opts.samples_per_shard]
-                digest = shards.write_shard(out / name, features, {**attrs, "split": s})
+                with _writing(out / name):
+                    digest = shards.write_shard(out / name, features, {**attrs, "split": s})
                 entries.append({"file": name, "split": s, "samples": len(features["tokens"]),
                                 "tokens": int(features["tokens"].size), "sha256": digest})
                 number += 1
@@ -275,13 +358,22 @@ def run_prepare(opts: PrepareOptions) -> dict:
     all_stats = comm.gather(stats, root=0)
     all_timings = comm.gather(timings, root=0)
     manifest: dict = {}
-    if rank == 0:
-        # Written as to_str() exactly, so the file's sha256 is the one in the manifest.
-        write_text_atomic(out / "tokenizer.json", tok.to_str())
-        manifest = _manifest(opts, size, vocab_size, tok_sha, dtype, with_mask, all_entries, all_stats, all_timings)
-        write_json_atomic(out / shards.MANIFEST, manifest)
-    comm.barrier()
+    with phase(comm):
+        if rank == 0:
+            # Written as to_str() exactly, so the file's sha256 is the one in the manifest.
+            with _writing(out / "tokenizer.json"):
+                write_text_atomic(out / "tokenizer.json", tok.to_str())
+            manifest = _manifest(opts, size, vocab_size, tok_sha, dtype, with_mask, all_entries, all_stats,
+                                 all_timings)
+            with _writing(out / shards.MANIFEST):
+                write_json_atomic(out / shards.MANIFEST, manifest)
     return manifest
+
+
+def _too_short(comm, stream: np.ndarray, seq_len: int) -> str:
+    tokens = comm.allreduce(len(stream))
+    return (f"the training text has {tokens} tokens, fewer than one sample of --seq-len {seq_len} + 1: "
+            "add text or lower --seq-len")
 
 
 def _manifest(opts, size, vocab_size, tok_sha, dtype, with_mask, all_entries, all_stats, all_timings) -> dict:

@@ -9,6 +9,7 @@ Every file is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,8 +17,9 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from hvdllm.atomic import atomic_path
+from hvdllm.atomic import atomic_write
 from hvdllm.errors import UserError
+from hvdllm.paths import path_kind, require_file, require_folder
 
 FORMAT_NAME = "hvdllm-shards"
 FORMAT_VERSION = 1
@@ -55,37 +57,67 @@ def write_shard(path: str | Path, features: Mapping[str, np.ndarray], attrs: Map
     lengths = {name: len(array) for name, array in features.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"features of {path.name} disagree on the number of samples: {lengths}")
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for key, value in attrs.items():
-                f.attrs[key] = value
-            for name, array in features.items():
-                row_bytes = array[0].nbytes if len(array) else array.dtype.itemsize
-                chunk = (min(len(array), rows_per_chunk(row_bytes)) or 1,) + array.shape[1:]
-                f.create_dataset(name, data=array, chunks=chunk if len(array) else None)
-        digest = file_sha256(tmp)
-    return digest
+    # The HDF5 image is built in memory and written with plain file I/O: libhdf5 handles a
+    # failed write (a full disk) badly, leaving objects open that crash the process at exit.
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        for name, array in features.items():
+            row_bytes = array[0].nbytes if len(array) else array.dtype.itemsize
+            chunk = (min(len(array), rows_per_chunk(row_bytes)) or 1,) + array.shape[1:]
+            f.create_dataset(name, data=array, chunks=chunk if len(array) else None)
+    data = image.getbuffer()
+    with atomic_write(path) as out:
+        out.write(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_manifest(folder: str | Path) -> dict:
     """The manifest of a shard folder; a UserError naming the file when it is missing or bad."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"data folder {folder} does not exist (run `hvdllm prepare` first)")
+    folder = require_folder(folder, "data folder", " (run `hvdllm prepare` first)")
     path = folder / MANIFEST
-    if not path.is_file():
+    if path_kind(path) == "missing":
         raise UserError(f"{path}: no manifest (not a finished `hvdllm prepare` output)")
+    require_file(path, "manifest")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: unreadable manifest: {err}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: not an {FORMAT_NAME} v{FORMAT_VERSION} manifest "
                         f"(format {manifest.get('format')!r} v{manifest.get('format_version')!r})")
-    for key in ("seq_len", "vocab_size", "tokenizer", "shards"):
-        if key not in manifest:
-            raise UserError(f"{path}: manifest has no {key!r}")
+    _check_manifest_shape(manifest, path)
+    require_file(folder / manifest["tokenizer"]["file"], "tokenizer", f" (listed in {path})")
     return manifest
+
+
+# What each manifest field must be; checked once here so no reader meets a KeyError later.
+_MANIFEST_FIELDS = {"seq_len": int, "vocab_size": int, "tokenizer": dict, "shards": list}
+_TOKENIZER_FIELDS = {"file": str, "sha256": str}
+_SHARD_FIELDS = {"file": str, "split": str, "samples": int, "tokens": int, "sha256": str}
+
+
+def _check_fields(record: Any, fields: dict[str, type], where: str) -> None:
+    if not isinstance(record, dict):
+        raise UserError(f"{where} must be a JSON object, not {type(record).__name__}")
+    for key, kind in fields.items():
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{where}: {key!r} must be a {kind.__name__}, got {value!r}")
+
+
+def _check_manifest_shape(manifest: dict, path: Path) -> None:
+    _check_fields(manifest, _MANIFEST_FIELDS, f"{path}")
+    _check_fields(manifest["tokenizer"], _TOKENIZER_FIELDS, f"{path}: tokenizer")
+    for i, entry in enumerate(manifest["shards"]):
+        _check_fields(entry, _SHARD_FIELDS, f"{path}: shards[{i}]")
+        if Path(entry["file"]).name != entry["file"]:
+            raise UserError(f"{path}: shards[{i}]: file {entry['file']!r} must be a name inside the folder")
+    if manifest["seq_len"] < 1 or manifest["vocab_size"] < 1:
+        raise UserError(f"{path}: seq_len and vocab_size must be >= 1")
 
 
 def open_shard(path: str | Path, manifest: Mapping[str, Any]) -> h5py.File:
@@ -119,6 +151,8 @@ def verify_folder(folder: str | Path, check_tokens: bool = True) -> list[str]:
     except UserError as err:
         return [str(err)]
     problems = []
+    if not any(e["split"] == "train" and e["samples"] > 0 for e in manifest["shards"]):
+        problems.append(f"{folder / MANIFEST}: no training samples (an empty dataset)")
     tokenizer = folder / manifest["tokenizer"]["file"]
     if not tokenizer.is_file():
         problems.append(f"{tokenizer}: tokenizer listed in the manifest is missing")

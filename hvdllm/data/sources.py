@@ -10,7 +10,7 @@ import glob
 import gzip
 import json
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -50,20 +50,70 @@ def preset_files(name: str) -> list[Path]:
     return sorted(p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts))
 
 
-def resolve_inputs(inputs: list[str]) -> list[Path]:
-    """Expand files, folders (their text files, recursively) and globs into a sorted list."""
+@dataclass
+class Skipped:
+    """Files of input folders that are not read, by reason ("binary", "unreadable", ...)."""
+    by_reason: dict[str, list[Path]] = field(default_factory=dict)
+
+    def add(self, path: Path, reason: str) -> None:
+        self.by_reason.setdefault(reason, []).append(path)
+
+    def describe(self, examples: int = 3) -> str:
+        """E.g. "skipped 3 files: 2 binary (a.png, b.bin), 1 hidden (.git/config)"; "" if none."""
+        if not self.by_reason:
+            return ""
+        parts = []
+        for reason, paths in sorted(self.by_reason.items()):
+            names = ", ".join(str(p) for p in sorted(paths)[:examples]) + (", ..." if len(paths) > examples else "")
+            parts.append(f"{len(paths)} {reason} ({names})")
+        total = sum(len(paths) for paths in self.by_reason.values())
+        return f"skipped {total} file{'s' if total != 1 else ''}: " + ", ".join(parts)
+
+
+def _folder_file_reason(path: Path, folder: Path) -> str:
+    """Why a file found in an input folder is not read ("" when it is): a known text or
+    JSONL suffix is read; other files are read when their content looks like text."""
+    if any(part.startswith(".") for part in path.relative_to(folder).parts):
+        return "hidden"  # .git, .venv, editor files: never the corpus
+    if path.name.endswith(TEXT_SUFFIXES):
+        return ""
+    if path.name.endswith(".gz"):
+        return "compressed but not .jsonl.gz"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError:
+        return "unreadable"
+    if not head:
+        return "empty"
+    return "binary" if looks_binary(head) else ""
+
+
+def resolve_inputs(inputs: list[str], skipped: Skipped | None = None) -> list[Path]:
+    """Expand files, folders (their text files, recursively) and globs into a sorted list.
+
+    Files named directly are always read. In folders, files with a known suffix are read and
+    others when their content is text; what is left out is recorded in ``skipped``.
+    """
+    skipped = skipped if skipped is not None else Skipped()
     files: set[Path] = set()
     for item in inputs:
         matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] if glob.has_magic(item) else [Path(item)]
         if not matches or not all(m.exists() for m in matches):
             raise UserError(f"{item}: no such file or folder")
         for match in matches:
-            if match.is_dir():
-                files.update(p for p in match.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
-            else:
+            if not match.is_dir():
                 files.add(match)
+                continue
+            for path in sorted(p for p in match.rglob("*") if p.is_file()):
+                reason = _folder_file_reason(path, match)
+                if reason:
+                    skipped.add(path, reason)
+                else:
+                    files.add(path)
     if not files:
-        raise UserError(f"no input files found in {', '.join(inputs)}")
+        detail = f"; {skipped.describe()}" if skipped.by_reason else ""
+        raise UserError(f"no input files found in {', '.join(inputs)}{detail}")
     return sorted(files)
 
 

@@ -1,8 +1,10 @@
 """How work and updates are spread over ranks: the layout, and the strategy that runs it."""
 
 from hvdllm.errors import UserError
+from hvdllm.model.presets import gpt_config_from
 from hvdllm.parallel.base import ParallelStrategy
 from hvdllm.parallel.layout import Layout, RankCoords, build_layout, rank_coordinates
+from hvdllm.parallel.partition import check_manual_cut
 from hvdllm.parallel.precision import Precision
 from hvdllm.parallel.single import SingleProcess
 from hvdllm.parallel.sync import HorovodSync, apply_horovod_environment, horovod_environment
@@ -17,11 +19,7 @@ def build_strategy(cfg, world_size: int) -> ParallelStrategy:
     """
     parallel = cfg.parallel
     layout = build_layout(parallel, world_size)
-    if layout.pipeline > 1:
-        raise UserError("parallel.pipeline > 1 (pipeline stages across ranks) is not available yet: "
-                        "use parallel.pipeline=1")
-    if len(layout.devices) > 1:
-        raise UserError("parallel.devices with more than one device (layer placement) is not available yet")
+    check_model_cut(cfg, layout)
     if layout.servers:
         raise UserError(f"parallel.servers={layout.servers} needs an asynchronous parallel.strategy, "
                         f"not {parallel.strategy!r}")
@@ -30,10 +28,46 @@ def build_strategy(cfg, world_size: int) -> ParallelStrategy:
 
         check_adasum_layout(layout, cfg.train.precision)
         if world_size > 1:
-            return HorovodAdasum(parallel, layout)
+            return HorovodAdasum(cfg, layout)
+    if layout.pipeline > 1:
+        if cfg.train.precision == "fp16":
+            raise UserError("train.precision=fp16 with parallel.pipeline > 1: one loss scale agreed by all stages "
+                            "is not implemented; use bf16")
+        from hvdllm.parallel.pipeline import PipelineParallel
+
+        return PipelineParallel(cfg, layout)
     if world_size == 1:
-        return SingleProcess(parallel, layout)
-    return HorovodSync(parallel, layout)
+        return SingleProcess(cfg, layout)
+    return HorovodSync(cfg, layout)
+
+
+def check_model_cut(cfg, layout: Layout) -> None:
+    """What a cut into pipeline stages or placed devices needs of the model and the batch,
+    checked before any communication: a block per stage, and micro-batches dividing every
+    batch size of the run."""
+    stages = max(layout.pipeline, len(layout.devices))
+    if stages == 1:
+        return
+    parallel = cfg.parallel
+    key = "parallel.pipeline" if layout.pipeline > 1 else "parallel.devices"
+    if layout.pipeline > 1 and len(layout.devices) > 1:
+        raise UserError("parallel.pipeline > 1 and several parallel.devices cannot be combined: choose one")
+    try:
+        n_layer = gpt_config_from(cfg.model).n_layer
+    except ValueError as err:  # an unknown preset
+        raise UserError(str(err)) from None
+    if stages > n_layer:
+        raise UserError(f"{key} asks for {stages} stages but the model has {n_layer} blocks (model.n_layer)")
+    if parallel.stage_layers:
+        check_manual_cut(parallel.stage_layers, stages, n_layer)
+    batches = {"data.batch_size": cfg.data.batch_size}
+    if cfg.data.global_batch_size:
+        batches = {"data.global_batch_size / (data x accum_steps)":
+                   cfg.data.global_batch_size // (layout.data * parallel.accum_steps)}
+    batches.update({f"stages[{i}].batch_size": s.batch_size for i, s in enumerate(cfg.stages) if s.batch_size})
+    for name, size in batches.items():
+        if size % parallel.micro_batches:
+            raise UserError(f"parallel.micro_batches={parallel.micro_batches} does not divide {name} {size}")
 
 
 __all__ = ["HorovodSync", "Layout", "ParallelStrategy", "Precision", "RankCoords", "SingleProcess",

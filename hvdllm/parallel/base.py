@@ -24,13 +24,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from hvdllm.errors import UserError
 from hvdllm.parallel.layout import Layout, RankCoords
 from hvdllm.parallel.precision import Precision
 
 
 class ParallelStrategy(ABC):
-    def __init__(self, parallel_cfg, layout: Layout) -> None:
-        self.cfg = parallel_cfg
+    def __init__(self, cfg, layout: Layout) -> None:
+        self.run_cfg = cfg  # the whole Config: a cut is balanced for the run's batch and optimizer
+        self.cfg = cfg.parallel
         self.layout = layout
         self.coords: RankCoords | None = None  # known once setup() has started the runtime
         self.device = torch.device("cpu")
@@ -60,10 +62,26 @@ class ParallelStrategy(ABC):
         """Whether this rank holds state no other rank writes (data rank 0 of each stage)."""
         return self.coords.data_rank == 0
 
+    @property
+    def checkpoint_shard(self) -> int:
+        """Which shard of a checkpoint this rank's state is: its pipeline stage."""
+        return self.coords.stage
+
     def parallelize(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """Cut, place and wrap the model; returns the part this rank trains."""
+        """Cut, place and wrap the model; returns the part this rank trains. With several
+        ``parallel.devices`` the blocks are placed across them (``device`` is the first)."""
         self.device = device
-        return model.to(device)
+        devices = self.layout.devices
+        if len(devices) <= 1:
+            return model.to(device)
+        from hvdllm.comm import choose_device
+        from hvdllm.parallel.stage_model import PlacedGPT, plan_cut
+
+        data = self.run_cfg.data
+        micro_batch = max(1, data.batch_size // self.cfg.micro_batches)
+        cut, _ = plan_cut(model.cfg, self.cfg, len(devices), data.seq_len or model.cfg.block_size, micro_batch,
+                          self.run_cfg.optim.name)
+        return PlacedGPT(model, cut, [choose_device(name) for name in devices], self.cfg.micro_batches)
 
     @abstractmethod
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
@@ -93,6 +111,12 @@ class ParallelStrategy(ABC):
             finite = finite and math.isfinite(value)
             loss_sum += value if math.isfinite(value) else 0.0
         return loss_sum, finite
+
+    def forward_only(self, model: nn.Module, inputs: torch.Tensor, precision: Precision) -> torch.Tensor | None:
+        """Collective under a pipeline: the logits of ``inputs`` for evaluation, on the ranks
+        that produce them (None on the others)."""
+        with precision.autocast():
+            return model(inputs.to(self.device))[0]
 
     @abstractmethod
     def finish_gradients(self, optimizer: torch.optim.Optimizer, step_stats: torch.Tensor) -> torch.Tensor:
@@ -142,11 +166,23 @@ class ParallelStrategy(ABC):
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """This rank's shard of the training state: its part of the model, its optimizer
         state, and the layout it was cut for."""
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "layout": asdict(self.layout)}
+        layout = {**asdict(self.layout), "cut": self.pipeline_cut()}
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "layout": layout}
 
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load this rank's shard; a checkpoint cut for another pipeline is refused (its
+        shards hold other blocks, and each stage's optimizer state is its own)."""
+        saved = state.get("layout", {})
+        if saved.get("pipeline", 1) != self.layout.pipeline or saved.get("cut") != self.pipeline_cut():
+            raise UserError(f"checkpoint was cut into {saved.get('pipeline', 1)} pipeline stage(s) of "
+                            f"{saved.get('cut')} blocks; this run has {self.layout.pipeline} of {self.pipeline_cut()}: "
+                            f"resume with the checkpoint's parallel.pipeline and parallel.stage_layers")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+
+    def pipeline_cut(self) -> list[int] | None:
+        """Blocks per pipeline stage, as recorded in checkpoints (None without a pipeline)."""
+        return None
 
 
 def step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:

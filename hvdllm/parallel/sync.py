@@ -23,10 +23,17 @@ from hvdllm.parallel.base import ParallelStrategy, step_optimizer
 from hvdllm.parallel.layout import rank_coordinates
 
 
-def horovod_environment(parallel_cfg) -> dict[str, str]:
+def horovod_environment(parallel_cfg, train_cfg=None) -> dict[str, str]:
     """Horovod knobs from the config, as the variables ``hvd.init`` reads; -1 leaves a knob
-    to Horovod (its default, or what the user's environment already says)."""
+    to Horovod (its default, or what the user's environment already says). With
+    ``train_cfg``, Horovod's stall check follows ``train.stall_timeout_s``: the coordinator
+    names the missing ranks after half of it, and Horovod shuts down after twice it, a
+    backstop behind the training loop's own watchdog (hvdllm/train/watchdog.py)."""
     env = {}
+    stall_s = train_cfg.stall_timeout_s if train_cfg is not None else 0
+    if stall_s > 0:
+        env["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(max(1, int(stall_s / 2)))
+        env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(max(2, int(stall_s * 2)))
     if parallel_cfg.fusion_threshold_mb >= 0:
         env["HOROVOD_FUSION_THRESHOLD"] = str(int(parallel_cfg.fusion_threshold_mb * 1024 * 1024))
     if parallel_cfg.cycle_time_ms >= 0:
@@ -52,18 +59,26 @@ class HorovodSync(ParallelStrategy):
     def setup(self, threads: int) -> None:
         apply_horovod_environment(self.cfg)  # hvd.init() reads these once
         # One process set per pipeline stage for its data-parallel allreduce; with a single
-        # stage that group is the whole world, Horovod's global set.
-        stage_sets = self.layout.data_groups() if self.layout.pipeline > 1 else None
-        comm.init(process_sets=stage_sets, threads=threads)
+        # stage that group is the whole world (Horovod's global set), with a single replica
+        # there is nothing to reduce.
+        split = self.layout.pipeline > 1 and self.layout.data > 1
+        stage_sets = comm.init(process_sets=self.layout.data_groups() if split else None, threads=threads)
         self.hvd = comm.horovod()
         self.coords = rank_coordinates(self.layout, self.hvd.rank())
+        self.data_set = stage_sets[self.coords.stage] if split else self.hvd.global_process_set
 
     def wrap_optimizer(self, optimizer, model: nn.Module):
         hvd = self.hvd
         compression = hvd.Compression.fp16 if self.cfg.compression == "fp16" else hvd.Compression.none
         return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                         compression=compression, op=hvd.Average,
-                                        backward_passes_per_step=self.cfg.accum_steps)
+                                        backward_passes_per_step=self.backward_passes_per_step,
+                                        process_set=self.data_set)
+
+    @property
+    def backward_passes_per_step(self) -> int:
+        """Backward passes over each parameter per optimizer step: Horovod reduces after the last."""
+        return self.cfg.accum_steps
 
     def broadcast_state(self, model: nn.Module, optimizer) -> None:
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)

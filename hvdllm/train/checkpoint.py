@@ -4,23 +4,28 @@ rename) by the ranks that hold it, pruned, checked and resumed from.
 Files live in ``RUN_DIR/checkpoints/``: ``step-00000100.pt`` for the last K steps and
 ``best.pt`` (a hard link to the step with the best validation loss). Everything in them is
 tensors, numbers, strings, lists and dicts, so they load with ``torch.load(weights_only=True)``.
+Each has a ``NAME.sha256`` beside it: the sha256 of the file's bytes, computed while they
+were written and put in place before the checkpoint itself, so flipped bits on disk are
+caught on load instead of training on from garbage weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from hvdllm.atomic import atomic_path, atomic_write
+from hvdllm.atomic import atomic_path, atomic_write, write_text_atomic
 from hvdllm.config import config_to_toml
 from hvdllm.errors import UserError
 from hvdllm.model import GPTConfig
 
-_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+_STEP_FILE = re.compile(r"^step-(\d+)(?:\.stage-(\d+))?\.pt$")
 REQUIRED_KEYS = ("model", "optimizer", "step", "config_toml", "model_config")
 
 
@@ -28,34 +33,100 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int, is_best: bool) -> Path:
-    """Write ``state`` as step-N.pt, point best.pt at it if ``is_best``, prune old steps."""
+def shard_path(path: Path, shard: int) -> Path:
+    """Where pipeline stage ``shard`` keeps its part of the checkpoint at ``path``: stage 0
+    (and any layout of one stage) at ``path`` itself, stage S beside it as ``NAME.stage-S.pt``."""
+    return path if shard == 0 else path.with_name(f"{path.stem}.stage-{shard}{path.suffix}")
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+class _HashingWriter:
+    """A write-only file that hashes the bytes on their way to ``file`` (no second read)."""
+
+    def __init__(self, file) -> None:
+        self.file, self.sha = file, hashlib.sha256()
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err  # torch's zip writer reports it only as "unexpected pos ..."
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int, is_best: bool,
+                    shard: int = 0) -> Path:
+    """Write ``state`` as step-N.pt (pipeline stage ``shard``'s file) with its checksum, point
+    best.pt at it if ``is_best``, prune old steps. An OSError (a full disk) leaves the previous
+    checkpoints as they were."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:08d}.pt"
+    path = shard_path(folder / f"step-{step:08d}.pt", shard)
     with atomic_write(path) as f:
-        torch.save(state, f)
+        writer = _HashingWriter(f)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None  # what really failed: a full disk, a quota
+            raise
+        write_text_atomic(checksum_path(path), writer.sha.hexdigest() + "\n")  # before the .pt is in place
     if is_best:
-        with atomic_path(folder / "best.pt") as link:  # a second name for the same file, no copy
-            os.link(path, link)
-    for old in step_checkpoints(folder)[:-keep_last]:
+        best = shard_path(folder / "best.pt", shard)
+        for source, name in ((checksum_path(path), checksum_path(best)), (path, best)):
+            with atomic_path(name) as link:  # a second name for the same file, no copy
+                os.link(source, link)
+    for old in step_checkpoints(folder, shard)[:-keep_last]:
         old.unlink(missing_ok=True)  # best.pt is a separate link and survives
+        checksum_path(old).unlink(missing_ok=True)
     return path
 
 
-def step_checkpoints(folder: Path) -> list[Path]:
-    """step-N.pt files, oldest first."""
+def step_checkpoints(folder: Path, shard: int = 0) -> list[Path]:
+    """step-N.pt files (of pipeline stage ``shard``), oldest first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _STEP_FILE.match(p.name)) and int(m.group(2) or 0) == shard]
     return [p for _, p in sorted(found)]
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def verify_checksum(path: Path) -> None:
+    """Compare the file with the checksum written beside it (checkpoints of older versions
+    have none and are only checked by loading)."""
+    stored = checksum_path(path)
+    if not stored.is_file():
+        return
+    expected, actual = stored.read_text().strip(), file_sha256(path)
+    if actual != expected:
+        raise UserError(f"{path}: corrupt checkpoint (sha256 {actual[:16]}..., but {stored.name} "
+                        f"says {expected[:16]}...)")
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load and check a checkpoint; a UserError naming the file if it is corrupt or truncated."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: checkpoint does not exist")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a checkpoint file")
+    verify_checksum(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors, zip errors...
@@ -76,24 +147,77 @@ def resolve_resume(resume: str, run_dir: str | Path) -> tuple[Path | None, dict 
         return Path(resume), load_checkpoint(resume)
     for path in reversed(step_checkpoints(checkpoint_dir(run_dir))):
         try:
-            return path, load_checkpoint(path)
+            state = load_checkpoint(path)
+            for stage in range(1, int(state.get("layout", {}).get("pipeline", 1))):
+                check_shard(shard_path(path, stage))  # every rank must pick the same step
+            return path, state
         except UserError as err:
             sys.stderr.write(f"warning: skipping {err}\n")  # one write: ranks must not interleave
             sys.stderr.flush()
     return None, None
 
 
-def resume_state(cfg, run_dir: Path, model_config: dict) -> tuple[Path | None, dict | None]:
-    """The checkpoint ``checkpoint.resume`` asks for, checked against this run; refuses to
-    start a fresh run over a run folder that holds checkpoints."""
+def check_shard(path: Path) -> None:
+    """A pipeline stage's checkpoint file is there and matches its checksum."""
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint shard is missing")
+    verify_checksum(path)
+
+
+def resume_state(cfg, run_dir: Path, model_config: dict, tokenizer_json: str,
+                 say: Callable[[str], None], shard: int = 0) -> tuple[Path | None, dict | None]:
+    """The checkpoint ``checkpoint.resume`` asks for (pipeline stage ``shard``'s file of it),
+    checked against this run's model and tokenizer; refuses to start a fresh run over a run
+    folder that holds checkpoints. ``say`` prints a note on the logging rank."""
     path, state = resolve_resume(cfg.checkpoint.resume, run_dir)
-    if state is None and step_checkpoints(checkpoint_dir(run_dir)):
+    if state is not None and shard:
+        path = shard_path(path, shard)
+        state = load_checkpoint(path)
+    folder = checkpoint_dir(run_dir)
+    if state is None and step_checkpoints(folder):
+        if cfg.checkpoint.resume == "auto":
+            raise UserError(f"no sound checkpoint in {folder} (every one is corrupt, see the warnings above): "
+                            f"move them away to start afresh, or pass --checkpoint.resume=PATH")
         raise UserError(f"{run_dir} already holds checkpoints: continue it with "
                         f"--checkpoint.resume=auto, or choose another --train.run_dir")
+    if state is None and cfg.checkpoint.resume == "auto":
+        say(f"note: checkpoint.resume=auto: no checkpoint in {folder}, so this is a fresh run "
+            f"(metrics.jsonl starts anew)")
     if state is not None and state["model_config"] != model_config:
         raise UserError(f"{path}: checkpoint was trained with a different model "
                         f"({state['model_config']}), not {model_config}")
+    if state is not None and state["tokenizer_json"] != tokenizer_json:
+        raise UserError(f"{path}: checkpoint was trained with tokenizer sha256 {_text_sha(state['tokenizer_json'])}, "
+                        f"but {cfg.data.path} was made with tokenizer sha256 {_text_sha(tokenizer_json)}: "
+                        f"token ids would mean other text")
     return path, state
+
+
+def _text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def map_data_position(data_state: dict, global_batch: int) -> dict:
+    """The loader state ``data_state`` (epoch, batch in units of its global batch) in units
+    of ``global_batch`` samples, e.g. after a change in the number of data-parallel ranks:
+    the same sample of the same epoch comes next. Raises UserError when no whole batch
+    starts there."""
+    old_global = int(data_state.get("global_batch", global_batch))  # older checkpoints: assume unchanged
+    sample = int(data_state["batch"]) * old_global  # position in the epoch's permutation
+    if sample % global_batch:
+        raise UserError(f"cannot resume the data exactly: the checkpoint stopped at sample {sample} of epoch "
+                        f"{data_state['epoch']} (global batch {old_global}), which is not a multiple of this "
+                        f"run's global batch {global_batch} (data-parallel ranks x data.batch_size)")
+    return {"epoch": int(data_state["epoch"]), "batch": sample // global_batch}
+
+
+def full_model_state(path: Path, state: dict) -> dict:
+    """The whole model's state dict from the checkpoint at ``path``: a pipeline run's stages
+    each wrote their blocks beside it, under the full model's keys, so they merge as they are."""
+    merged = dict(state["model"])
+    for stage in range(1, int(state.get("layout", {}).get("pipeline", 1))):
+        merged.update(load_checkpoint(shard_path(Path(path), stage))["model"])
+    return merged
 
 
 def model_config_from_checkpoint(state: dict) -> GPTConfig:
@@ -107,20 +231,22 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
-def save_training_state(trainer, is_best: bool) -> None:
+def save_training_state(trainer, is_best: bool) -> bool:
     """Collective (every rank contributes its RNG state, so dropout replays exactly); the
-    ranks holding state no other rank holds write it."""
+    ranks holding state no other rank holds write it. Returns False when this rank could not
+    write (a full disk, a quota): one line on stderr, the previous checkpoints are kept, and
+    training can go on (the next due checkpoint tries again)."""
     strategy, cfg = trainer.strategy, trainer.cfg
     rng_states = strategy.allgather_object(rng_state(trainer.device), name="checkpoint_rng")
     if not strategy.writes_checkpoint:
-        return
+        return True
     state = {
         **strategy.state_dict(trainer.model, trainer.optimizer),
         "schedule": trainer.schedule.state_dict(),
         "scaler": trainer.precision.scaler.state_dict() if trainer.precision.scaler is not None else None,
         "step": trainer.step,
         "stage": trainer.stage.index,
-        "data": trainer.loader.state_dict(),
+        "data": {**trainer.loader.state_dict(), "global_batch": trainer.loader.global_batch},
         "rng": rng_states,
         "val_loss": trainer.val_loss.state_dict(),
         "world_size": strategy.world_size,
@@ -128,8 +254,17 @@ def save_training_state(trainer, is_best: bool) -> None:
         "model_config": vars(trainer.gpt_cfg),
         "tokenizer_json": trainer.tokenizer_json,
     }
-    save_checkpoint(state, trainer.run_dir, trainer.step, cfg.checkpoint.keep_last,
-                    is_best and cfg.checkpoint.keep_best)
+    try:
+        path = save_checkpoint(state, trainer.run_dir, trainer.step, cfg.checkpoint.keep_last,
+                               is_best and cfg.checkpoint.keep_best, strategy.checkpoint_shard)
+    except OSError as err:
+        kept = step_checkpoints(checkpoint_dir(trainer.run_dir))
+        sys.stderr.write(f"error: rank {strategy.coords.rank}: checkpoint of step {trainer.step} not written "
+                         f"({err.strerror or err}); kept: {kept[-1] if kept else 'no earlier checkpoint'}\n")
+        sys.stderr.flush()
+        return False
+    trainer.say(f"checkpoint: step {trainer.step} saved to {path}" + (" (best so far)" if is_best else ""))
+    return True
 
 
 def restore_training_state(trainer, state: dict) -> None:
@@ -143,7 +278,8 @@ def restore_training_state(trainer, state: dict) -> None:
     if trainer.step < trainer.total_steps:
         stage = trainer.stage_at(trainer.step)
         same_stage = stage.index == state["stage"]
-        trainer.enter_stage(stage, state["data"] if same_stage else None, state["schedule"] if same_stage else None)
+        data = map_data_position(state["data"], trainer.dp_size * stage.batch_size) if same_stage else None
+        trainer.enter_stage(stage, data, state["schedule"] if same_stage else None)
     rng, rank = state["rng"], trainer.strategy.coords.rank
     if len(rng) == trainer.strategy.world_size:
         torch.set_rng_state(rng[rank]["torch"])

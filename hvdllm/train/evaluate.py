@@ -26,10 +26,11 @@ def evaluate(model: nn.Module, samples: ShardedSamples, strategy: ParallelStrate
     batches = iter(loader)
     for _ in range(min(max_batches, loader.batches_per_epoch)):
         batch = next(batches)
-        mask = batch.loss_mask.to(strategy.device) if batch.loss_mask is not None else None
-        with precision.autocast():
-            logits, _ = model(batch.inputs.to(strategy.device))
-        sums += torch.stack(masked_loss_sums(logits, batch.targets.to(strategy.device), mask)).double().cpu()
+        logits = strategy.forward_only(model, batch.inputs, precision)
+        if logits is None:
+            continue  # a pipeline stage before the last: the last one counts this batch
+        mask = batch.loss_mask.to(logits.device) if batch.loss_mask is not None else None
+        sums += torch.stack(masked_loss_sums(logits, batch.targets.to(logits.device), mask)).double().cpu()
     sums = strategy.allreduce_sum(sums, name="eval_stats")
     val_loss = (sums[0] / sums[1].clamp(min=1)).item()
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)),

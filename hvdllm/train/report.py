@@ -5,24 +5,71 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 from hvdllm.atomic import atomic_path
 from hvdllm.errors import UserError
+from hvdllm.paths import path_kind, require_file, require_folder
+
+
+# Logged values that report and plots compute with: a number, or null for a non-finite one.
+NUMERIC_FIELDS = ("loss", "val_loss", "val_ppl", "val_acc", "lr", "grad_norm", "tokens_per_s", "step_time_s",
+                  "mfu", "mem_peak_bytes")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_record(record, where: str) -> dict:
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+        raise UserError(f"{where}: not a metrics record (a JSON object with an integer \"step\")")
+    for key in NUMERIC_FIELDS:
+        if record.get(key) is not None and not _is_number(record[key]):
+            raise UserError(f"{where}: {key!r} must be a number or null, got {record[key]!r}")
+    return record
+
+
+def read_metrics_file(path: str | Path, warn=None) -> list[dict]:
+    """The records of a metrics.jsonl, checked; the one reader of that file.
+
+    A last line that does not parse is what a crash in the middle of a write leaves: it is
+    dropped (and ``warn`` called with a message). A bad line anywhere else, or a record of
+    the wrong shape, is a UserError naming the file and line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read: {err.strerror or err}") from None
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    records = []
+    for i, (line_no, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(numbered) - 1:
+                if warn is not None:
+                    warn(f"{path}:{line_no}: torn last line (an interrupted write) ignored")
+                break
+            raise UserError(f"{path}:{line_no}: not a JSON line") from None
+        records.append(_check_record(record, f"{path}:{line_no}"))
+    return records
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The checked records of RUN_DIR/metrics.jsonl (see :func:`read_metrics_file`)."""
+    require_folder(run_dir, "run folder")
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    if path_kind(path) == "missing":
         raise UserError(f"{path}: no metrics (is {run_dir} a run folder?)")
-    records = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{line_no}: not a JSON line") from None
-    return records
+    require_file(path, "metrics log")
+    return read_metrics_file(path, warn=_warn)
 
 
 def plot_run(records: list[dict], path: str | Path) -> Path:
@@ -55,7 +102,8 @@ def plot_run(records: list[dict], path: str | Path) -> Path:
 
 
 def summarize(records: list[dict]) -> str:
-    train = [r for r in records if r.get("loss") is not None]
+    # Skipped steps (a non-finite loss or gradient) have no loss to summarize.
+    train = [r for r in records if r.get("loss") is not None and not r.get("skipped")]
     val = [r for r in records if r.get("val_loss") is not None]
     if not train:
         return "no training steps logged"
@@ -69,10 +117,14 @@ def summarize(records: list[dict]) -> str:
                      f"(best {best['val_loss']:.4f} at step {best['step']}, perplexity {math.exp(best['val_loss']):.2f}, "
                      f"accuracy {best.get('val_acc', float('nan')):.3f})")
     if speeds:
-        lines.append(f"throughput   median {statistics.median(speeds):,.0f} tokens/s over all ranks")
+        lines.append(f"throughput   median {statistics.median(speeds):,.0f} tokens/s over all ranks "
+                     f"(time inside the step; step lines' ms/step is wall clock)")
     mfu = [r["mfu"] for r in train if r.get("mfu") is not None]
     if mfu:
-        lines.append(f"MFU          median {statistics.median(mfu):.4f}")
+        peak = next((r for r in reversed(train) if r.get("peak_flops")), None)
+        source = (f" of {peak['peak_flops'] / 1e12:,.3f} TFLOP/s per rank ({peak.get('peak_flops_source')})"
+                  if peak else "")
+        lines.append(f"MFU          median {statistics.median(mfu):.2%}{source}")
     return "\n".join(lines)
 
 
@@ -80,5 +132,9 @@ def run_report(run_dir: str | Path) -> int:
     records = read_metrics(run_dir)
     print(summarize(records))
     if any(r.get("loss") is not None for r in records):
-        print(f"plot         {plot_run(records, Path(run_dir) / 'training.png')}")
+        path = Path(run_dir) / "training.png"
+        try:
+            print(f"plot         {plot_run(records, path)}")
+        except OSError as err:  # a read-only run folder: the summary above still stands
+            _warn(f"{path}: plot not written: {err.strerror or err}")
     return 0

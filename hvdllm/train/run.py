@@ -3,25 +3,33 @@ there are ranks to talk to), pick the device, then hand over to the Trainer."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 from hvdllm import comm
 from hvdllm.comm.launch import launched_world_size
 from hvdllm.config import Config
-from hvdllm.parallel import build_strategy
+from hvdllm.parallel import build_strategy, horovod_environment
+from hvdllm.paths import require_writable_folder
 from hvdllm.train.trainer import Trainer
 
 
 def run_training(cfg: Config) -> int:
     ranks = launched_world_size()
     strategy = build_strategy(cfg, ranks)  # a bad layout fails here, on every rank, before any init
+    require_writable_folder(cfg.train.run_dir, "train.run_dir")  # so does a run folder it cannot write
     if ranks == 1 and cfg.parallel.timeline:
         print("note: one process, so Horovod is not started and parallel.timeline is not written",
               file=sys.stderr, flush=True)
+    # The knobs that need the train section (the stall check); setup() applies the parallel ones.
+    os.environ.update(horovod_environment(cfg.parallel, cfg.train))
     strategy.setup(cfg.train.threads)
     device = comm.choose_device(strategy.layout.devices[0] if strategy.layout.devices else cfg.train.device)
     trainer = Trainer(cfg, strategy, device)
-    # SLURM preemption sends SIGTERM: finish the step, checkpoint, exit 0.
+    # SLURM preemption sends SIGTERM: finish the step, checkpoint, exit 0. SIGUSR1 does the
+    # same: it is what Open MPI's mpirun forwards to every rank (a SIGTERM to mpirun itself
+    # ends the job with exit status 1 whatever the ranks return).
     signal.signal(signal.SIGTERM, trainer.request_stop)
+    signal.signal(signal.SIGUSR1, trainer.request_stop)
     return trainer.train()

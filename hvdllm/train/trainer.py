@@ -14,7 +14,6 @@ acted on by all ranks at the same step.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,9 @@ from hvdllm.optim.plateau import BestTracker
 from hvdllm.parallel import ParallelStrategy, Precision
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.evaluate import evaluate
-from hvdllm.train.metrics import guess_peak_flops, peak_memory_bytes, start_run_log
+from hvdllm.train.metrics import banner_lines, peak_flops, print_line, start_run_log, step_record
 from hvdllm.train.stages import Stage, plan_stages
+from hvdllm.train.watchdog import StallWatchdog
 
 
 @dataclass
@@ -71,16 +71,20 @@ class Trainer:
         self.stages = plan_stages(cfg, self.dp_size, manifest["seq_len"], self.gpt_cfg.block_size)
         self.total_steps = self.stages[-1].start_step + self.stages[-1].steps
         self.run_dir = Path(cfg.train.run_dir)
-        resume_path, state = ckpt.resume_state(cfg, self.run_dir, vars(self.gpt_cfg))
+        self.tokenizer_json = (Path(cfg.data.path) / manifest["tokenizer"]["file"]).read_text()
+        self.logger, self.watchdog = None, None
+        resume_path, state = ckpt.resume_state(cfg, self.run_dir, vars(self.gpt_cfg), self.tokenizer_json, self.say,
+                                               shard=strategy.checkpoint_shard)
         self.train_samples = ShardedSamples(cfg.data.path, "train", cfg.data.verify_checksums)
         has_val = any(e["split"] == "val" for e in manifest["shards"])
         self.val_samples = ShardedSamples(cfg.data.path, "val", cfg.data.verify_checksums) if has_val else None
-        self.tokenizer_json = (Path(cfg.data.path) / manifest["tokenizer"]["file"]).read_text()
 
         # --- build ----------------------------------------------------------------------
         torch.manual_seed(cfg.train.seed)
         self.precision = Precision(cfg.train.precision, device)
-        self.model = strategy.parallelize(GPT(self.gpt_cfg), device)
+        model = GPT(self.gpt_cfg)  # whole and seeded, before a strategy cuts it: every layout starts alike
+        self.num_params, n_dense = model.num_params(), model.num_params(non_embedding=True)
+        self.model = strategy.parallelize(model, device)
         self.optimizer = strategy.wrap_optimizer(build_optimizer(self.model, cfg.optim, self.stages[0].lr), self.model)
         self.step = 0
         self.bad_steps_in_row = 0
@@ -89,20 +93,20 @@ class Trainer:
         self.schedule: LRSchedule | None = None
         self.loader: DistributedBatches | None = None
         self.batches = None
-        n_dense = self.model.num_params(non_embedding=True)
         g = self.gpt_cfg
         self.flops_per_token = {s.index: flops_per_token(n_dense, g.n_layer, g.n_head, g.d_model // g.n_head,
                                                          s.seq_len) for s in self.stages}
-        self.peak_flops = cfg.train.peak_flops or guess_peak_flops(device, torch.get_num_threads())
+        # Only the logging rank computes MFU, so only it may need to measure the peak.
+        self.peak_flops, self.peak_flops_source = (peak_flops(device, cfg.train.precision, cfg.train.peak_flops)
+                                                   if self.is_main else (0.0, ""))
         if state is not None:
             ckpt.restore_training_state(self, state)
-            if self.is_main:
-                print(f"resuming from {resume_path} at step {self.step}", flush=True)
+            self.say(f"resuming from {resume_path} at step {self.step}")
         self.strategy.broadcast_state(self.model, self.optimizer)  # the first collective
-        self.logger = None
         if self.is_main:
             self.logger = start_run_log(self.run_dir, config_to_toml(cfg), cfg.log, self.total_steps, self.step,
                                         resumed=state is not None)
+            self.logger.write("\n".join(banner_lines(self)))
 
     def enter_stage(self, stage: Stage, data_state: dict | None = None, schedule_state: dict | None = None) -> None:
         """Start reading ``stage``'s data and following its schedule (optionally where a
@@ -131,13 +135,17 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------
     def train(self) -> int:
         """Run to the end (or an early stop, a preemption, too many bad steps); exit status."""
+        self.watchdog = StallWatchdog(self.cfg.train.stall_timeout_s, self.strategy.coords.rank,
+                                      self.strategy.world_size)
         try:
             return self._train()
         finally:
             self.close()
 
     def close(self) -> None:
-        """Stop the loader's reader thread and flush the logs."""
+        """Stop the watchdog and the loader's reader thread and flush the logs."""
+        if self.watchdog is not None:
+            self.watchdog.close()
         if self.loader is not None:
             self.loader.close()
         if self.logger is not None:
@@ -146,22 +154,15 @@ class Trainer:
     def _train(self) -> int:
         while self.step < self.total_steps:
             result = self.train_step()
-            if result.stop_requested:
-                ckpt.save_training_state(self, is_best=False)
-                self._say(f"stop requested (SIGTERM): checkpoint written at step {self.step}; exiting")
-                return 0
-            if result.skipped:
-                self.bad_steps_in_row += 1
-                self._say(f"warning: step {self.step + 1}: non-finite loss or gradient, update skipped "
-                          f"({self.bad_steps_in_row} in a row)")
-                if self.bad_steps_in_row >= self.cfg.train.max_bad_steps:
-                    self._say(f"error: {self.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps): "
-                              f"stopping; the last good checkpoint is kept in {ckpt.checkpoint_dir(self.run_dir)}")
-                    return 1
-            else:
-                self.bad_steps_in_row = 0
+            # A step that ran is done, whatever it carried: it moved the model (or was skipped)
+            # and the loader, so it is counted, logged and checkpointed like any other.
             self.step += 1
-            record = self._step_record(result)
+            self.watchdog.beat(self.step)
+            self.bad_steps_in_row = self.bad_steps_in_row + 1 if result.skipped else 0
+            if result.skipped:
+                self.say(f"warning: step {self.step}: non-finite loss or gradient, update skipped "
+                         f"({self.bad_steps_in_row} in a row)")
+            record = step_record(self, result)
             every = self.cfg.train.eval_every
             evaluated = (every and self.step % every == 0) or self.step == self.total_steps
             improved = False
@@ -171,20 +172,33 @@ class Trainer:
                                        self.cfg.train.eval_batches))
                 improved = self._observe_validation(record["val_loss"])
             if self.logger is not None:
-                if evaluated or self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
+                if evaluated or self.step % self.cfg.log.every == 0 or self.step == self.total_steps \
+                        or result.stop_requested:
                     self.logger.log(record)
                 self.logger.advance()
+            if self.bad_steps_in_row >= self.cfg.train.max_bad_steps:
+                self.say(f"error: {self.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps): "
+                         f"stopping; the last good checkpoint is kept in {ckpt.checkpoint_dir(self.run_dir)}")
+                return 1
             patience = self.cfg.train.early_stop_patience
             stop_early = bool(patience) and self.val_loss.since_best >= patience
             every_ckpt = self.cfg.checkpoint.every
+            final = self.step == self.total_steps or stop_early or result.stop_requested
             # An improving evaluation is checkpointed at once, so best.pt is exactly the best model.
-            due = (every_ckpt and self.step % every_ckpt == 0) or self.step == self.total_steps or stop_early
-            # Not in a run of skipped steps: the newest checkpoint stays the last good state.
-            if (due or improved) and self.bad_steps_in_row == 0:
-                ckpt.save_training_state(self, is_best=improved)
+            # Not in a run of skipped steps (the newest checkpoint stays the last good state),
+            # except for a stop: resuming must continue exactly where this run ends.
+            due = (every_ckpt and self.step % every_ckpt == 0) or final or improved
+            if due and (self.bad_steps_in_row == 0 or result.stop_requested):
+                saved = ckpt.save_training_state(self, is_best=improved)
+                self.watchdog.beat(self.step)
+                if final and not saved:
+                    return 1  # the end of the run is not on disk: a scheduler must see a failure
+            if result.stop_requested:
+                self.say(f"stop requested (SIGTERM): checkpoint written at step {self.step}; exiting")
+                return 0
             if stop_early:
-                self._say(f"early stop at step {self.step}: no val improvement in {patience} evaluations "
-                          f"(best {self.val_loss.best:.4f})")
+                self.say(f"early stop at step {self.step}: no val improvement in {patience} evaluations "
+                         f"(best {self.val_loss.best:.4f})")
                 break
         self._finish()
         return 0
@@ -206,34 +220,22 @@ class Trainer:
         grad_norm, skipped = self.strategy.update(self.optimizer, self.model, self.precision,
                                                   self.cfg.optim.grad_clip, nonfinite=stats[1].item() > 0)
         self.optimizer.zero_grad()  # Horovod's takes no set_to_none; torch's default is True
-        # Losses come from the data-parallel replicas (the last stage of each pipeline).
-        samples = self.dp_size * accum * self.stage.batch_size
-        return StepResult(stats[0].item() / (self.dp_size * accum), grad_norm, lr, skipped, stats[2].item() > 0,
-                          time.perf_counter() - start, samples * self.stage.seq_len)
+        # Losses come from the data-parallel replicas (the last stage of each pipeline). A step
+        # with a non-finite loss on any rank has no loss to report (not the finite part's sum).
+        loss = stats[0].item() / (self.dp_size * accum) if stats[1].item() == 0 else math.nan
+        return StepResult(loss, grad_norm, lr, skipped, stats[2].item() > 0, time.perf_counter() - start,
+                          self.dp_size * accum * self.stage.batch_size * self.stage.seq_len)
 
     def _observe_validation(self, val_loss: float) -> bool:
         improved = self.val_loss.observe(val_loss)
         if self.schedule.observe_val_loss(val_loss):
-            self._say(f"val loss plateaued: lr scale now {self.schedule.plateau_scale:g}")
+            self.say(f"val loss plateaued: lr scale now {self.schedule.plateau_scale:g}")
         return improved
 
-    def _step_record(self, result: StepResult) -> dict:
-        tokens_per_s = result.tokens / result.step_time_s if result.step_time_s > 0 else 0.0
-        mfu = None
-        if self.peak_flops > 0:
-            flops = tokens_per_s * self.flops_per_token[self.stage.index]
-            mfu = flops / (self.peak_flops * self.strategy.world_size)
-        return {"step": self.step, "stage": self.stage.index, "epoch": self.loader.epoch,
-                "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                "skipped": result.skipped, "tokens_per_s": tokens_per_s, "step_time_s": result.step_time_s,
-                "mfu": mfu, "mem_peak_bytes": peak_memory_bytes(self.device)}
-
-    def _say(self, message: str) -> None:
+    def say(self, message: str) -> None:
+        """One line from the logging rank; warnings and errors go to stderr."""
         if self.is_main:
-            if self.logger is not None:
-                self.logger.write(message)
-            else:
-                print(message, file=sys.stderr, flush=True)
+            (self.logger.write if self.logger is not None else print_line)(message)
 
     def _finish(self) -> None:
         if not self.is_main:
@@ -241,9 +243,8 @@ class Trainer:
         from hvdllm.train.report import plot_run, read_metrics, summarize
 
         records = read_metrics(self.run_dir)
-        if self.logger is not None:
-            self.logger.close()
-            self.logger = None
+        self.logger.close()  # the logging rank always has one
+        self.logger = None
         print(summarize(records), flush=True)
         if self.cfg.log.plot:
             print(f"plot: {plot_run(records, self.run_dir / 'training.png')}", flush=True)

@@ -17,6 +17,7 @@ def test_comm_bench_measures_every_backend(tmp_path):
     assert {r["backend"] for r in records} == {"mpi4py", "torch-gloo", "horovod-mpi", "horovod-gloo"}
     assert all(KEYS <= set(r) for r in records)
     assert all(r["correct"] and r["np"] == 2 for r in records)
+    assert all(r["checked"] == 1 + 3 for r in records)  # the first call and every timed one
     ops = {(r["backend"], r["op"]) for r in records}
     assert ("mpi4py", "sendrecv") in ops and ("horovod-mpi", "reducescatter") in ops
     # What this build or machine lacks is skipped with a line saying why.

@@ -18,6 +18,10 @@ def test_overhead_and_scaling_benchmarks_report_ratios(tmp_path):
     assert result["ratio_hvdllm_over_plain"] == result["rounds"]["ratio"][0] > 0
     assert 0.2 < result["interleaved_ratio"] < 5  # the same steps in one process: near 1 unless broken
     assert "hvdllm train / plain PyTorch loop tokens/s" in overhead.stdout
+    # The whole loop as well as the inside of the step, each said for what it covers.
+    assert all(result["loop_tokens_per_s"][k] > 0 for k in ("plain_pytorch", "hvdllm"))
+    assert set(result["figures"]) == {"tokens_per_s", "loop_tokens_per_s"}
+    assert "time inside the step only. Whole loop (logging, metrics, data waits included): " in overhead.stdout
 
     scaling = hvdllm("bench", "scaling", *common, "--json", str(tmp_path / "s.json"), timeout=600)
     assert scaling.returncode == 0, scaling.stderr[-3000:]

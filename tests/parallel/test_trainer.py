@@ -2,6 +2,7 @@
 and every optimizer inside hvd.DistributedOptimizer."""
 
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,14 +13,19 @@ from helpers.corpus import NANO, make_corpus, read_metrics
 from hvdllm.config import load_config
 from hvdllm.data.prepare import PrepareOptions, run_prepare
 from hvdllm.parallel import Precision, build_strategy
+from hvdllm.train.report import summarize
 from hvdllm.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def shared_dir(horovod):
-    """A folder both ranks see (rank 0 makes it)."""
+    """A folder both ranks see (rank 0 makes it, and removes it once both are done with it)."""
     path = tempfile.mkdtemp(prefix="hvdllm-par-") if horovod.rank() == 0 else None
-    return Path(horovod.broadcast_object(path, root_rank=0, name="shared_dir"))
+    path = Path(horovod.broadcast_object(path, root_rank=0, name="shared_dir"))
+    yield path
+    horovod.barrier()  # rank 1 may still be reading files in it
+    if horovod.rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def params_agree(horovod, model):
     return values[0] == values[1]
 
 
-def test_nan_on_one_rank_is_skipped_by_both(data, shared_dir, horovod):
+def test_nan_on_one_rank_is_skipped_by_both(data, shared_dir, horovod, capsys):
     trainer = make_trainer(data, shared_dir / "nan", "--train.steps=6", "--train.eval_every=0")
     inject_nan(trainer, on_rank=1, steps={3, 4})
     before = {}
@@ -82,8 +88,15 @@ def test_nan_on_one_rank_is_skipped_by_both(data, shared_dir, horovod):
     assert torch.equal(before["w"], before["after"])  # steps 3 and 4 changed nothing
     assert params_agree(horovod, trainer.model)
     if horovod.rank() == 0:
-        skipped = [r["step"] for r in read_metrics(shared_dir / "nan") if r["skipped"]]
+        records = read_metrics(shared_dir / "nan")
+        skipped = [r["step"] for r in records if r["skipped"]]
         assert skipped == [3, 4]
+        # Logged as what they were: no loss (JSON null), not the finite rank's part of one.
+        assert [r["loss"] for r in records if r["skipped"]] == [None, None]
+        assert all(math.isfinite(r["loss"]) for r in records if not r["skipped"])
+        assert f"train loss   {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}" in summarize(records)
+        err = capsys.readouterr().err
+        assert "warning: step 3: non-finite loss or gradient, update skipped (1 in a row)" in err
 
 
 def test_too_many_bad_steps_stop_and_keep_last_good_checkpoint(data, shared_dir, horovod, capsys):
@@ -94,7 +107,7 @@ def test_too_many_bad_steps_stop_and_keep_last_good_checkpoint(data, shared_dir,
     if horovod.rank() == 0:
         saved = sorted(p.name for p in (shared_dir / "bad" / "checkpoints").glob("step-*.pt"))
         assert saved[-1] == "step-00000004.pt"
-        assert "non-finite steps in a row" in capsys.readouterr().out
+        assert "non-finite steps in a row" in capsys.readouterr().err  # errors go to stderr
 
 
 def test_early_stopping_on_val_loss(data, shared_dir, horovod, monkeypatch):

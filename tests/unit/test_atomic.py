@@ -68,7 +68,8 @@ def test_checkpoint_and_best_link_written_whole(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint({"step": step}, tmp_path, step, keep_last=2, is_best=step == 2)
     folder = tmp_path / "checkpoints"
-    assert sorted(os.listdir(folder)) == ["best.pt", "step-00000002.pt", "step-00000003.pt"]
+    assert sorted(os.listdir(folder)) == ["best.pt", "best.pt.sha256", "step-00000002.pt", "step-00000002.pt.sha256",
+                                          "step-00000003.pt", "step-00000003.pt.sha256"]
     assert torch.load(folder / "best.pt", weights_only=True) == {"step": 2}
 
 

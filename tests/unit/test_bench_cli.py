@@ -45,7 +45,7 @@ def test_bench_without_a_benchmark_is_a_usage_error(capsys):
     assert "usage: hvdllm bench" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["comm", "optim", "loader", "prepare"])
+@pytest.mark.parametrize("name", ["comm", "optim", "loader", "prepare", "pipeline"])
 def test_override_on_a_benchmark_without_training_config_is_a_one_line_error(name, capsys, monkeypatch):
     def must_not_run(*args):
         raise AssertionError("the benchmark ran")
@@ -67,10 +67,11 @@ def test_overrides_reach_every_run_of_a_training_benchmark(name, tmp_path, capsy
         launched.append(cmd)
         run_dir = next((a.split("=", 1)[1] for a in cmd if a.startswith("--train.run_dir=")), None)
         if run_dir:  # hvdllm train: the metrics it would write
-            record = json.dumps({"tokens_per_s": 100.0}) + "\n"
-            (Path(run_dir) / "metrics.jsonl").write_text(record * (bench_train.WARMUP_STEPS + 2))
+            records = [json.dumps({"tokens_per_s": 100.0, "step_time_s": 0.1, "elapsed_s": 0.1 * (i + 1)})
+                       for i in range(bench_train.WARMUP_STEPS + 3)]
+            (Path(run_dir) / "metrics.jsonl").write_text("\n".join(records) + "\n")
             return ""
-        return "50.0\n"  # a baseline prints its tokens/s
+        return json.dumps({"step": 50.0, "loop": 50.0}) + "\n"  # a baseline prints its tokens/s
 
     def fake_interleaved(config, overrides, steps, threads):
         interleaved.append(overrides)

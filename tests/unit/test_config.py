@@ -90,3 +90,33 @@ def test_cli_print_config_roundtrips(tmp_path):
     dumped = tmp_path / "dump.toml"
     dumped.write_text(result.stdout)
     assert load_config(dumped) == load_config(None, ["--optim.lr=5e-4"])
+
+
+def test_config_path_that_is_a_folder_or_binary(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder, not a file"):
+        load_config(tmp_path)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ConfigError, match="is not a text file"):
+        load_config(binary)
+
+
+def test_overrides_as_key_space_value():
+    result = hvdllm("train", "--train.steps", "7", "--optim.lr", "2e-3", "--train.run_dir", "2024",
+                    "--print-config")
+    assert result.returncode == 0, result.stderr
+    assert "steps = 7\n" in result.stdout and "lr = 0.002\n" in result.stdout
+    assert 'run_dir = "2024"\n' in result.stdout
+    missing = hvdllm("train", "--train.steps", "--print-config")
+    assert missing.returncode == 2 and "has no value" in missing.stderr
+
+
+def test_version_and_defaults_in_help():
+    from hvdllm import __version__
+
+    version = hvdllm("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"hvdllm {__version__}"
+    for verb, shown in (("generate", "--max-new-tokens MAX_NEW_TOKENS\n                        default: 200"),
+                        ("prepare", "(default: 256)"), ("plan", "default: 1024"), ("doctor", "(default: 0)")):
+        result = hvdllm(verb, "--help")
+        assert result.returncode == 0 and shown in result.stdout, (verb, result.stdout)

@@ -1,11 +1,13 @@
 import gzip
 import json
 import random
+import re
 
 import h5py
 import numpy as np
 import pytest
 from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, make_corpus, random_text
+from helpers.mounts import tmpfs
 
 from hvdllm.data import DistributedBatches, ShardedSamples
 from hvdllm.data.clean import normalize
@@ -293,3 +295,137 @@ def test_missing_manifest_and_checksum(dataset):
 def test_existing_dataset_needs_overwrite(dataset, tmp_path):
     result = hvdllm("prepare", str(tmp_path / "corpus"), "--out", str(dataset))
     assert result.returncode == 2 and "--overwrite" in error_lines(result)[0]
+
+
+def big_corpus(folder, megabytes: float):
+    """Distinct random text files adding up to about ``megabytes``."""
+    rng = random.Random(5)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(int(megabytes * 20)):
+        (folder / f"big{i:03d}.txt").write_text(random_text(rng, 8000))  # ~50 KB each
+    return folder
+
+
+def test_failed_overwrite_on_a_full_disk_keeps_the_old_dataset(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    big_corpus(tmp_path / "big", 2.0)
+    with tmpfs(tmp_path / "disk", size_kb=1024) as disk:
+        old = hvdllm("prepare", str(tmp_path / "corpus"), "--out", str(disk / "data"), "--tokenizer", "byte",
+                     "--seq-len", "16", "--near-dup-threshold", "0")
+        assert old.returncode == 0, old.stderr
+        before = sorted(p.name for p in (disk / "data").iterdir())
+        (disk / "data" / "notes.txt").write_text("the user's own file")  # not part of the dataset
+        full = hvdllm("prepare", str(tmp_path / "big"), "--out", str(disk / "data"), "--tokenizer", "byte",
+                      "--seq-len", "16", "--near-dup-threshold", "0", "--samples-per-shard", "4096", "--overwrite")
+        assert full.returncode == 2, full.stderr
+        assert error_lines(full) and "No space left on device" in error_lines(full)[0], full.stderr
+        assert "Traceback" not in full.stderr
+        assert verify_folder(disk / "data") == []  # the old dataset is whole
+        assert sorted(p.name for p in (disk / "data").iterdir()) == sorted(before + ["notes.txt"])
+
+
+def test_overwrite_replaces_the_dataset_and_keeps_other_files(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    _, out = prepare(tmp_path, tokenizer="byte", samples_per_shard=8)
+    (out / "notes.txt").write_text("the user's own file")
+    many = {p.name for p in out.glob("*.h5")}
+    manifest, _ = prepare(tmp_path, tokenizer="byte", samples_per_shard=4096, overwrite=True)
+    assert verify_folder(out) == []
+    assert {p.name for p in out.glob("*.h5")} == {e["file"] for e in manifest["shards"]} != many
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no build folder left
+
+
+@pytest.mark.parametrize("where", ["file", "read-only"])
+def test_unwritable_out_is_one_line_on_every_rank(tmp_path, where):
+    make_corpus(tmp_path / "corpus")
+    args = ["prepare", str(tmp_path / "corpus"), "--tokenizer", "byte", "--seq-len", "16"]
+    if where == "file":
+        (tmp_path / "taken").write_text("x")
+        result = hvdllm_mpi(2, *args, "--out", str(tmp_path / "taken" / "data"), timeout=60)
+        expected = f"--out {tmp_path / 'taken' / 'data'}: {tmp_path / 'taken'} is a file, not a folder"
+    else:
+        with tmpfs(tmp_path / "ro", size_kb=64, read_only=True) as ro:
+            result = hvdllm_mpi(2, *args, "--out", str(ro / "data"), timeout=60)
+        expected = f"--out {ro / 'data'} is not writable (cannot be created in {ro}): Read-only file system"
+    lines = error_lines(result)
+    assert result.returncode != 0 and len(lines) == 2 and lines[0] == lines[1], result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text, seq_len", [("tiny", 16), ("a corpus of some forty-odd bytes in all", 4096)])
+def test_corpus_shorter_than_one_sample_is_an_error(tmp_path, text, seq_len):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "short.txt").write_text(text)
+    result = hvdllm("prepare", str(corpus), "--out", str(tmp_path / "out"), "--tokenizer", "byte",
+                    "--val-fraction", "0", "--min-chars", "1", "--seq-len", str(seq_len))
+    assert result.returncode == 2
+    assert len(error_lines(result)) == 1 and "Traceback" not in result.stderr
+    assert f"has {len(text) + 1} tokens, fewer than one sample of --seq-len {seq_len}" in error_lines(result)[0]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_verify_calls_an_empty_dataset_unsound(dataset):
+    manifest_path = dataset / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"] = [e for e in manifest["shards"] if e["split"] != "train"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert any("no training samples" in line for line in verify_folder(dataset))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: [m], "not a manifest (a JSON list, not an object)"),
+    (lambda m: {**m, "shards": {"train": 1}}, "'shards' must be a list"),
+    (lambda m: {**m, "shards": [{**m["shards"][0], "samples": "many"}]}, "shards[0]: 'samples' must be a int"),
+    (lambda m: {**m, "tokenizer": "byte"}, "'tokenizer' must be a dict"),
+])
+def test_manifest_of_the_wrong_shape_is_one_line(dataset, damage, message):
+    path = dataset / "manifest.json"
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    result = hvdllm("verify", str(dataset))
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(UserError, match=re.escape(message)):
+        ShardedSamples(dataset, "train")
+
+
+def test_data_folder_without_tokenizer_or_given_as_a_file(dataset):
+    (dataset / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=re.escape(f"tokenizer {dataset / 'tokenizer.json'} does not exist")):
+        ShardedSamples(dataset, "train")
+    with pytest.raises(UserError, match=re.escape(f"data folder {dataset / 'manifest.json'} is a file, not a folder")):
+        ShardedSamples(dataset / "manifest.json", "train")
+
+
+def test_folder_files_are_recognised_by_content_and_skips_are_named(tmp_path):
+    rng = random.Random(7)
+    corpus = tmp_path / "corpus"
+    (corpus / ".git").mkdir(parents=True)
+    (corpus / "README").write_text(random_text(rng, 100))  # text without a suffix
+    (corpus / "table.csv").write_text(random_text(rng, 100))
+    (corpus / "image.png").write_bytes(bytes(range(256)) * 20)
+    (corpus / ".git" / "config").write_text("[core]\n")
+    result = hvdllm("prepare", str(corpus), "--out", str(tmp_path / "out"), "--tokenizer", "byte", "--seq-len", "16",
+                    "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["stats"]["files"] == 2
+    assert (f"skipped 2 files: 1 binary ({corpus / 'image.png'}), 1 hidden ({corpus / '.git' / 'config'})"
+            in result.stderr)
+
+
+def test_folder_of_binaries_says_what_was_skipped(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "model.bin").write_bytes(bytes(range(256)) * 20)
+    result = hvdllm("prepare", str(corpus), "--out", str(tmp_path / "out"), "--tokenizer", "byte")
+    assert result.returncode == 2
+    assert error_lines(result) == [f"error: no input files found in {corpus}; skipped 1 file: 1 binary "
+                                   f"({corpus / 'model.bin'})"]
+
+
+def test_huge_seq_len_is_one_line(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    result = hvdllm("prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "out"), "--seq-len", str(10**22))
+    assert result.returncode == 2
+    assert error_lines(result) == [f"error: --seq-len is out of range: {10**22}"], result.stderr

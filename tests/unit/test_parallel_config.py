@@ -25,8 +25,11 @@ def test_old_data_parallel_key_names_its_replacement():
 
 
 @pytest.mark.parametrize("overrides, world, message", [
-    (["--parallel.pipeline=2"], 2, "parallel.pipeline > 1 (pipeline stages across ranks) is not available yet"),
-    (["--parallel.devices=['cpu','cpu']"], 1, "parallel.devices with more than one device"),
+    (["--parallel.pipeline=2", "--train.precision=fp16"], 2, "train.precision=fp16 with parallel.pipeline > 1"),
+    (["--parallel.pipeline=2", "--parallel.devices=['cpu','cpu']"], 2, "cannot be combined"),
+    (["--parallel.devices=['cpu','cpu','cpu']", "--model.preset=gpt-nano"], 1,
+     "parallel.devices asks for 3 stages but the model has 2 blocks"),
+    (["--parallel.pipeline=2", "--parallel.op=adasum"], 2, "parallel.op=adasum works on Horovod's global process set"),
     (["--parallel.servers=1"], 3, "parallel.servers=1 needs an asynchronous parallel.strategy, not 'sync'"),
     (["--parallel.op=adasum"], 3, "parallel.op=adasum needs a power-of-two number of ranks"),
     (["--parallel.op=adasum", "--train.precision=fp16"], 2, "parallel.op=adasum with train.precision=fp16"),

@@ -45,3 +45,38 @@ def test_cli_json_and_errors():
     assert bad.returncode == 2 and "unknown model preset" in bad.stderr
     bad = hvdllm("plan", "--mfu", "2")
     assert bad.returncode == 2 and "--mfu" in bad.stderr
+
+
+def test_plan_states_assumptions_and_what_would_fit():
+    out = hvdllm("plan", "--model", "gpt3-xl", "--gpus", "3", "--gpu-mem-gb", "16", "--micro-batch", "2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("assumptions        16 GiB per GPU, micro-batch 2 of 2048 tokens")
+    assert ("adamw does not fit; it fits with activation checkpointing (--checkpointing) at --model-parallel 2 "
+            "on a GPU count it divides, e.g. --gpus 4") in out.stdout
+    plan = build_plan(PlanInputs(model="gpt3-175b", gpus=8, gpu_mem_gb=16))
+    assert plan["fit"] == ["fits with activation checkpointing (--checkpointing) at --model-parallel 256 on a "
+                           "GPU count it divides, e.g. --gpus 256"]
+    assert build_plan(PlanInputs(model="gpt3-small", gpus=8, gpu_mem_gb=80))["fit"] == []
+
+
+def test_plan_marks_layouts_the_trainer_cannot_run():
+    assert build_plan(PlanInputs(model="gpt3-small", gpus=8, gpu_mem_gb=80))["trainer"] == {"runnable": True,
+                                                                                           "why_not": []}
+    tensor = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_mem_gb=32, checkpointing=True))["trainer"]
+    assert not tensor["runnable"] and "tensor parallel 8: not implemented" in tensor["why_not"][0]
+    out = hvdllm("plan", "--model", "gpt3-xl", "--gpus", "4", "--gpu-mem-gb", "16", "--model-parallel", "2")
+    assert "hvdllm train cannot run this layout: tensor parallel 2: not implemented" in out.stdout
+    piped = build_plan(PlanInputs(model="gpt3-xl", gpus=3, gpu_mem_gb=16))
+    assert piped["memory_per_gpu"]["pipeline_parallel"] == 3 and piped["trainer"]["runnable"]
+
+
+def test_plan_prints_the_pipeline_cut():
+    plan = build_plan(PlanInputs(model="gpt3-xl", gpus=8, pipeline=4, balance="params"))
+    cut = plan["pipeline_cut"]
+    assert sum(cut["blocks_per_stage"]) == 24 and len(cut["stage_costs"]) == 4
+    # The embedding (50257 x 2048) and the head weigh about 2 blocks each: the end stages take fewer.
+    assert cut["blocks_per_stage"][0] < cut["blocks_per_stage"][1] and cut["imbalance"] < 1.1
+    out = hvdllm("plan", "--model", "gpt-mini", "--gpus", "2", "--pipeline", "2", "--balance", "flops")
+    assert out.returncode == 0, out.stderr
+    assert "pipeline cut       2 stages balanced by flops (parallel.stage_layers = [" in out.stdout
+    assert "  stage 0: " in out.stdout and " + head, " in out.stdout

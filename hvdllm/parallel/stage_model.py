@@ -1,0 +1,156 @@
+"""A GPT as pipeline stages: the cost of each unit, the cut a config asks for, and the stage
+module a rank (or a device) runs.
+
+A stage is the full model with everything outside its blocks removed, so its
+``state_dict()`` keys are the full model's ("blocks.3.attn.qkv.weight"): the shards of all
+stages merge into the full model's state dict with no renaming. The model is built whole
+and seeded before it is cut, so every layout starts from the weights one process would.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hvdllm.model import GPT, GPTConfig, language_model_loss
+from hvdllm.parallel.partition import (UnitCosts, balanced_cut, check_manual_cut, in_flight_micro_batches,
+                                       stage_costs)
+
+BYTES_PER_PARAM = {"adamw": 2 + 2 + 12, "lamb": 2 + 2 + 16, "adafactor": 2 + 2 + 8}  # as `hvdllm plan`
+
+
+def unit_costs(cfg: GPTConfig, balance: str, seq_len: int, micro_batch: int, optimizer: str = "adamw") -> UnitCosts:
+    """Costs of the embedding, each block and the head under ``balance`` (params | flops | memory)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    count = lambda *modules: sum(p.numel() for m in modules if m is not None for p in m.parameters())  # noqa: E731
+    embedding = count(model.wte, model.wpe)
+    blocks = [count(b) for b in model.blocks]
+    head = count(model.ln_f) + model.lm_head.weight.numel()  # a tied head still holds (a copy of) it
+    if balance == "params":
+        return UnitCosts(embedding, tuple(blocks), head)
+    if balance == "flops":  # per token, forward and backward
+        attention = 12 * cfg.d_model * seq_len  # 12 H Q T, with H Q = d_model
+        return UnitCosts(0.0, tuple(6 * n + attention for n in blocks), 6 * cfg.d_model * cfg.vocab_size)
+    per_param = BYTES_PER_PARAM[optimizer]
+    # Korthikanti et al. 2022, eq. 2 without tensor parallelism: s b h (34 + 5 a s / h) bytes.
+    acts = seq_len * micro_batch * cfg.d_model * (34 + 5 * cfg.n_head * seq_len / cfg.d_model)
+    return UnitCosts(per_param * embedding, tuple(per_param * n for n in blocks),
+                     per_param * head + 4 * micro_batch * seq_len * cfg.vocab_size, (acts,) * len(blocks))
+
+
+def plan_cut(cfg: GPTConfig, parallel_cfg, stages: int, seq_len: int, micro_batch: int,
+             optimizer: str = "adamw") -> tuple[list[int], list[float]]:
+    """Blocks per stage (``parallel.stage_layers``, else balanced by ``parallel.balance``) and
+    each stage's cost."""
+    costs = unit_costs(cfg, parallel_cfg.balance, seq_len, micro_batch, optimizer)
+    held = lambda stage: in_flight_micro_batches(parallel_cfg.schedule, stages, parallel_cfg.micro_batches,  # noqa: E731
+                                                 stage)
+    if parallel_cfg.stage_layers:
+        cut = check_manual_cut(parallel_cfg.stage_layers, stages, cfg.n_layer)
+    else:
+        cut = balanced_cut(costs, stages, held)
+    return cut, stage_costs(costs, cut, held)
+
+
+class GPTStage(nn.Module):
+    """Blocks [start, stop) of a GPT, with the embedding on the first stage and the head on the
+    last. Input: token ids (B, T) on the first stage, else activations (B, T, C). Output:
+    logits (B, T, V) on the last stage, else activations (B, T, C)."""
+
+    def __init__(self, model: GPT, start: int, stop: int) -> None:
+        super().__init__()
+        self.start, self.stop = start, stop
+        self.is_first, self.is_last = start == 0, stop == len(model.blocks)
+        for i in range(len(model.blocks)):
+            if not start <= i < stop:
+                model.blocks[i] = nn.Identity()  # keeps the indices, so keys stay the full model's
+        if not self.is_first:
+            if self.is_last and model.cfg.tie_weights:
+                # Now a copy of the embedding: optimized as one (no weight decay by default).
+                model.lm_head.weight.tied_embedding = True
+            model.wte = model.wpe = model.drop = None
+        if not self.is_last:
+            model.ln_f = model.lm_head = None
+        self.gpt = model
+
+    @property
+    def cfg(self) -> GPTConfig:
+        return self.gpt.cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_first:
+            x = self.gpt.embed(x)
+        x = self.gpt.run_blocks(x, self.start, self.stop)
+        return self.gpt.head(x) if self.is_last else x
+
+    # A shard's keys are the full model's (no "gpt." prefix), so shards merge into a GPT's.
+    def state_dict(self, *args, **kwargs):
+        return self.gpt.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.gpt.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def cut_model(model: GPT, blocks_per_stage: list[int], stage: int) -> GPTStage:
+    """Stage ``stage`` of ``model`` (consumed: its other parts are dropped)."""
+    start = sum(blocks_per_stage[:stage])
+    return GPTStage(model, start, start + blocks_per_stage[stage])
+
+
+class PlacedGPT(nn.Module):
+    """One process driving several devices (Horovod's classic layout: Horovod data parallel
+    across processes, layers placed across the GPUs of each): the blocks cut into contiguous
+    stages, each on its device, the embedding on the first and the head on the last.
+
+    The batch is split into micro-batches that are forwarded one after another; CUDA kernels
+    are launched asynchronously, so the first device starts micro-batch i + 1 while the next
+    works on micro-batch i, and autograd runs each device's backward on its own thread. A
+    tied output projection reads the embedding's weight through ``.to()``, so its gradient
+    flows back to the one copy. The loss is taken over the whole batch at once, exactly as the
+    unplaced model's.
+    """
+
+    def __init__(self, model: GPT, blocks_per_stage: list[int], devices: list[torch.device],
+                 micro_batches: int) -> None:
+        super().__init__()
+        self.gpt, self.devices, self.micro_batches = model, devices, micro_batches
+        self.bounds, start = [], 0
+        for count, device in zip(blocks_per_stage, devices):
+            self.bounds.append((start, start + count))
+            for i in range(start, start + count):
+                model.blocks[i].to(device)
+            start += count
+        for module in (model.wte, model.wpe):
+            if module is not None:
+                module.to(devices[0])
+        model.ln_f.to(devices[-1])
+        if not model.cfg.tie_weights:
+            model.lm_head.to(devices[-1])
+
+    @property
+    def cfg(self) -> GPTConfig:
+        return self.gpt.cfg
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None):
+        gpt, last = self.gpt, self.devices[-1]
+        parts = []
+        for chunk in idx.chunk(self.micro_batches):
+            x = gpt.embed(chunk.to(self.devices[0], non_blocking=True))  # (b, T, C)
+            for (start, stop), device in zip(self.bounds, self.devices):
+                x = gpt.run_blocks(x.to(device, non_blocking=True), start, stop)
+            parts.append(F.linear(gpt.ln_f(x.to(last)), gpt.lm_head.weight.to(last)))  # (b, T, V)
+        logits = torch.cat(parts)
+        if targets is None:
+            return logits, None
+        mask = loss_mask.to(last) if loss_mask is not None else None
+        return logits, language_model_loss(logits, targets.to(last), mask)
+
+    # Checkpoints hold the plain model's keys: a placed run resumes unplaced and vice versa.
+    def state_dict(self, *args, **kwargs):
+        return self.gpt.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.gpt.load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,82 @@
+"""A stall watchdog: ends the whole job when this rank has completed no step for too long.
+
+A stopped or hung rank (SIGSTOP, a frozen node, a dead NFS mount) does not fail: its peers
+wait for it inside a collective, silently, for ever. Horovod's own stall check (its
+``HOROVOD_STALL_*`` settings, set from ``train.stall_timeout_s`` in
+:func:`hvdllm.parallel.sync.horovod_environment`) warns from the coordinator and names the
+missing ranks, but only when rank 0 is alive, and its shutdown leaves a stopped rank behind.
+So every rank runs this thread: when no step has completed within the timeout it prints one
+line naming itself and the step it finished, and aborts the MPI job, which makes the
+launcher kill every rank, the stopped one included.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+
+class StallWatchdog:
+    """Call :meth:`beat` whenever the rank makes progress; :meth:`close` at the end."""
+
+    def __init__(self, timeout_s: float, rank: int, world_size: int) -> None:
+        self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
+        self.step = 0
+        self._last = time.monotonic()
+        self._closed = threading.Event()
+        self._thread = None
+        if timeout_s > 0:
+            self._thread = threading.Thread(target=self._watch, name="hvdllm-stall-watchdog", daemon=True)
+            self._thread.start()
+
+    def beat(self, step: int) -> None:
+        """This rank has completed ``step`` (or a long phase such as an evaluation)."""
+        self.step, self._last = step, time.monotonic()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        # Check several times per timeout, so the job ends at most a quarter late.
+        interval = min(5.0, self.timeout_s / 4)
+        checked = time.monotonic()
+        while not self._closed.wait(interval):
+            now = time.monotonic()
+            # This thread itself did not run for long: the whole process was frozen (SIGSTOP,
+            # a hung node) and has just woken, so this rank is the one that fell behind.
+            frozen = now - checked > interval + self.timeout_s / 2
+            checked = now
+            if now - self._last > self.timeout_s:
+                self._abort(now - self._last, frozen)
+
+    def _abort(self, waited: float, frozen: bool) -> None:
+        where = f"error: stall: rank {self.rank} of {self.world_size}"
+        if frozen:
+            why = f"was itself frozen (stopped or hung) for about {waited:.0f} s: it is the rank behind"
+        else:
+            peers = "the other ranks" if self.world_size > 1 else "its own step (one rank: a hang inside it)"
+            why = (f"completed step {self.step} and has waited {waited:.0f} s for {peers}: a rank that is "
+                   f"stopped, hung or on a dead node is behind")
+        sys.stderr.write(f"{where} {why} (train.stall_timeout_s={self.timeout_s:g}); aborting the job\n")
+        sys.stderr.flush()
+        abort_job()
+
+
+def abort_job(code: int = 1) -> None:
+    """End every rank of the job: MPI_Abort when MPI is running (mpirun then kills all
+    ranks, even a stopped one), else end this process (horovodrun --gloo ends its peers)."""
+    try:
+        import mpi4py
+
+        mpi4py.rc.initialize = False  # join an MPI already running (Horovod's), never start one
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(code)
+    except ImportError:
+        pass
+    os._exit(code)

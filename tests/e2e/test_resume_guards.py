@@ -1,0 +1,118 @@
+"""What `--checkpoint.resume` accepts and refuses: flipped bytes, another tokenizer, another
+number of data-parallel ranks, no checkpoint at all; and what a run says as it goes."""
+
+import json
+import os
+import zipfile
+
+import pytest
+import torch
+from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, make_dataset, read_metrics, train_args
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds"))
+
+
+def _poison_largest_tensor(path):
+    """Overwrite the first value of the checkpoint's largest tensor with 1e24, as flipped
+    bits on a disk would, leaving the zip structure intact (it still loads)."""
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    with open(path, "r+b") as f:
+        f.seek(member.header_offset)
+        header = f.read(30)  # the local file header: its name and extra field lengths are at 26
+        name_len, extra_len = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+        f.seek(member.header_offset + 30 + name_len + extra_len)
+        f.write(torch.tensor([1e24], dtype=torch.float32).numpy().tobytes())
+
+
+def test_flipped_bytes_are_caught_and_auto_falls_back(data, tmp_path):
+    run = tmp_path / "run"
+    assert hvdllm(*train_args(data, run, "--train.steps=4", "--checkpoint.every=2")).returncode == 0
+    newest = run / "checkpoints" / "step-00000004.pt"
+    _poison_largest_tensor(newest)
+    resumed = hvdllm(*train_args(data, run, "--train.steps=6", "--checkpoint.every=2", "--checkpoint.resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"warning: skipping {newest}: corrupt checkpoint (sha256" in resumed.stderr
+    assert f"resuming from {run / 'checkpoints' / 'step-00000002.pt'} at step 2" in resumed.stdout
+    assert max(abs(r["loss"]) for r in read_metrics(run)) < 10  # no 1e24 weights behind it
+    _poison_largest_tensor(run / "checkpoints" / "step-00000006.pt")
+    explicit = hvdllm(*train_args(data, tmp_path / "other", "--train.steps=8",
+                                  f"--checkpoint.resume={run / 'checkpoints' / 'step-00000006.pt'}"))
+    assert explicit.returncode == 2
+    assert "corrupt checkpoint (sha256" in error_lines(explicit)[0]
+
+
+def test_another_tokenizer_of_the_same_size_is_refused(data, tmp_path):
+    run = tmp_path / "run"
+    assert hvdllm(*train_args(data, run, "--train.steps=2")).returncode == 0
+    # The same byte tokenizer with two ids swapped: same vocabulary size, other meaning.
+    tok = json.loads((data / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[40], sorted(vocab)[41]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "swapped.json").write_text(json.dumps(tok))
+    other = tmp_path / "other-data"
+    made = hvdllm("prepare", str(data.parent / "corpus"), "--out", str(other), "--tokenizer",
+                  str(tmp_path / "swapped.json"), "--seq-len", "32", "--val-fraction", "0.15", "--min-chars", "16")
+    assert made.returncode == 0, made.stderr
+    assert json.loads((other / "manifest.json").read_text())["vocab_size"] == \
+        json.loads((data / "manifest.json").read_text())["vocab_size"]
+    resumed = hvdllm(*train_args(data, run, "--train.steps=4", "--checkpoint.resume=auto", f"--data.path={other}"))
+    assert resumed.returncode == 2
+    (line,) = error_lines(resumed)
+    old_sha = json.loads((data / "manifest.json").read_text())["tokenizer"]["sha256"]
+    new_sha = json.loads((other / "manifest.json").read_text())["tokenizer"]["sha256"]
+    assert f"tokenizer sha256 {old_sha[:16]}" in line and f"tokenizer sha256 {new_sha[:16]}" in line
+
+
+def test_another_number_of_data_ranks_continues_at_the_same_sample(data, tmp_path):
+    run = tmp_path / "run"
+    two = hvdllm_mpi(2, *train_args(data, run, "--train.steps=3", "--checkpoint.every=3", "--data.batch_size=4"))
+    assert two.returncode == 0, two.stderr
+    # 3 steps of 2 ranks x 4 samples: the next sample is 24, batch 6 for 1 rank x 4.
+    one = hvdllm(*train_args(data, run, "--train.steps=4", "--checkpoint.every=4", "--data.batch_size=4",
+                             "--checkpoint.resume=auto"))
+    assert one.returncode == 0, one.stderr
+    state = torch.load(run / "checkpoints" / "step-00000004.pt", weights_only=True)
+    assert state["data"] == {"epoch": 0, "batch": 7, "global_batch": 4}
+    # 24 samples read is not a whole number of batches of 16: refused, not guessed.
+    refused = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=6", "--data.batch_size=16",
+                                 f"--checkpoint.resume={run / 'checkpoints' / 'step-00000003.pt'}"))
+    assert refused.returncode == 2
+    (line,) = error_lines(refused)
+    assert "stopped at sample 24 of epoch 0" in line and "global batch 16" in line
+
+
+def test_resume_auto_says_what_it_did(data, tmp_path):
+    fresh = hvdllm(*train_args(data, tmp_path / "fresh", "--train.steps=2", "--checkpoint.resume=auto"))
+    assert fresh.returncode == 0, fresh.stderr
+    assert "note: checkpoint.resume=auto: no checkpoint in" in fresh.stdout and "fresh run" in fresh.stdout
+    checkpoint = tmp_path / "fresh" / "checkpoints" / "step-00000002.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])  # every checkpoint of the run is corrupt
+    again = hvdllm(*train_args(data, tmp_path / "fresh", "--train.steps=4", "--checkpoint.resume=auto"))
+    assert again.returncode == 2
+    (line,) = error_lines(again)
+    assert "no sound checkpoint in" in line and "--checkpoint.resume=auto" not in line
+
+
+def test_start_banner_step_lines_and_peak_source(data, tmp_path):
+    cache = tmp_path / "cache"
+    run = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=4", "--checkpoint.every=2"),
+                 env=dict(os.environ, XDG_CACHE_HOME=str(cache)))
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.splitlines()
+    for start in ("model        gpt-nano: ", "world        1 rank(s): data 1 x pipeline 1",
+                  "batch        4 samples x 32 tokens = 128 tokens per step", "device       cpu (1 threads), "
+                  "precision fp32", "mfu peak     "):
+        assert any(line.startswith(start) for line in out), (start, run.stdout)
+    assert f"measured: fp32 matmul probe, cached in {cache / 'hvdllm' / 'peak_flops.json'}" in run.stdout
+    steps = [line for line in out if line.startswith("step ")]
+    assert len(steps) == 4 and all(" ms/step | elapsed 0:00:" in line and "| eta 0:00:" in line for line in steps)
+    assert f"checkpoint: step 2 saved to {tmp_path / 'run' / 'checkpoints' / 'step-00000002.pt'}" in run.stdout
+    given = hvdllm(*train_args(data, tmp_path / "given", "--train.steps=2", "--train.peak_flops=2e11"))
+    assert "mfu peak     0.200 TFLOP/s per rank (train.peak_flops)" in given.stdout
+    report = hvdllm("report", str(tmp_path / "given"))
+    assert "of 0.200 TFLOP/s per rank (train.peak_flops)" in report.stdout, report.stdout
