@@ -24,3 +24,5 @@ echo "== framework overhead: hvdllm train vs a plain PyTorch loop (1 rank, 2 thr
 hvdllm bench overhead --config configs/demo.toml --json "$OUT/overhead.json" | tail -1
 echo "== weak scaling 1 -> 2 ranks: Horovod vs torch DDP (gloo)"
 hvdllm bench scaling --config configs/demo.toml --json "$OUT/scaling.json" | tail -1
+echo "== pipeline bubble and activation memory: GPipe vs 1F1B against (p-1)/(m+p-1)"
+hvdllm bench pipeline --json "$OUT/pipeline.json" | tail -2
