@@ -7,7 +7,6 @@ Horovod and ``hvdllm doctor`` still runs when Horovod is broken.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

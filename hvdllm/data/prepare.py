@@ -16,23 +16,19 @@ once complete, so a failure part way (a full disk) leaves any old dataset there 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from hvdllm.atomic import write_json_atomic, write_text_atomic
 from hvdllm.comm.mpi import phase, world
-from hvdllm.data import shards
+from hvdllm.data import build_folder, shards
 from hvdllm.data.clean import clean_reason, normalize
 from hvdllm.data.dedup import MinHasher, NearDuplicateIndex, exact_hash
 from hvdllm.data.sources import Document, ReadStats, Skipped, preset_files, read_documents, resolve_inputs
@@ -255,68 +251,17 @@ def run_prepare(opts: PrepareOptions) -> dict:
     # Everything is written into a hidden folder inside --out and moved into place at the end,
     # so a failure (a full disk) leaves the old dataset as it was.
     with phase(comm):
-        build = _make_build_folder(comm, out)
+        build = build_folder.make_build_folder(comm, out)
     try:
         manifest = _pack_and_write(comm, opts, build, streams, masks, tok, vocab_size, with_mask, docs, split,
                                    stats, timings, lap)
         with phase(comm):
             if rank == 0:
-                _move_into_place(build, out)
+                build_folder.move_into_place(build, out)
     finally:
         if rank == 0:
             shutil.rmtree(build, ignore_errors=True)
     return manifest
-
-
-def _make_build_folder(comm, out: Path) -> Path:
-    """A new empty hidden folder inside ``out`` (the same file system, so moving the files
-    into place is a rename and needs no space), made by rank 0 and named to every rank."""
-    name, error = None, None
-    if comm.rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            name = tempfile.mkdtemp(prefix=".building-", dir=out)
-        except OSError as err:
-            error = f"--out {out}: cannot create a folder in it: {err.strerror or err}"
-    name, error = comm.bcast((name, error), root=0)
-    if error:
-        raise UserError(error)
-    return Path(name)
-
-
-def _old_dataset_files(out: Path) -> set[str]:
-    """The files the dataset now in ``out`` consists of (none when there is no sound manifest)."""
-    try:
-        old = shards.read_manifest(out)
-    except UserError:
-        return set()
-    return {e["file"] for e in old["shards"]} | {old["tokenizer"]["file"]}
-
-
-def _move_into_place(build: Path, out: Path) -> None:
-    """Replace the dataset in ``out`` with the one in ``build``, renames only. The old manifest
-    goes first and the new one comes last, so a manifest never lists a mix of old and new
-    shards; files in ``out`` that are not part of the old dataset are left alone."""
-    old_files = _old_dataset_files(out)
-    try:
-        (out / shards.MANIFEST).unlink(missing_ok=True)
-        new_files = sorted(p.name for p in build.iterdir() if p.name != shards.MANIFEST)
-        for name in new_files:
-            os.replace(build / name, out / name)
-        for name in old_files - set(new_files):
-            (out / name).unlink(missing_ok=True)
-        os.replace(build / shards.MANIFEST, out / shards.MANIFEST)
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot move the new dataset into place: {err.strerror or err}") from None
-
-
-@contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """A failed write (a full disk, a quota) as one line naming the file."""
-    try:
-        yield
-    except OSError as err:
-        raise UserError(f"{path}: cannot write: {err.strerror or err}") from None
 
 
 def _pack_and_write(comm, opts: PrepareOptions, out: Path, streams, masks, tok, vocab_size: int, with_mask: bool,
@@ -345,7 +290,7 @@ def _pack_and_write(comm, opts: PrepareOptions, out: Path, streams, masks, tok, 
                 features = {"tokens": rows[begin:begin + opts.samples_per_shard].astype(dtype)}
                 if mask_rows is not None:
                     features["loss_mask"] = mask_rows[begin:begin + opts.samples_per_shard]
-                with _writing(out / name):
+                with build_folder.writing(out / name):
                     digest = shards.write_shard(out / name, features, {**attrs, "split": s})
                 entries.append({"file": name, "split": s, "samples": len(features["tokens"]),
                                 "tokens": int(features["tokens"].size), "sha256": digest})
@@ -361,11 +306,11 @@ def _pack_and_write(comm, opts: PrepareOptions, out: Path, streams, masks, tok, 
     with phase(comm):
         if rank == 0:
             # Written as to_str() exactly, so the file's sha256 is the one in the manifest.
-            with _writing(out / "tokenizer.json"):
+            with build_folder.writing(out / "tokenizer.json"):
                 write_text_atomic(out / "tokenizer.json", tok.to_str())
             manifest = _manifest(opts, size, vocab_size, tok_sha, dtype, with_mask, all_entries, all_stats,
                                  all_timings)
-            with _writing(out / shards.MANIFEST):
+            with build_folder.writing(out / shards.MANIFEST):
                 write_json_atomic(out / shards.MANIFEST, manifest)
     return manifest
 
