@@ -16,3 +16,5 @@ INIT_STRATEGIES = ("gpt2", "xavier", "kaiming", "small")  # hvdllm.model.init.in
 BALANCE_COSTS = ("params", "flops", "memory")
 # hvdllm/parallel/schedules.py: pipeline schedules.
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+# hvdllm/parallel/__init__.py: how updates travel (sync.py, param_server.py, local_sgd.py).
+PARALLEL_STRATEGIES = ("sync", "async", "local-sgd")

@@ -10,7 +10,8 @@ import json
 
 from hvdllm.bench.common import write_result
 from hvdllm.bench.options import (BENCHMARKS, LoaderBenchOptions, OptimBenchOptions, OverheadBenchOptions,
-                                  PipelineBenchOptions, PrepareBenchOptions, ScalingBenchOptions, options_from)
+                                  PipelineBenchOptions, PrepareBenchOptions, ScalingBenchOptions,
+                                  StragglerBenchOptions, options_from)
 
 
 def _optim(options: OptimBenchOptions) -> tuple[dict, str]:
@@ -69,8 +70,25 @@ def _pipeline(options: PipelineBenchOptions) -> tuple[dict, str]:
                     f"\n1F1B peak activations <= GPipe's x p/m in every case: {within}")
 
 
+def _straggler(options: StragglerBenchOptions, overrides: list[str]) -> tuple[dict, str]:
+    from hvdllm.bench.straggler import bench_straggler, plot_straggler
+
+    result = bench_straggler(options, overrides)
+    if options.plot_path:
+        plot_straggler(result, options.plot_path)
+    def ratio(value):  # None: the case never reached the target loss
+        return "never" if value is None else f"x{value:.2f}"
+
+    rows = [f"{c['case']}{' +straggler' if c['straggler'] else ''}: time {ratio(c['time_ratio_to_sync'])}, "
+            f"tokens {ratio(c['tokens_ratio_to_sync'])}" for c in result["cases"]]
+    met = result["targets"]["met_by"]
+    return result, (f"to val loss {result['target_val_loss']:.4f}, against sync: " + "; ".join(rows) +
+                    f"\ntargets (time <= 0.8x with the straggler, tokens <= 1.1x without) met by: "
+                    f"{', '.join(met) or 'none'}")
+
+
 _FLAGS_ONLY = {"optim": _optim, "loader": _loader, "prepare": _prepare, "pipeline": _pipeline}
-_TRAINING = {"overhead": _overhead, "scaling": _scaling}
+_TRAINING = {"overhead": _overhead, "scaling": _scaling, "straggler": _straggler}
 
 
 def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -207,10 +207,43 @@ class PipelineBenchOptions(BenchOptions):
         return self.plot or (self.json.rsplit(".", 1)[0] + ".png" if self.json else "")
 
 
+@dataclass
+class StragglerBenchOptions(BenchOptions):
+    summary: ClassVar[str] = ("sync, async (parameter server) and local-sgd with and without a slowed worker: "
+                              "wall time and tokens to a fixed validation loss")
+    takes_training_config: ClassVar[bool] = True
+
+    config: str = _flag("configs/demo.toml", "training config (TOML)")
+    cases: tuple[str, ...] = _flag(("sync", "async-0", "async-2", "async-8", "local-sgd-8"),
+                                   "sync, async-S (max staleness S, one server), local-sgd-H (H local steps)")
+    workers: int = _flag(3, "worker ranks of every case (oversubscribed past the cores)")
+    steps: int = _flag(60, "training steps per run")
+    eval_every: int = _flag(5, "steps between evaluations (the points of each loss curve)")
+    slowdown_factor: float = _flag(2.0, "the straggler's step takes this many times its compute time")
+    target_loss: float = _flag(0.0, "validation loss to reach; 0: what sync without the straggler reaches at "
+                                    "3/4 of its steps")
+    timeout: int = _flag(1800, "seconds allowed per run")
+    plot: str = _flag("", "PNG of validation loss against wall time; empty: next to --json")
+
+    def __post_init__(self) -> None:
+        _check("sync" in self.cases, "--cases", "must include sync (the baseline of every ratio)")
+        for case in self.cases:
+            number = case.removeprefix("async-").removeprefix("local-sgd-")
+            _check(case == "sync" or (number != case and number.isdigit()), "--cases",
+                   f"has unknown case {case!r} (sync, async-S, local-sgd-H)")
+        _check(self.workers >= 2, "--workers", f"must be >= 2 (one of them is slowed), got {self.workers}")
+        _check(self.steps >= 1 and self.eval_every >= 1, "--steps", "and --eval-every must be >= 1")
+        _check(self.slowdown_factor >= 1, "--slowdown-factor", f"must be >= 1, got {self.slowdown_factor}")
+
+    @property
+    def plot_path(self) -> str:
+        return self.plot or (self.json.rsplit(".", 1)[0] + ".png" if self.json else "")
+
+
 BENCHMARKS: dict[str, type[BenchOptions]] = {
     "comm": CommBenchOptions, "optim": OptimBenchOptions, "loader": LoaderBenchOptions,
     "prepare": PrepareBenchOptions, "overhead": OverheadBenchOptions, "scaling": ScalingBenchOptions,
-    "pipeline": PipelineBenchOptions,
+    "pipeline": PipelineBenchOptions, "straggler": StragglerBenchOptions,
 }
 
 

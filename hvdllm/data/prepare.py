@@ -274,16 +274,21 @@ def _pack_and_write(comm, opts: PrepareOptions, out: Path, streams, masks, tok, 
     tok_sha = tokenizer_sha256(tok)
     attrs = {"format_version": shards.FORMAT_VERSION, "seq_len": opts.seq_len, "vocab_size": vocab_size,
              "tokenizer_sha256": tok_sha}
+    # Every collective comes first, on every rank; the phases below hold local work only, so a
+    # failure on one rank can never leave another waiting in a different collective.
+    samples = {}
+    for s in SPLITS:
+        rows, _ = _my_samples(comm, streams[s], row)
+        mask_rows = _my_samples(comm, masks[s], row)[0] if masks else None
+        samples[s] = rows, mask_rows, comm.allgather(-(-len(rows) // opts.samples_per_shard))
+    if sum(samples["train"][2]) == 0:  # the same on every rank: a global count
+        raise UserError(_too_short(comm, streams["train"], opts.seq_len))
     entries = []
     with phase(comm):
         for s in SPLITS:
-            rows, _ = _my_samples(comm, streams[s], row)
-            mask_rows = _my_samples(comm, masks[s], row)[0] if masks else None
+            rows, mask_rows, counts = samples[s]
             if len(rows) and int(rows.max()) >= vocab_size:
                 raise UserError(f"{opts.tokenizer}: produced token id {int(rows.max())} >= vocab size {vocab_size}")
-            counts = comm.allgather(-(-len(rows) // opts.samples_per_shard))
-            if s == "train" and sum(counts) == 0:  # the same on every rank: a global count
-                raise UserError(_too_short(comm, streams[s], opts.seq_len))
             number = sum(counts[:rank])
             for begin in range(0, len(rows), opts.samples_per_shard):
                 name = f"{s}-{number:05d}.h5"

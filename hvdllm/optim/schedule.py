@@ -99,4 +99,6 @@ class LRSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau_scale = float(state["plateau_scale"])
-        self.val_loss.load_state_dict(state["val_loss"])
+        # Checkpoints from before BestTracker kept the record as two numbers.
+        self.val_loss.load_state_dict(state["val_loss"] if "val_loss" in state else
+                                      {"best": state["best_val"], "since_best": state["bad_evals"]})

@@ -20,6 +20,16 @@ def build_strategy(cfg, world_size: int) -> ParallelStrategy:
     parallel = cfg.parallel
     layout = build_layout(parallel, world_size)
     check_model_cut(cfg, layout)
+    if parallel.strategy == "local-sgd":
+        from hvdllm.parallel.local_sgd import LocalSGD, check_local_sgd_layout
+
+        check_local_sgd_layout(cfg, layout)
+        return LocalSGD(cfg, layout)  # on one rank too: the outer optimizer still acts
+    if parallel.strategy == "async":
+        from hvdllm.parallel.param_server import ParameterServerWorker, check_async_layout
+
+        check_async_layout(cfg, layout)
+        return ParameterServerWorker(cfg, layout)
     if layout.servers:
         raise UserError(f"parallel.servers={layout.servers} needs an asynchronous parallel.strategy, "
                         f"not {parallel.strategy!r}")

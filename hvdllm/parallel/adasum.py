@@ -23,6 +23,8 @@ power-of-two number of ranks, and on the global process set.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -54,6 +56,15 @@ class HorovodAdasum(HorovodSync):
 
     def finish_gradients(self, optimizer, step_stats: torch.Tensor) -> torch.Tensor:
         return self.hvd.allreduce(step_stats, op=self.hvd.Sum, name="step_stats")
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+        """This rank's own norm (it bounds this rank's update); infinite on every rank when
+        any rank's is not finite, so all skip the step together: one rank stepping while
+        another skips would leave the Adasum allreduces unmatched."""
+        norm = super().clip_grad_norm_(model, max_norm)
+        flag = torch.tensor([0.0 if math.isfinite(norm) else 1.0])
+        any_bad = self.hvd.allreduce(flag, op=self.hvd.Sum, name="adasum_nonfinite").item() > 0
+        return math.inf if any_bad else norm
 
     @torch.no_grad()
     def apply_update(self, optimizer, scaler) -> None:

@@ -17,6 +17,7 @@ communicates says so, and the Trainer calls them identically on every rank.
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict
 from typing import Sequence
@@ -100,6 +101,7 @@ class ParallelStrategy(ABC):
         accumulated gradient is that of the mean over all their samples.
         """
         loss_sum, finite = 0.0, True
+        start = time.perf_counter()
         for batch in micro_batches:
             inputs = batch.inputs.to(self.device, non_blocking=True)
             targets = batch.targets.to(self.device, non_blocking=True)
@@ -110,7 +112,22 @@ class ParallelStrategy(ABC):
             value = loss.item()
             finite = finite and math.isfinite(value)
             loss_sum += value if math.isfinite(value) else 0.0
+        self.inject_slowdown(time.perf_counter() - start)
         return loss_sum, finite
+
+    def inject_slowdown(self, compute_s: float) -> None:
+        """Fault injection (``train.slowdown_rank``): that rank sleeps ``(factor - 1)`` times its
+        own compute time, a straggler whose slowness scales with the model, for benchmarks."""
+        train = self.run_cfg.train
+        if self.coords is not None and self.coords.rank == train.slowdown_rank:
+            time.sleep((train.slowdown_factor - 1.0) * compute_s)
+
+    def close(self) -> None:
+        """After the training loop ends normally: tell peers this rank is done."""
+
+    def step_metrics(self) -> dict:
+        """Extra fields for this step's metrics record (e.g. bytes communicated, staleness)."""
+        return {}
 
     def forward_only(self, model: nn.Module, inputs: torch.Tensor, precision: Precision) -> torch.Tensor | None:
         """Collective under a pipeline: the logits of ``inputs`` for evaluation, on the ranks

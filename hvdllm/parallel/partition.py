@@ -1,10 +1,11 @@
 """Cutting a GPT into k contiguous pipeline stages, balanced by a chosen cost.
 
 The units are the embedding (always in the first stage), the blocks, and the head (final
-LayerNorm and output projection, always in the last stage). Every stage holds at least one
-block. The cut minimises the cost of the most expensive stage exactly, by the linear
-partition dynamic programme (O(k n^2) for n blocks), not greedily: the slowest (or fullest)
-stage sets the pace (or the memory) of the whole pipeline.
+LayerNorm and output projection, always in the last stage). A balanced cut gives every stage
+at least one block (the config checks a manual one so). The cut minimises the cost of the
+most expensive stage exactly, by the linear partition dynamic programme (O(k n^2) for n
+blocks), not greedily: the slowest (or fullest) stage sets the pace (or the memory) of the
+whole pipeline.
 
 Costs, per unit:
 

@@ -32,6 +32,10 @@ from hvdllm.parallel.sync import HorovodSync
 from hvdllm.parallel.transport import MpiTransport
 
 
+# MPI guarantees tags up to 32767; micro-batch i uses 2i and 2i + 1, below it (config checks).
+TIED_GRADIENT_TAG = 32767
+
+
 def split_batch(batch, parts: int) -> list:
     """A loader batch as ``parts`` micro-batches of equal size (same fields, rows split)."""
     fields = {name: getattr(batch, name) for name in ("inputs", "targets", "loss_mask")}
@@ -147,7 +151,7 @@ class PipelineParallel(HorovodSync):
     def _tied_parameter(self) -> nn.Parameter | None:
         """This stage's copy of a tied embedding, when the first and last stages differ."""
         gpt = self.stage.gpt
-        if not gpt.cfg.tie_weights or self.layout.pipeline == 1:
+        if not gpt.cfg.tie_weights:
             return None
         if self.stage.is_first:
             return gpt.wte.weight
@@ -161,15 +165,15 @@ class PipelineParallel(HorovodSync):
         first, last = self.coords.pipeline_group[0], self.coords.pipeline_group[-1]
         peer = last if self.stage.is_first else first
         mine = param.grad if param.grad is not None else torch.zeros_like(param)
-        self.transport.isend(mine, peer, tag=1_000_003)
-        theirs = self.transport.recv(tuple(param.shape), param.dtype, peer, 1_000_003, param.device)
+        self.transport.isend(mine, peer, tag=TIED_GRADIENT_TAG)
+        theirs = self.transport.recv(tuple(param.shape), param.dtype, peer, TIED_GRADIENT_TAG, param.device)
         self.transport.wait_sends()
         param.grad = mine + theirs if self.stage.is_first else theirs + mine
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
         """The global norm: each stage's squared norm summed over every rank, divided by the
         replicas (which hold equal, averaged gradients); a tied copy counts once."""
-        tied_copy = self._tied_parameter() if self.stage.is_last and not self.stage.is_first else None
+        tied_copy = self._tied_parameter() if self.stage.is_last else None
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         counted = [p.grad for p in model.parameters() if p.grad is not None and p is not tied_copy]
         local = torch.stack([g.detach().double().square().sum() for g in counted]).sum() if counted else \

@@ -17,14 +17,15 @@ from hvdllm.model import GPT, GPTConfig, language_model_loss
 from hvdllm.parallel.partition import (UnitCosts, balanced_cut, check_manual_cut, in_flight_micro_batches,
                                        stage_costs)
 
-BYTES_PER_PARAM = {"adamw": 2 + 2 + 12, "lamb": 2 + 2 + 16, "adafactor": 2 + 2 + 8}  # as `hvdllm plan`
-
 
 def unit_costs(cfg: GPTConfig, balance: str, seq_len: int, micro_batch: int, optimizer: str = "adamw") -> UnitCosts:
     """Costs of the embedding, each block and the head under ``balance`` (params | flops | memory)."""
     with torch.device("meta"):
         model = GPT(cfg)
-    count = lambda *modules: sum(p.numel() for m in modules if m is not None for p in m.parameters())  # noqa: E731
+
+    def count(*modules) -> int:
+        return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
     embedding = count(model.wte, model.wpe)
     blocks = [count(b) for b in model.blocks]
     head = count(model.ln_f) + model.lm_head.weight.numel()  # a tied head still holds (a copy of) it
@@ -33,11 +34,17 @@ def unit_costs(cfg: GPTConfig, balance: str, seq_len: int, micro_batch: int, opt
     if balance == "flops":  # per token, forward and backward
         attention = 12 * cfg.d_model * seq_len  # 12 H Q T, with H Q = d_model
         return UnitCosts(0.0, tuple(6 * n + attention for n in blocks), 6 * cfg.d_model * cfg.vocab_size)
-    per_param = BYTES_PER_PARAM[optimizer]
-    # Korthikanti et al. 2022, eq. 2 without tensor parallelism: s b h (34 + 5 a s / h) bytes.
-    acts = seq_len * micro_batch * cfg.d_model * (34 + 5 * cfg.n_head * seq_len / cfg.d_model)
-    return UnitCosts(per_param * embedding, tuple(per_param * n for n in blocks),
-                     per_param * head + 4 * micro_batch * seq_len * cfg.vocab_size, (acts,) * len(blocks))
+    # As `hvdllm plan` counts them: bf16 weights and gradients, fp32 optimizer state, and one
+    # layer's activations per micro-batch (Korthikanti et al. 2022); the head adds its logits.
+    from hvdllm.plan import activation_bytes, optimizer_state_bytes
+
+    def static(*modules) -> float:
+        return 4 * count(*modules) + sum(optimizer_state_bytes(m, optimizer) for m in modules if m is not None)
+
+    head_static = static(model.ln_f, model.lm_head)  # a tied head still holds (a copy of) its weight
+    acts = activation_bytes(cfg, micro_batch, seq_len, 1, False) / cfg.n_layer
+    return UnitCosts(static(model.wte, model.wpe), tuple(static(b) for b in model.blocks),
+                     head_static + 4 * micro_batch * seq_len * cfg.vocab_size, (acts,) * len(blocks))
 
 
 def plan_cut(cfg: GPTConfig, parallel_cfg, stages: int, seq_len: int, micro_batch: int,
@@ -45,8 +52,10 @@ def plan_cut(cfg: GPTConfig, parallel_cfg, stages: int, seq_len: int, micro_batc
     """Blocks per stage (``parallel.stage_layers``, else balanced by ``parallel.balance``) and
     each stage's cost."""
     costs = unit_costs(cfg, parallel_cfg.balance, seq_len, micro_batch, optimizer)
-    held = lambda stage: in_flight_micro_batches(parallel_cfg.schedule, stages, parallel_cfg.micro_batches,  # noqa: E731
-                                                 stage)
+
+    def held(stage: int) -> int:
+        return in_flight_micro_batches(parallel_cfg.schedule, stages, parallel_cfg.micro_batches, stage)
+
     if parallel_cfg.stage_layers:
         cut = check_manual_cut(parallel_cfg.stage_layers, stages, cfg.n_layer)
     else:

@@ -64,9 +64,15 @@ class _HashingWriter:
 
 def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int, is_best: bool,
                     shard: int = 0) -> Path:
-    """Write ``state`` as step-N.pt (pipeline stage ``shard``'s file) with its checksum, point
-    best.pt at it if ``is_best``, prune old steps. An OSError (a full disk) leaves the previous
-    checkpoints as they were."""
+    """Write ``state`` as step-N.pt (pipeline stage ``shard``'s file), then publish it."""
+    path = write_checkpoint(state, run_dir, step, shard)
+    publish_checkpoint(run_dir, step, keep_last, is_best, shard)
+    return path
+
+
+def write_checkpoint(state: dict, run_dir: str | Path, step: int, shard: int = 0) -> Path:
+    """Write ``state`` as step-N.pt (pipeline stage ``shard``'s file) with its checksum. An
+    OSError (a full disk) leaves the previous checkpoints as they were and no partial file."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = shard_path(folder / f"step-{step:08d}.pt", shard)
@@ -79,6 +85,13 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int,
                 raise writer.error from None  # what really failed: a full disk, a quota
             raise
         write_text_atomic(checksum_path(path), writer.sha.hexdigest() + "\n")  # before the .pt is in place
+    return path
+
+
+def publish_checkpoint(run_dir: str | Path, step: int, keep_last: int, is_best: bool, shard: int = 0) -> None:
+    """Point best.pt at step ``step`` if ``is_best`` and prune the steps beyond ``keep_last``."""
+    folder = checkpoint_dir(run_dir)
+    path = shard_path(folder / f"step-{step:08d}.pt", shard)
     if is_best:
         best = shard_path(folder / "best.pt", shard)
         for source, name in ((checksum_path(path), checksum_path(best)), (path, best)):
@@ -87,7 +100,6 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep_last: int,
     for old in step_checkpoints(folder, shard)[:-keep_last]:
         old.unlink(missing_ok=True)  # best.pt is a separate link and survives
         checksum_path(old).unlink(missing_ok=True)
-    return path
 
 
 def step_checkpoints(folder: Path, shard: int = 0) -> list[Path]:
@@ -171,8 +183,9 @@ def resume_state(cfg, run_dir: Path, model_config: dict, tokenizer_json: str,
     folder that holds checkpoints. ``say`` prints a note on the logging rank."""
     path, state = resolve_resume(cfg.checkpoint.resume, run_dir)
     if state is not None and shard:
-        path = shard_path(path, shard)
+        first_step, path = state["step"], shard_path(path, shard)
         state = load_checkpoint(path)
+        check_same_step(path, state, first_step)
     folder = checkpoint_dir(run_dir)
     if state is None and step_checkpoints(folder):
         if cfg.checkpoint.resume == "auto":
@@ -216,8 +229,18 @@ def full_model_state(path: Path, state: dict) -> dict:
     each wrote their blocks beside it, under the full model's keys, so they merge as they are."""
     merged = dict(state["model"])
     for stage in range(1, int(state.get("layout", {}).get("pipeline", 1))):
-        merged.update(load_checkpoint(shard_path(Path(path), stage))["model"])
+        shard = shard_path(Path(path), stage)
+        shard_state = load_checkpoint(shard)
+        check_same_step(shard, shard_state, state["step"])
+        merged.update(shard_state["model"])
     return merged
+
+
+def check_same_step(path: Path, state: dict, step: int) -> None:
+    """A pipeline stage's file belongs to the same step as stage 0's."""
+    if state["step"] != step:
+        raise UserError(f"{path}: holds step {state['step']}, but its stage 0 file holds step {step}: "
+                        f"the stages' checkpoints do not belong together")
 
 
 def model_config_from_checkpoint(state: dict) -> GPTConfig:
@@ -233,36 +256,48 @@ def rng_state(device: torch.device) -> dict:
 
 def save_training_state(trainer, is_best: bool) -> bool:
     """Collective (every rank contributes its RNG state, so dropout replays exactly); the
-    ranks holding state no other rank holds write it. Returns False when this rank could not
-    write (a full disk, a quota): one line on stderr, the previous checkpoints are kept, and
-    training can go on (the next due checkpoint tries again)."""
+    ranks holding state no other rank holds write it. A checkpoint is every stage's file or
+    none: the writers agree before any of them prunes an older one or moves best.pt, so a
+    failed write on any rank (a full disk, a quota) is one line, removes the step's other
+    files, keeps the previous checkpoints, and returns False on every rank (training can go
+    on: the next due checkpoint tries again)."""
     strategy, cfg = trainer.strategy, trainer.cfg
     rng_states = strategy.allgather_object(rng_state(trainer.device), name="checkpoint_rng")
-    if not strategy.writes_checkpoint:
-        return True
-    state = {
-        **strategy.state_dict(trainer.model, trainer.optimizer),
-        "schedule": trainer.schedule.state_dict(),
-        "scaler": trainer.precision.scaler.state_dict() if trainer.precision.scaler is not None else None,
-        "step": trainer.step,
-        "stage": trainer.stage.index,
-        "data": {**trainer.loader.state_dict(), "global_batch": trainer.loader.global_batch},
-        "rng": rng_states,
-        "val_loss": trainer.val_loss.state_dict(),
-        "world_size": strategy.world_size,
-        "config_toml": config_to_toml(cfg),
-        "model_config": vars(trainer.gpt_cfg),
-        "tokenizer_json": trainer.tokenizer_json,
-    }
-    try:
-        path = save_checkpoint(state, trainer.run_dir, trainer.step, cfg.checkpoint.keep_last,
-                               is_best and cfg.checkpoint.keep_best, strategy.checkpoint_shard)
-    except OSError as err:
-        kept = step_checkpoints(checkpoint_dir(trainer.run_dir))
-        sys.stderr.write(f"error: rank {strategy.coords.rank}: checkpoint of step {trainer.step} not written "
-                         f"({err.strerror or err}); kept: {kept[-1] if kept else 'no earlier checkpoint'}\n")
-        sys.stderr.flush()
+    path, failure = None, None
+    if strategy.writes_checkpoint:
+        state = {
+            **strategy.state_dict(trainer.model, trainer.optimizer),
+            "schedule": trainer.schedule.state_dict(),
+            "scaler": trainer.precision.scaler.state_dict() if trainer.precision.scaler is not None else None,
+            "step": trainer.step,
+            "stage": trainer.stage.index,
+            "data": {**trainer.loader.state_dict(), "global_batch": trainer.loader.global_batch},
+            "rng": rng_states,
+            "val_loss": trainer.val_loss.state_dict(),
+            "world_size": strategy.world_size,
+            "config_toml": config_to_toml(cfg),
+            "model_config": vars(trainer.gpt_cfg),
+            "tokenizer_json": trainer.tokenizer_json,
+        }
+        try:
+            path = write_checkpoint(state, trainer.run_dir, trainer.step, strategy.checkpoint_shard)
+        except OSError as err:
+            failure = err.strerror or str(err)
+    failed = strategy.allreduce_sum(torch.tensor([float(failure is not None)], dtype=torch.float64),
+                                    name="checkpoint_failed").item() > 0
+    if failed:
+        if path is not None:  # this rank's part of a checkpoint that is not whole
+            path.unlink(missing_ok=True)
+            checksum_path(path).unlink(missing_ok=True)
+        if failure is not None:
+            kept = step_checkpoints(checkpoint_dir(trainer.run_dir))
+            sys.stderr.write(f"error: rank {strategy.coords.rank}: checkpoint of step {trainer.step} not written "
+                             f"({failure}); kept: {kept[-1] if kept else 'no earlier checkpoint'}\n")
+            sys.stderr.flush()
         return False
+    if path is not None:
+        publish_checkpoint(trainer.run_dir, trainer.step, cfg.checkpoint.keep_last,
+                           is_best and cfg.checkpoint.keep_best, strategy.checkpoint_shard)
     trainer.say(f"checkpoint: step {trainer.step} saved to {path}" + (" (best so far)" if is_best else ""))
     return True
 
@@ -274,7 +309,9 @@ def restore_training_state(trainer, state: dict) -> None:
     if trainer.precision.scaler is not None and state.get("scaler"):
         trainer.precision.scaler.load_state_dict(state["scaler"])
     trainer.step = int(state["step"])
-    trainer.val_loss.load_state_dict(state["val_loss"])
+    # Checkpoints from before BestTracker kept the record as two numbers.
+    trainer.val_loss.load_state_dict(state.get("val_loss") or {"best": state["best_val"],
+                                                                 "since_best": state["evals_without_improvement"]})
     if trainer.step < trainer.total_steps:
         stage = trainer.stage_at(trainer.step)
         same_stage = stage.index == state["stage"]

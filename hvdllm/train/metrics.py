@@ -218,7 +218,7 @@ def step_record(trainer, result) -> dict:
             "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "skipped": result.skipped,
             "tokens_per_s": tokens_per_s, "step_time_s": result.step_time_s, "mfu": mfu,
             "peak_flops": trainer.peak_flops or None, "peak_flops_source": trainer.peak_flops_source or None,
-            "mem_peak_bytes": peak_memory_bytes(trainer.device)}
+            "mem_peak_bytes": peak_memory_bytes(trainer.device), **trainer.strategy.step_metrics()}
 
 
 def duration(seconds: float) -> str:

@@ -11,6 +11,7 @@ from hvdllm import comm
 from hvdllm.comm.launch import launched_world_size
 from hvdllm.config import Config
 from hvdllm.parallel import build_strategy, horovod_environment
+from hvdllm.parallel.layout import SERVER
 from hvdllm.paths import require_writable_folder
 from hvdllm.train.trainer import Trainer
 
@@ -25,6 +26,8 @@ def run_training(cfg: Config) -> int:
     # The knobs that need the train section (the stall check); setup() applies the parallel ones.
     os.environ.update(horovod_environment(cfg.parallel, cfg.train))
     strategy.setup(cfg.train.threads)
+    if strategy.coords.role == SERVER:  # a parameter server never enters the training loop
+        return strategy.serve()
     device = comm.choose_device(strategy.layout.devices[0] if strategy.layout.devices else cfg.train.device)
     trainer = Trainer(cfg, strategy, device)
     # SLURM preemption sends SIGTERM: finish the step, checkpoint, exit 0. SIGUSR1 does the
@@ -32,4 +35,6 @@ def run_training(cfg: Config) -> int:
     # ends the job with exit status 1 whatever the ranks return).
     signal.signal(signal.SIGTERM, trainer.request_stop)
     signal.signal(signal.SIGUSR1, trainer.request_stop)
-    return trainer.train()
+    status = trainer.train()
+    strategy.close()  # e.g. tell the parameter servers this worker is done
+    return status

@@ -47,6 +47,21 @@ def test_updates_of_clipped_gradients_are_combined_by_adasum(horovod):
     assert torch.allclose(model.weight.detach().flatten(), expected, atol=1e-6)
 
 
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_both(horovod):
+    strategy = adasum_strategy()
+    model = torch.nn.Linear(3, 1, bias=False)
+    start = model.weight.detach().clone()
+    optimizer = strategy.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), model)
+    model(torch.ones(1, 3)).sum().backward()
+    if horovod.rank() == 1:
+        model.weight.grad[0, 0] = float("inf")  # a finite loss, an overflowing gradient
+    strategy.finish_gradients(optimizer, torch.zeros(3, dtype=torch.float64))
+    norm, skipped = strategy.update(optimizer, model, Precision("fp32", torch.device("cpu")), max_norm=0.5,
+                                    nonfinite=False)
+    assert skipped and norm == float("inf") and torch.equal(model.weight.detach(), start)
+    assert horovod.allreduce(torch.ones(1), op=horovod.Sum, name="still_in_step").item() == 2  # none left waiting
+
+
 @pytest.fixture(scope="module")
 def data(horovod):
     path = tempfile.mkdtemp(prefix="hvdllm-par-") if horovod.rank() == 0 else None

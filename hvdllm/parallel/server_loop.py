@@ -1,0 +1,244 @@
+"""A parameter server's loop: receive pushes from any worker, apply them, answer with
+parameters once the staleness bound allows (the protocol is described in param_server.py).
+
+The server builds the same seeded model as every worker (so version 0 is the workers'
+initial weights), keeps its shard of the parameters as views of one flat float32 buffer (the
+optimizer updates them in place, and a reply is that buffer's bytes), and frees the rest.
+It runs until every worker has said DONE. On CHECKPOINT(N) from worker 0 it writes its shard
+once every live worker's first N pushes are in, and answers; on resume it reads that shard.
+SIGTERM or SIGUSR1 (what mpirun forwards) asks the workers to stop at a clock they can all
+still reach; they checkpoint and say DONE.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from hvdllm.atomic import write_text_atomic
+from hvdllm.config import config_to_toml
+from hvdllm.data.shards import read_manifest
+from hvdllm.model import GPT, gpt_config_from
+from hvdllm.optim import LRSchedule, build_optimizer
+from hvdllm.parallel.param_server import (CHECKPOINT, DONE, H_APPLIED, H_COUNT, H_DROPPED, H_HIST, H_LOSS,
+                                          H_NONFINITE, H_NORM, H_STOP, H_STOP_AT, H_UPDATES, H_VERSION, KINDS,
+                                          SERVER_SHARD, STATS, header_size, shard_ranges, tag)
+from hvdllm.train import checkpoint as ckpt
+from hvdllm.train.stages import plan_stages
+
+
+class ParameterServer:
+    def __init__(self, cfg, layout, coords, p2p, servers_comm) -> None:
+        self.cfg, self.p2p, self.servers_comm = cfg, p2p, servers_comm
+        self.index = coords.rank - layout.workers
+        self.workers = layout.workers
+        self.s = cfg.parallel.max_staleness
+        manifest = read_manifest(cfg.data.path)
+        gpt_cfg = self.gpt_cfg = gpt_config_from(cfg.model, vocab_size=manifest["vocab_size"])
+        stage = plan_stages(cfg, layout.data, manifest["seq_len"], gpt_cfg.block_size)[0]
+        torch.manual_seed(cfg.train.seed)  # as the Trainer does: the same initial weights
+        model = GPT(gpt_cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        start, end = shard_ranges([p.numel() for p in params], layout.servers)[self.index]
+        shard = params[start:end]
+        n = sum(p.numel() for p in shard)
+        self.head = header_size(self.s)
+        self.reply = torch.zeros(self.head * 8 + 4 * n, dtype=torch.uint8)
+        self.header = self.reply[:self.head * 8].view(torch.float64)
+        self.flat = self.reply[self.head * 8:].view(torch.float32)  # the master weights, sent as they are
+        self.grad = torch.zeros(n, dtype=torch.float32)
+        self.accumulated = torch.zeros(n, dtype=torch.float64)  # s = 0: the clock's gradient sum
+        self.incoming = torch.empty(STATS * 8 + 4 * n, dtype=torch.uint8)
+        offset = 0
+        with torch.no_grad():
+            for param in shard:
+                view = self.flat[offset:offset + param.numel()].view_as(param)
+                view.copy_(param)
+                param.data, param.grad = view, self.grad[offset:offset + param.numel()].view_as(param)
+                offset += param.numel()
+        self.optimizer = build_optimizer(model, cfg.optim, stage.lr)
+        mine = {id(p) for p in shard}
+        for group in self.optimizer.param_groups:  # same groups (decay or not) as a replica's
+            group["params"] = [p for p in group["params"] if id(p) in mine]
+        for param in params:
+            if id(param) not in mine:
+                param.data = torch.empty(0)  # the server keeps its shard only
+        self.schedule = LRSchedule(self.optimizer, stage.lr, stage.steps, stage.schedule)
+        self.run_dir = Path(cfg.train.run_dir)
+        # Progress: pushes per worker (its clock), the clocks' statistics, who waits for what.
+        self.pushed = [0] * self.workers
+        self.done: set[int] = set()
+        self.waiting: dict[int, tuple[int, float]] = {}  # worker -> (clock wanted, since)
+        self.sent_version = [0] * self.workers
+        self.clock_stats = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])  # loss, non-finite, stop, pushes
+        self.norms: dict[int, float] = {}
+        self.updates = self.applied = self.dropped = 0
+        self.hist = [0] * (self.s + 1)
+        self.stop_at = -1
+        self.stop_signalled = False
+        self.idle_s = self.queue_s = self.queue_max_s = 0.0
+        self.replies = 0
+        self.checkpoint_due: int | None = None  # the step worker 0 asked to checkpoint
+        path, _ = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir)
+        if path is not None:
+            self._load(ckpt.load_checkpoint(ckpt.shard_path(path, SERVER_SHARD + self.index)))
+
+    def _state(self, step: int) -> dict:
+        return {"model": {"flat": self.flat.clone()}, "optimizer": self.optimizer.state_dict(), "step": step,
+                "counters": {"updates": self.updates, "applied": self.applied, "dropped": self.dropped,
+                             "hist": list(self.hist)},
+                "config_toml": config_to_toml(self.cfg), "model_config": vars(self.gpt_cfg)}
+
+    def _load(self, state: dict) -> None:
+        with torch.no_grad():
+            self.flat.copy_(state["model"]["flat"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        counters = state["counters"]
+        self.updates, self.applied, self.dropped = counters["updates"], counters["applied"], counters["dropped"]
+        self.hist = list(counters["hist"])
+        self.pushed = [int(state["step"])] * self.workers  # every worker checkpointed at this clock
+        self.sent_version = list(self.pushed)
+
+    def _checkpoint_if_due(self) -> None:
+        """Write the shard once every live worker's first N pushes are in, then tell worker 0."""
+        from mpi4py import MPI
+
+        step = self.checkpoint_due
+        if step is None or self.version < step:
+            return
+        ckpt.save_checkpoint(self._state(step), self.run_dir, step, self.cfg.checkpoint.keep_last, False,
+                             SERVER_SHARD + self.index)
+        empty = torch.empty(0, dtype=torch.uint8).numpy()
+        self.p2p.Send([empty, MPI.BYTE], dest=0, tag=tag(step, CHECKPOINT))
+        self.checkpoint_due = None
+
+    @property
+    def version(self) -> int:
+        """Clocks complete: every live worker has pushed them (all applied, for s = 0)."""
+        live = [self.pushed[w] for w in range(self.workers) if w not in self.done]
+        return min(live) if live else max(self.pushed)
+
+    def serve(self) -> int:
+        from mpi4py import MPI
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        status, started = MPI.Status(), time.perf_counter()
+        while len(self.done) < self.workers:
+            waited = time.perf_counter()
+            self.p2p.Recv([self.incoming.numpy(), MPI.BYTE], source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+            self.idle_s += time.perf_counter() - waited
+            worker, (clock, kind) = status.Get_source(), divmod(status.Get_tag(), KINDS)
+            if kind == DONE:
+                self.done.add(worker)
+            elif kind == CHECKPOINT:
+                self.checkpoint_due = clock
+            elif status.Get_count(MPI.BYTE) == STATS * 8:  # a pull with no gradient: a worker's start
+                self.waiting[worker] = (clock, time.perf_counter())
+            else:
+                self._push(worker, clock)
+                self.waiting[worker] = (clock + 1, time.perf_counter())
+            self._answer()
+            self._checkpoint_if_due()
+        self._write_summary(time.perf_counter() - started)
+        return 0
+
+    def _on_signal(self, *_args) -> None:
+        self.stop_signalled = True
+
+    def _push(self, worker: int, clock: int) -> None:
+        stats = self.incoming[:STATS * 8].view(torch.float64).tolist()
+        gradient = self.incoming[STATS * 8:].view(torch.float32)
+        self.pushed[worker] = clock + 1
+        totals = self.clock_stats[clock]
+        for i, value in enumerate(stats):
+            totals[i] += value
+        totals[3] += 1
+        if (stats[2] > 0 or self.stop_signalled) and self.stop_at < 0:
+            self.stop_at = max(self.pushed) + 1  # a clock no worker has passed: all can stop there
+        finite = stats[1] == 0 and bool(torch.isfinite(gradient).all())
+        staleness = clock - self.sent_version[worker]
+        if self.s == 0:
+            if finite:
+                self.accumulated += gradient
+            if totals[3] == self.workers - len(self.done):
+                self._apply_clock(clock)
+        elif finite:
+            lr = self.schedule.lr_at(self.version) / self.workers
+            if self.cfg.parallel.staleness_lr:
+                lr /= max(1, staleness)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.grad.copy_(gradient)
+            self.optimizer.step()
+            self.updates += 1
+            self.applied += 1
+            self.hist[staleness] += 1
+        else:
+            self.dropped += 1
+
+    def _apply_clock(self, clock: int) -> None:
+        """s = 0: one step on the mean of the clock's pushes, clipped by the global norm of
+        that mean (the servers sum their shards' squares), as ``sync`` takes it."""
+        from mpi4py import MPI
+
+        totals = self.clock_stats[clock]
+        pushes = int(totals[3])
+        mean = (self.accumulated / pushes).float()
+        self.accumulated.zero_()
+        square = self.servers_comm.allreduce(mean.double().square().sum().item(), op=MPI.SUM)
+        norm = math.sqrt(square) if math.isfinite(square) else math.inf
+        self.norms[clock] = norm
+        clip = self.cfg.optim.grad_clip
+        if totals[1] > 0 or not math.isfinite(norm):
+            self.dropped += pushes  # as sync skips the step
+            return
+        coefficient = (clip or math.inf) / (norm + 1e-6)
+        self.grad.copy_(mean * coefficient if coefficient < 1.0 else mean)
+        self.schedule.apply(clock)
+        self.optimizer.step()
+        self.updates += 1
+        self.applied += pushes
+        self.hist[0] += pushes
+
+    def _answer(self) -> None:
+        """Reply to every waiting worker whose next clock the staleness bound now allows."""
+        from mpi4py import MPI
+
+        version = self.version
+        for worker, (wanted, since) in list(self.waiting.items()):
+            if version < wanted - self.s:
+                continue
+            totals = self.clock_stats.get(wanted - 1, [0.0, 0.0, 0.0, 0.0])
+            fields = {H_VERSION: version, H_UPDATES: self.updates, H_APPLIED: self.applied, H_DROPPED: self.dropped,
+                      H_STOP_AT: self.stop_at, H_LOSS: totals[0], H_NONFINITE: totals[1], H_STOP: totals[2],
+                      H_COUNT: totals[3], H_NORM: self.norms.get(wanted - 1, math.nan)}
+            for index, value in fields.items():
+                self.header[index] = value
+            self.header[H_HIST:] = torch.tensor(self.hist, dtype=torch.float64)
+            self.p2p.Send([self.reply.numpy(), MPI.BYTE], dest=worker, tag=tag(wanted, 0))
+            self.sent_version[worker] = version
+            del self.waiting[worker]
+            held = time.perf_counter() - since
+            self.queue_s += held
+            self.queue_max_s = max(self.queue_max_s, held)
+            self.replies += 1
+        for old in [c for c in self.clock_stats if c < version - 1]:
+            del self.clock_stats[old]  # every reply that could need it has been sent
+
+    def _write_summary(self, elapsed_s: float) -> None:
+        summary = {"server": self.index, "updates": self.updates, "applied_pushes": self.applied,
+                   "dropped_pushes": self.dropped, "staleness_hist": self.hist, "max_staleness": self.s,
+                   "pushes_per_worker": self.pushed,
+                   "pushes_per_s_per_worker": [p / elapsed_s for p in self.pushed],
+                   "queue_s_mean": self.queue_s / max(1, self.replies), "queue_s_max": self.queue_max_s,
+                   "idle_s": self.idle_s, "elapsed_s": elapsed_s}
+        folder = self.run_dir / "servers"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / f"server-{self.index}.json", json.dumps(summary, indent=1) + "\n")

@@ -1,0 +1,136 @@
+"""The parameter server through the CLI: with max_staleness 0 it gives the losses of `sync`
+for the same global batch (one or two servers, AdamW and LAMB); with s > 0 and one worker
+slowed, no applied push is staler than s, and a server's update count is its applied pushes."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from helpers.corpus import clean_env, error_lines, hvdllm_mpi, make_dataset, read_metrics, train_args
+
+from hvdllm.comm.launch import mpirun_command
+
+ASYNC = ["--parallel.strategy=async"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds"))
+
+
+def run(np, data, run_dir, *overrides):
+    result = hvdllm_mpi(np, *train_args(data, run_dir, "--checkpoint.every=0", *overrides), timeout=240)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def server_summary(run_dir, index=0):
+    return json.loads((run_dir / "servers" / f"server-{index}.json").read_text())
+
+
+@pytest.mark.parametrize("servers, optimizer", [(1, "lamb"), (2, "adamw")])
+def test_zero_staleness_gives_the_losses_of_sync(data, tmp_path, servers, optimizer):
+    steps = ["--train.steps=8", f"--optim.name={optimizer}"]
+    sync = run(2, data, tmp_path / "sync", *steps)
+    ps = run(2 + servers, data, tmp_path / "ps", *ASYNC, f"--parallel.servers={servers}", *steps)
+    a, b = losses(sync), losses(ps)
+    assert len(a) == len(b) == 8 and a[-1] < a[0]
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-5, (a, b)
+    for index in range(servers):  # every push reached every shard, one update per clock
+        summary = server_summary(ps, index)
+        assert summary["updates"] == 8 and summary["applied_pushes"] == 16 and summary["staleness_hist"] == [16]
+
+
+def test_staleness_never_exceeds_the_bound_with_a_slow_worker(data, tmp_path):
+    ps = run(3, data, tmp_path / "ps", *ASYNC, "--parallel.servers=1", "--parallel.max_staleness=2",
+             "--train.steps=16", "--train.slowdown_rank=1", "--train.slowdown_factor=6", "--train.eval_every=0")
+    summary = server_summary(ps)
+    hist = summary["staleness_hist"]
+    assert len(hist) == 3 and hist[2] > 0  # the fast worker ran ahead, up to the bound
+    assert summary["updates"] == summary["applied_pushes"] == sum(hist) == 32 - summary["dropped_pushes"]
+    assert summary["pushes_per_worker"] == [16, 16]
+    records = read_metrics(ps)
+    # The logging worker's view: the server's histogram so far, and its own pulls' staleness.
+    assert all(seen <= final for seen, final in zip(records[-1]["staleness_hist"], hist))
+    assert max(r["staleness"] for r in records) <= 2
+    assert losses(ps)[-1] < losses(ps)[0]
+
+
+@pytest.mark.parametrize("np, overrides, message", [
+    (2, ["--parallel.strategy=async"], "parallel.strategy=async needs parameter servers"),
+    (3, ["--parallel.servers=1"], "parallel.servers=1 needs an asynchronous parallel.strategy"),
+    (3, ["--parallel.strategy=async", "--parallel.servers=1", "--parallel.pipeline=2"],
+     "parallel.strategy=async pushes whole-model gradients"),
+])
+def test_bad_async_layouts_are_one_line_on_every_rank(data, tmp_path, np, overrides, message):
+    start = time.time()
+    result = hvdllm_mpi(np, *train_args(data, tmp_path / "run", *overrides), timeout=120)
+    lines = error_lines(result)
+    assert result.returncode != 0 and len(lines) == np and len(set(lines)) == 1, result.stderr
+    assert message in lines[0] and "Traceback" not in result.stderr
+    assert time.time() - start < 90
+
+
+def start_long_run(data, run_dir, *overrides):
+    args = train_args(data, run_dir, *ASYNC, "--parallel.servers=1", "--parallel.max_staleness=1",
+                      "--train.steps=100000", "--train.eval_every=0", "--checkpoint.every=0", *overrides)
+    proc = subprocess.Popen(mpirun_command(3, ["-m", "hvdllm", *args]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=clean_env())
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize("victim", [1, 2], ids=["worker", "server"])
+def test_a_killed_worker_or_server_ends_the_job_naming_it(data, tmp_path, victim):
+    proc = start_long_run(data, tmp_path / "run")
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                            text=True).stdout.split()]
+    assert len(ranks) == 3
+    start = time.time()
+    os.kill(ranks[victim], signal.SIGKILL)  # children in launch order: ranks 0, 1 (workers), 2 (server)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and time.time() - start < 60
+    assert f"process rank {victim} with PID" in stderr and "signal 9" in stderr, stderr  # mpirun names it
+
+
+def test_sigusr1_stops_workers_at_one_clock_checkpoints_and_ends_the_servers(data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_long_run(data, run_dir)
+    os.kill(proc.pid, signal.SIGUSR1)  # mpirun forwards it to every rank
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    last = read_metrics(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / f"step-{last:08d}.pt").is_file()
+    assert server_summary(run_dir)["pushes_per_worker"] == [last, last]  # both stopped at the same clock
+
+
+def test_zero_staleness_checkpoints_server_shards_and_resumes_exactly(data, tmp_path):
+    common = [*ASYNC, "--parallel.servers=2", "--train.steps=12", "--checkpoint.every=4"]
+    straight = run(4, data, tmp_path / "straight", *common)
+    folder = straight / "checkpoints"
+    assert {p.name for p in folder.glob("step-00000008*.pt")} == {
+        "step-00000008.pt", "step-00000008.stage-1000.pt", "step-00000008.stage-1001.pt"}
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    for path in folder.glob("step-00000008*"):
+        (resumed / "checkpoints" / path.name).write_bytes(path.read_bytes())
+    run(4, data, resumed, *common, "--checkpoint.resume=auto")
+    expected = {r["step"]: r["loss"] for r in read_metrics(straight)}
+    assert [(r["step"], r["loss"]) for r in read_metrics(resumed)] == [(s, expected[s]) for s in range(9, 13)]
+    assert server_summary(resumed)["updates"] == server_summary(straight)["updates"] == 12
