@@ -40,9 +40,6 @@ def build_strategy(cfg, world_size: int) -> ParallelStrategy:
         if world_size > 1:
             return HorovodAdasum(cfg, layout)
     if layout.pipeline > 1:
-        if cfg.train.precision == "fp16":
-            raise UserError("train.precision=fp16 with parallel.pipeline > 1: one loss scale agreed by all stages "
-                            "is not implemented; use bf16")
         from hvdllm.parallel.pipeline import PipelineParallel
 
         return PipelineParallel(cfg, layout)

@@ -133,7 +133,7 @@ class PipelineParallel(HorovodSync):
             elif action.op == BACKWARD:
                 out = outputs.pop(i)
                 if stage.is_last:
-                    out.backward()
+                    precision.backward(out)  # scaled by the fp16 loss scale, which every stage shares
                 else:
                     torch.autograd.backward(out, grads.pop(i))
             elif action.op == SEND_GRAD:
@@ -185,6 +185,26 @@ class PipelineParallel(HorovodSync):
             for grad in grads:
                 grad.mul_(coefficient)
         return norm
+
+    def update(self, optimizer, model: nn.Module, precision: Precision, max_norm: float,
+               nonfinite: bool) -> tuple[float, bool]:
+        """As for one model, but with fp16 every stage keeps one loss scale: the last stage
+        scales the loss, the others receive gradients scaled by it, each unscales its own.
+        Whether to step and how the scale moves follow the global norm, which every stage
+        sees alike, not each stage's own inf check (a stage with finite gradients must skip
+        and back off with the one that overflowed)."""
+        scaler = precision.scaler
+        if scaler is None or nonfinite:
+            return super().update(optimizer, model, precision, max_norm, nonfinite)
+        scaler.scale(torch.zeros((), device=self.device))  # a stage without the loss still needs its scale set
+        scaler.unscale_(optimizer)
+        grad_norm = self.clip_grad_norm_(model, max_norm or math.inf)
+        if math.isfinite(grad_norm):
+            self.apply_update(optimizer, None)
+            scaler.update()  # no stage found an inf: the same growth everywhere
+        else:
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())  # skipped, backed off on every stage
+        return grad_norm, False  # as with one model: an overflow is the scaler's to handle, not a bad step
 
     def apply_update(self, optimizer, scaler) -> None:
         if self.layout.data > 1:

@@ -51,15 +51,18 @@ def _wait_for_steps(run_dir: Path, count: int, proc: subprocess.Popen, timeout: 
         time.sleep(0.02)
 
 
-def _end(pids: list[int]) -> None:
+def _end(pids: list[int], run_dir: Path) -> None:
     """Kill what a test may have stopped: SIGCONT first, or a stopped process ignores nothing
-    but SIGKILL, and its launcher keeps waiting."""
+    but SIGKILL, and its launcher keeps waiting. Only processes of this run (their command
+    line names its run folder): the pid of one that has ended may already belong to another."""
     for pid in pids:
-        for sig in (signal.SIGCONT, signal.SIGKILL):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if str(run_dir) in command:
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    os.kill(pid, sig)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
 
 
 def test_stopped_rank_ends_the_job_with_one_line(data, tmp_path):
@@ -73,7 +76,7 @@ def test_stopped_rank_ends_the_job_with_one_line(data, tmp_path):
         _, err = proc.communicate(timeout=150)
         ended_after = time.time() - start
     finally:
-        _end([*ranks, proc.pid])
+        _end([*ranks, proc.pid], tmp_path / "run")
         proc.communicate()
     assert proc.returncode != 0
     assert ended_after < 120  # 8 s timeout, checked every 2 s, plus the launcher's teardown
@@ -120,7 +123,7 @@ def test_sigterm_at_random_moments_then_resume_is_exact(data, tmp_path, ranks):
             os.kill(rng.choice(pids), signal.SIGTERM)  # as a preemption reaching one task first
             out, err = proc.communicate(timeout=120)
         finally:
-            _end([*pids, proc.pid])
+            _end([*pids, proc.pid], run_dir)
             proc.communicate()
         assert proc.returncode == 0, err
         assert "stop requested (SIGTERM)" in out

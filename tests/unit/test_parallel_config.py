@@ -25,7 +25,6 @@ def test_old_data_parallel_key_names_its_replacement():
 
 
 @pytest.mark.parametrize("overrides, world, message", [
-    (["--parallel.pipeline=2", "--train.precision=fp16"], 2, "train.precision=fp16 with parallel.pipeline > 1"),
     (["--parallel.pipeline=2", "--parallel.devices=['cpu','cpu']"], 2, "cannot be combined"),
     (["--parallel.devices=['cpu','cpu','cpu']", "--model.preset=gpt-nano"], 1,
      "parallel.devices asks for 3 stages but the model has 2 blocks"),
@@ -40,3 +39,14 @@ def test_layouts_that_cannot_run_are_refused_before_any_communication(overrides,
     with pytest.raises(UserError) as err:
         build_strategy(load_config(None, overrides), world_size=world)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("slow_rank, expected", [(0, [1.0]), (1, [])])
+def test_the_slowed_rank_sleeps_factor_minus_one_times_its_compute(slow_rank, expected, monkeypatch):
+    cfg = load_config(None, [f"--train.slowdown_rank={slow_rank}", "--train.slowdown_factor=3"])
+    strategy = build_strategy(cfg, world_size=1)
+    strategy.setup(threads=1)
+    slept = []
+    monkeypatch.setattr("hvdllm.parallel.base.time.sleep", slept.append)
+    strategy.inject_slowdown(0.5)
+    assert slept == expected
