@@ -1,16 +1,11 @@
 """Adasum on 2 ranks: each rank clips and steps on its own gradients, the updates are
 combined with the Adasum operator, and a non-finite step is skipped by both ranks."""
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
-from helpers.corpus import NANO, make_corpus, read_metrics
+from helpers.corpus import NANO, read_metrics
 
 from hvdllm.config import load_config
-from hvdllm.data.prepare import PrepareOptions, run_prepare
 from hvdllm.parallel import Precision, build_strategy
 from hvdllm.train.trainer import Trainer
 
@@ -62,23 +57,8 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_both(horovod):
     assert horovod.allreduce(torch.ones(1), op=horovod.Sum, name="still_in_step").item() == 2  # none left waiting
 
 
-@pytest.fixture(scope="module")
-def data(horovod):
-    path = tempfile.mkdtemp(prefix="hvdllm-par-") if horovod.rank() == 0 else None
-    folder = Path(horovod.broadcast_object(path, root_rank=0, name="adasum_dir"))
-    if horovod.rank() == 0:
-        make_corpus(folder / "corpus", files=10, docs_per_jsonl=20)
-    horovod.barrier()
-    run_prepare(PrepareOptions(out=str(folder / "data"), inputs=[str(folder / "corpus")], tokenizer="byte",
-                               seq_len=32, val_fraction=0.15, min_chars=16))
-    yield folder
-    horovod.barrier()
-    if horovod.rank() == 0:
-        shutil.rmtree(folder)
-
-
-def test_a_non_finite_step_on_one_rank_is_skipped_by_both(data, horovod):
-    cfg = load_config(NANO, [f"--data.path={data / 'data'}", f"--train.run_dir={data / 'nan'}", "--train.steps=5",
+def test_a_non_finite_step_on_one_rank_is_skipped_by_both(data, shared_dir, horovod):
+    cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={shared_dir / 'nan'}", "--train.steps=5",
                              "--train.eval_every=0", "--parallel.op=adasum", "--parallel.accum_steps=2"])
     strategy = build_strategy(cfg, world_size=2)
     strategy.setup(threads=1)
@@ -102,4 +82,4 @@ def test_a_non_finite_step_on_one_rank_is_skipped_by_both(data, horovod):
     checksums = horovod.allgather_object(sum(p.double().sum().item() for p in trainer.model.parameters()))
     assert checksums[0] == checksums[1]
     if horovod.rank() == 0:
-        assert [r["step"] for r in read_metrics(data / "nan") if r["skipped"]] == [3]
+        assert [r["step"] for r in read_metrics(shared_dir / "nan") if r["skipped"]] == [3]

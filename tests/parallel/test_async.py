@@ -4,16 +4,11 @@ right after one; a Trainer run with AdamW trains and communicates 1/H of sync's 
 
 import json
 import math
-import shutil
-import tempfile
-from pathlib import Path
 
-import pytest
 import torch
-from helpers.corpus import NANO, make_corpus, read_metrics
+from helpers.corpus import NANO, read_metrics
 
 from hvdllm.config import load_config
-from hvdllm.data.prepare import PrepareOptions, run_prepare
 from hvdllm.parallel import Precision, build_strategy
 from hvdllm.parallel.local_sgd import STATS_BYTES
 from hvdllm.train.trainer import Trainer
@@ -96,23 +91,8 @@ def test_outer_nesterov_momentum_acts_on_the_averaged_delta(horovod):
         torch.testing.assert_close(after[round_end], anchor, rtol=0, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def data(horovod):
-    path = tempfile.mkdtemp(prefix="hvdllm-par-") if horovod.rank() == 0 else None
-    folder = Path(horovod.broadcast_object(path, root_rank=0, name="async_dir"))
-    if horovod.rank() == 0:
-        make_corpus(folder / "corpus", files=10, docs_per_jsonl=20)
-    horovod.barrier()
-    run_prepare(PrepareOptions(out=str(folder / "data"), inputs=[str(folder / "corpus")], tokenizer="byte",
-                               seq_len=32, val_fraction=0.15, min_chars=16))
-    yield folder
-    horovod.barrier()
-    if horovod.rank() == 0:
-        shutil.rmtree(folder)
-
-
-def test_local_sgd_trainer_trains_with_adamw_on_a_quarter_of_the_bytes(data, horovod):
-    cfg = load_config(NANO, [f"--data.path={data / 'data'}", f"--train.run_dir={data / 'local'}", "--train.steps=16",
+def test_local_sgd_trainer_trains_with_adamw_on_a_quarter_of_the_bytes(data, shared_dir, horovod):
+    cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={shared_dir / 'local'}", "--train.steps=16",
                              "--train.eval_every=8", "--parallel.strategy=local-sgd", "--parallel.local_steps=4",
                              "--checkpoint.every=0"])
     strategy = build_strategy(cfg, world_size=2)
@@ -122,7 +102,7 @@ def test_local_sgd_trainer_trains_with_adamw_on_a_quarter_of_the_bytes(data, hor
     checksums = horovod.allgather_object(flat(trainer.model).double().sum().item(), name="checksum")
     assert checksums[0] == checksums[1]  # step 16 ended a round
     if horovod.rank() == 0:
-        records = read_metrics(data / "local")
+        records = read_metrics(shared_dir / "local")
         losses = [r["loss"] for r in records]
         assert len(losses) == 16 and sum(losses[-4:]) < sum(losses[:4])
         param_bytes = sum(p.numel() * 4 for p in trainer.model.parameters())
@@ -131,7 +111,7 @@ def test_local_sgd_trainer_trains_with_adamw_on_a_quarter_of_the_bytes(data, hor
         assert last["comm_bytes"] == 4 * param_bytes + 16 * STATS_BYTES  # sync: 16 x param_bytes
 
 
-def test_a_server_drops_and_counts_non_finite_pushes_and_applies_the_rest(data, horovod):
+def test_a_server_drops_and_counts_non_finite_pushes_and_applies_the_rest(data, shared_dir, horovod):
     """Rank 1 serves one shard; rank 0 speaks the protocol by hand: a pull, then pushes of a
     finite gradient, a NaN gradient, a finite gradient flagged with a non-finite loss, and a
     finite one. Only the two clean pushes move the weights."""
@@ -141,7 +121,7 @@ def test_a_server_drops_and_counts_non_finite_pushes_and_applies_the_rest(data, 
     from hvdllm.parallel.param_server import DONE, H_APPLIED, H_DROPPED, H_UPDATES, PUSH, STATS, header_size, tag
     from hvdllm.parallel.server_loop import ParameterServer
 
-    cfg = load_config(NANO, [f"--data.path={data / 'data'}", f"--train.run_dir={data / 'served'}",
+    cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={shared_dir / 'served'}",
                              "--parallel.strategy=async", "--parallel.servers=1", "--parallel.max_staleness=1"])
     layout = Layout(data=1, servers=1)
     p2p = MPI.COMM_WORLD.Dup()
@@ -178,7 +158,7 @@ def test_a_server_drops_and_counts_non_finite_pushes_and_applies_the_rest(data, 
         assert torch.equal(weights[1], weights[2]) and torch.equal(weights[2], weights[3])  # two dropped ones did not
         assert not torch.equal(weights[3], weights[4])
     horovod.barrier()
-    summary = json.loads((data / "served" / "servers" / "server-0.json").read_text())
+    summary = json.loads((shared_dir / "served" / "servers" / "server-0.json").read_text())
     assert summary["updates"] == summary["applied_pushes"] == 2 and summary["dropped_pushes"] == 2
 
 
@@ -190,9 +170,9 @@ def tiny_gpt_params(cfg):
     return [p for p in gpt.parameters() if p.requires_grad]
 
 
-def test_local_sgd_resumes_exactly_mid_round_from_each_rank_s_own_shard(data, horovod):
+def test_local_sgd_resumes_exactly_mid_round_from_each_rank_s_own_shard(data, shared_dir, horovod):
     def trainer(name, *extra):
-        cfg = load_config(NANO, [f"--data.path={data / 'data'}", f"--train.run_dir={data / name}", "--train.steps=8",
+        cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={data / name}", "--train.steps=8",
                                  "--train.eval_every=0", "--parallel.strategy=local-sgd", "--parallel.local_steps=3",
                                  "--checkpoint.every=4", *extra])
         strategy = build_strategy(cfg, world_size=2)
@@ -203,15 +183,15 @@ def test_local_sgd_resumes_exactly_mid_round_from_each_rank_s_own_shard(data, ho
     assert straight.train() == 0
     final = flat(straight.model)
     if horovod.rank() == 0:  # step 4 is mid-round (H = 3): the replicas differ there
-        (data / "ls-resumed" / "checkpoints").mkdir(parents=True)
-        for path in (data / "ls-straight" / "checkpoints").glob("step-00000004*"):
-            (data / "ls-resumed" / "checkpoints" / path.name).write_bytes(path.read_bytes())
+        (shared_dir / "ls-resumed" / "checkpoints").mkdir(parents=True)
+        for path in (shared_dir / "ls-straight" / "checkpoints").glob("step-00000004*"):
+            (shared_dir / "ls-resumed" / "checkpoints" / path.name).write_bytes(path.read_bytes())
     horovod.barrier()
     resumed = trainer("ls-resumed", "--checkpoint.resume=auto")
     assert resumed.train() == 0
     assert torch.equal(flat(resumed.model), final)  # on each rank
     if horovod.rank() == 0:
-        assert (data / "ls-straight" / "checkpoints" / "step-00000004.stage-1.pt").is_file()
-        expected = {r["step"]: r["loss"] for r in read_metrics(data / "ls-straight")}
-        assert [(r["step"], r["loss"]) for r in read_metrics(data / "ls-resumed")] == \
+        assert (shared_dir / "ls-straight" / "checkpoints" / "step-00000004.stage-1.pt").is_file()
+        expected = {r["step"]: r["loss"] for r in read_metrics(shared_dir / "ls-straight")}
+        assert [(r["step"], r["loss"]) for r in read_metrics(shared_dir / "ls-resumed")] == \
             [(s, expected[s]) for s in range(5, 9)]

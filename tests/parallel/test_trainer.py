@@ -2,40 +2,16 @@
 and every optimizer inside hvd.DistributedOptimizer."""
 
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.corpus import NANO, make_corpus, read_metrics
+from helpers.corpus import NANO, read_metrics
 
 from hvdllm.config import load_config
-from hvdllm.data.prepare import PrepareOptions, run_prepare
 from hvdllm.parallel import Precision, build_strategy
 from hvdllm.train.report import summarize
 from hvdllm.train.trainer import Trainer
-
-
-@pytest.fixture(scope="module")
-def shared_dir(horovod):
-    """A folder both ranks see (rank 0 makes it, and removes it once both are done with it)."""
-    path = tempfile.mkdtemp(prefix="hvdllm-par-") if horovod.rank() == 0 else None
-    path = Path(horovod.broadcast_object(path, root_rank=0, name="shared_dir"))
-    yield path
-    horovod.barrier()  # rank 1 may still be reading files in it
-    if horovod.rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def data(shared_dir, horovod):
-    if horovod.rank() == 0:
-        make_corpus(shared_dir / "corpus", files=10, docs_per_jsonl=20)
-    horovod.barrier()
-    run_prepare(PrepareOptions(out=str(shared_dir / "data"), inputs=[str(shared_dir / "corpus")],
-                               tokenizer="byte", seq_len=32, val_fraction=0.15, min_chars=16))
-    return shared_dir / "data"
 
 
 def trainer_for(cfg):
