@@ -152,6 +152,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(key, value, record["step"])
+                elif key.endswith("_hist") and value:  # counts per value 0, 1, ... (e.g. staleness)
+                    counts = torch.tensor(value)
+                    self.tb.add_histogram(key, torch.arange(len(value)).repeat_interleave(counts), record["step"])
         if self.bar is not None:
             self.bar.set_postfix_str(" | ".join(step_fields(record)), refresh=False)
         else:

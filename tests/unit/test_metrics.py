@@ -56,3 +56,16 @@ def test_warnings_and_errors_go_to_stderr(capsys, message, stream):
     metrics.print_line(message)
     captured = capsys.readouterr()
     assert getattr(captured, stream) == message + "\n"
+
+
+def test_count_lists_become_tensorboard_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = metrics.MetricsLogger(tmp_path, total_steps=2, tensorboard=True, progress=False)
+    logger.log({"step": 1, "loss": 2.0, "staleness_hist": [3, 0, 2]})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert "staleness_hist" in events.Tags()["histograms"] and "loss" in events.Tags()["scalars"]
+    histogram = events.Histograms("staleness_hist")[0].histogram_value
+    assert (histogram.num, histogram.min, histogram.max, histogram.sum) == (5, 0, 2, 4)
