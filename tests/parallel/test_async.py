@@ -172,7 +172,7 @@ def tiny_gpt_params(cfg):
 
 def test_local_sgd_resumes_exactly_mid_round_from_each_rank_s_own_shard(data, shared_dir, horovod):
     def trainer(name, *extra):
-        cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={data / name}", "--train.steps=8",
+        cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={shared_dir / name}", "--train.steps=8",
                                  "--train.eval_every=0", "--parallel.strategy=local-sgd", "--parallel.local_steps=3",
                                  "--checkpoint.every=4", *extra])
         strategy = build_strategy(cfg, world_size=2)
