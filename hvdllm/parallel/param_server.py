@@ -140,7 +140,7 @@ class ParameterServerWorker(ParallelStrategy):
             return
         from hvdllm.parallel.sync import apply_horovod_environment
 
-        apply_horovod_environment(self.cfg)
+        apply_horovod_environment(self.run_cfg)
         comm.init(comm=self.group_comm, threads=threads)
         self.hvd = comm.horovod()
         self.servers = list(range(self.layout.workers, self.layout.world_size))

@@ -47,17 +47,18 @@ def horovod_environment(parallel_cfg, train_cfg=None) -> dict[str, str]:
     return env
 
 
-def apply_horovod_environment(parallel_cfg) -> None:
-    """Set the knobs before ``hvd.init()``, which reads them once (and initializes MPI, which
-    reads its OMPI_MCA_* variables then)."""
-    os.environ.update(horovod_environment(parallel_cfg))
+def apply_horovod_environment(cfg) -> None:
+    """Set the knobs of a whole Config (``[parallel]``, and ``[train]``'s stall timeout) before
+    ``hvd.init()``, which reads them once (and initializes MPI, which reads its OMPI_MCA_*
+    variables then)."""
+    os.environ.update(horovod_environment(cfg.parallel, cfg.train))
 
 
 class HorovodSync(ParallelStrategy):
     """Replicas of the model on every rank; gradients averaged by a ring allreduce."""
 
     def setup(self, threads: int) -> None:
-        apply_horovod_environment(self.cfg)  # hvd.init() reads these once
+        apply_horovod_environment(self.run_cfg)  # hvd.init() reads these once
         # One process set per pipeline stage for its data-parallel allreduce; with a single
         # stage that group is the whole world (Horovod's global set), with a single replica
         # there is nothing to reduce.

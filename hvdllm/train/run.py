@@ -3,14 +3,13 @@ there are ranks to talk to), pick the device, then hand over to the Trainer."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
 from hvdllm import comm
 from hvdllm.comm.launch import launched_world_size
 from hvdllm.config import Config
-from hvdllm.parallel import build_strategy, horovod_environment
+from hvdllm.parallel import build_strategy
 from hvdllm.parallel.layout import SERVER
 from hvdllm.paths import require_writable_folder
 from hvdllm.train.trainer import Trainer
@@ -23,8 +22,6 @@ def run_training(cfg: Config) -> int:
     if ranks == 1 and cfg.parallel.timeline:
         print("note: one process, so Horovod is not started and parallel.timeline is not written",
               file=sys.stderr, flush=True)
-    # The knobs that need the train section (the stall check); setup() applies the parallel ones.
-    os.environ.update(horovod_environment(cfg.parallel, cfg.train))
     strategy.setup(cfg.train.threads)
     if strategy.coords.role == SERVER:  # a parameter server never enters the training loop
         return strategy.serve()

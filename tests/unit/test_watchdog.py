@@ -1,12 +1,13 @@
 """The stall watchdog ends a process that completes no step in time, and only such a one;
 Horovod's own stall check follows the same setting."""
 
+import os
 import subprocess
 import sys
 import time
 
-from hvdllm.config import ParallelConfig, TrainConfig
-from hvdllm.parallel import horovod_environment
+from hvdllm.config import ParallelConfig, TrainConfig, load_config
+from hvdllm.parallel import apply_horovod_environment, horovod_environment
 
 CHILD = """
 import sys, time
@@ -48,3 +49,9 @@ def test_horovod_stall_check_follows_the_timeout():
     assert env["HOROVOD_STALL_CHECK_TIME_SECONDS"] == "60" and env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "240"
     off = horovod_environment(ParallelConfig(), TrainConfig(stall_timeout_s=0))
     assert "HOROVOD_STALL_CHECK_TIME_SECONDS" not in off and "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS" not in off
+
+
+def test_a_strategy_sets_the_stall_knobs_of_its_config_before_horovod_starts(monkeypatch):
+    monkeypatch.setattr("os.environ", {})  # the knobs land here, not in the test process's environment
+    apply_horovod_environment(load_config(None, ["--train.stall_timeout_s=120"]))
+    assert os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] == "60"
