@@ -149,6 +149,9 @@ class ParallelConfig:
     # async (hvdllm/parallel/param_server.py): parameter servers, bounded staleness (SSP).
     max_staleness: int = 0  # s: a worker's parameters never miss more than s clocks (steps) of updates; 0 = sync
     staleness_lr: bool = False  # divide a push's lr by its staleness (Zhang et al. 2016)
+    worker_timeout_s: float = 30.0  # a worker the servers hear nothing from (heartbeats) for this long is dead
+    # Go on without a dead worker instead of ending the job (launch with mpirun --enable-recovery).
+    continue_without_dead: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self.strategy, "parallel.strategy", PARALLEL_STRATEGIES)
@@ -162,6 +165,7 @@ class ParallelConfig:
         _at_least(0, self, "parallel", "data", "servers", "max_staleness", "outer_momentum")
         _at_least(1, self, "parallel", "local_steps")
         _require(self.outer_lr > 0, "parallel.outer_lr", f"must be > 0, got {self.outer_lr}")
+        _require(self.worker_timeout_s > 0, "parallel.worker_timeout_s", f"must be > 0, got {self.worker_timeout_s}")
         _require(self.outer_momentum < 1, "parallel.outer_momentum", f"must be < 1, got {self.outer_momentum}")
         for i, blocks in enumerate(self.stage_layers):
             _require(blocks >= 1, f"parallel.stage_layers[{i}]", f"must be >= 1 block, got {blocks}")

@@ -36,6 +36,7 @@ class ParallelStrategy(ABC):
         self.cfg = cfg.parallel
         self.layout = layout
         self.coords: RankCoords | None = None  # known once setup() has started the runtime
+        self.local_rank: int | None = None  # this rank on its node, where Horovod does not say
         self.device = torch.device("cpu")
 
     # --- set-up -----------------------------------------------------------------------------

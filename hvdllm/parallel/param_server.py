@@ -9,11 +9,11 @@ groups as a replica would have), so a per-tensor optimizer (LAMB's trust ratio, 
 factored moments) acts on whole tensors.
 
 Who talks to whom. Servers never enter the Trainer: ``run.py`` sends them into
-:func:`hvdllm.parallel.server_loop.serve`. Horovod is started on the workers only
-(``hvd.init(comm=<workers' communicator>)``), so the Trainer's own collectives (evaluation,
-the checkpoint's RNG gather) run among the workers and never wait for a server. Pushes and
-pulls travel over mpi4py on a duplicate of COMM_WORLD as raw bytes of flat contiguous
-buffers (numpy views of torch storage, never pickled); the tag is ``clock * 4 + kind``.
+:func:`hvdllm.parallel.server_loop.serve`. Everything travels over mpi4py on a duplicate of
+COMM_WORLD as raw bytes of flat contiguous buffers (numpy views of torch storage, never
+pickled; the protocol is in ps_protocol.py). Horovod is not started: the workers' own
+collectives (the evaluation's sums, the checkpoint's RNG states) are gathered by server 0
+from the workers alive, so that no worker ever waits on one that died.
 
 One step of worker ``w`` at clock ``c`` (its own step count): forward and backward on its own
 data slice; then :meth:`finish_gradients` sends one PUSH per server (``[3 x float64 step
@@ -32,8 +32,8 @@ What an update is (the global order).
   when any push had a non-finite loss or the norm is not finite. That is ``sync``'s order
   exactly: the same losses for the same global batch.
 - ``s > 0``: each push is applied on arrival as its own optimizer step, clipped by the
-  worker to ``optim.grad_clip`` (its own gradient's norm), at ``lr / W`` so that a clock of
-  ``W`` pushes moves the weights about as far as one synchronous step, and further divided
+  worker to ``optim.grad_clip`` (its own gradient's norm), at ``lr / W`` (the workers alive)
+  so that a clock of ``W`` pushes moves the weights about as far as one synchronous step, and further divided
   by the push's staleness with ``parallel.staleness_lr`` (Zhang et al. 2016). A push with a
   non-finite loss or gradient is dropped and counted, never applied.
 In both, the LR schedule follows the server's count of complete clocks.
@@ -48,13 +48,22 @@ shares. Resume is exact for s = 0: no push of clock N can be applied before work
 it. For s > 0 a faster worker's push of clock N may already be in the server's state and is
 then applied again after a resume: no applied update is lost.
 
-Faults. A rank that dies ends the job: Open MPI's default error handler aborts it and mpirun
-prints a line naming the rank; a stopped rank is caught by the workers' stall watchdog.
+Faults. Each worker's heartbeat thread tells every server it is alive; a worker silent for
+``parallel.worker_timeout_s`` (killed, stopped, its node gone) is dead. By default a server
+then ends the job with a line naming it (under a plain ``mpirun`` the launcher has already
+done so). With ``parallel.continue_without_dead`` (launched with ``mpirun --enable-recovery``,
+so that the launcher lets the others live) the servers go on without it: its clocks no longer
+hold anyone back, its data slice is no longer read, and server 0 gathers from the rest. Worker
+0 writes the log and the checkpoints, so its death always ends the job. A dead server ends
+the job through mpirun or, under ``--enable-recovery``, the workers' stall watchdog.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import pickle
+import sys
 import time
 
 import torch
@@ -64,42 +73,9 @@ from hvdllm import comm
 from hvdllm.errors import UserError
 from hvdllm.parallel.base import ParallelStrategy
 from hvdllm.parallel.layout import rank_coordinates
-
-PUSH, DONE, CHECKPOINT = 0, 1, 2  # message kinds, the low bits of a tag
-KINDS = 4
-SERVER_SHARD = 1000  # server k's checkpoint file is shard SERVER_SHARD + k (step-N.stage-100k.pt)
-STATS = 3  # loss sum, non-finite flag, stop flag (float64, at the front of a push)
-# The reply header (float64): complete clocks when sent, updates, applied and dropped pushes,
-# clock at which every worker stops (-1: none), the clock's summed statistics and push count,
-# the global gradient norm of the update (s = 0), then the staleness histogram (s + 1 bins).
-(H_VERSION, H_UPDATES, H_APPLIED, H_DROPPED, H_STOP_AT, H_LOSS, H_NONFINITE, H_STOP, H_COUNT, H_NORM,
- H_HIST) = range(11)
-
-
-def header_size(max_staleness: int) -> int:
-    return H_HIST + max_staleness + 1
-
-
-def tag(clock: int, kind: int) -> int:
-    return clock * KINDS + kind
-
-
-def shard_ranges(numels: list[int], servers: int) -> list[tuple[int, int]]:
-    """Parameter index ranges ``[start, end)``, one per server, contiguous, non-empty and of
-    about equal size: cut ``k`` goes where the running total first reaches ``k / servers`` of
-    all elements, but leaves at least one tensor to each range. Raises UserError when there
-    are more servers than tensors (workers and servers raise it alike, before any message)."""
-    if servers > len(numels):
-        raise UserError(f"parallel.servers={servers} is more than the model's {len(numels)} parameter tensors: "
-                        f"use fewer servers")
-    total, bounds = sum(numels), [0]
-    running = [sum(numels[:i + 1]) for i in range(len(numels))]
-    for k in range(1, servers):
-        cut = next((i + 1 for i, value in enumerate(running) if value >= total * k / servers), len(numels))
-        bounds.append(min(max(cut, bounds[-1] + 1), len(numels) - (servers - k)))
-    bounds.append(len(numels))
-    return list(zip(bounds[:-1], bounds[1:]))
-
+from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED, H_HIST,
+                                         H_LOSS, H_NONFINITE, H_NORM, H_STOP_AT, H_UPDATES, H_VERSION, PUSH, STATS,
+                                         Heartbeat, header_size, launcher_keeps_survivors, shard_ranges, tag)
 
 def check_async_layout(cfg, layout) -> None:
     """Refuse, with one line, what the parameter server does not do: before any init."""
@@ -117,13 +93,22 @@ def check_async_layout(cfg, layout) -> None:
     if cfg.parallel.op != "average" or cfg.parallel.compression != "none":
         raise UserError("parallel.strategy=async pushes float32 gradients: use parallel.op=average and "
                         "parallel.compression=none")
+    if cfg.parallel.continue_without_dead:
+        if not launcher_keeps_survivors():
+            raise UserError("parallel.continue_without_dead: this mpirun kills every rank when one dies; launch "
+                            "with mpirun --enable-recovery (horovodrun: --mpi-args=--enable-recovery)")
+        stall = cfg.train.stall_timeout_s
+        if stall and cfg.parallel.worker_timeout_s >= stall:
+            raise UserError(f"parallel.worker_timeout_s={cfg.parallel.worker_timeout_s:g} must be below "
+                            f"train.stall_timeout_s={stall:g}: the workers waiting for a dead one would end "
+                            f"the job first")
 
 
 class ParameterServerWorker(ParallelStrategy):
     """The worker side (the server side is ``hvdllm.parallel.server_loop``)."""
 
     def setup(self, threads: int) -> None:
-        from mpi4py import MPI  # before Horovod, so that MPI runs with THREAD_MULTIPLE
+        from mpi4py import MPI
 
         world = MPI.COMM_WORLD
         if world.Get_size() != self.layout.world_size:
@@ -131,22 +116,21 @@ class ParameterServerWorker(ParallelStrategy):
                             "(not --gloo)")
         self.coords = rank_coordinates(self.layout, world.Get_rank())
         is_server = self.coords.role == "server"
-        self.p2p = world.Dup()  # pushes and pulls never match Horovod's messages
-        # Workers and servers each get a communicator of their own: Horovod runs on the
-        # workers' (their evaluation and checkpoint collectives), the servers sum norms on theirs.
+        node = world.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank = node.Get_rank()
+        comm.set_threads(threads, ranks_on_node=node.Get_size())
+        node.Free()
+        self.p2p = world.Dup()  # the protocol's messages, apart from anything else on COMM_WORLD
+        # The servers sum their shards' gradient norms on a communicator of their own.
         self.group_comm = world.Split(color=1 if is_server else 0, key=world.Get_rank())
         if is_server:
-            comm.set_threads(threads, ranks_on_node=self.layout.world_size)
             return
-        from hvdllm.parallel.sync import apply_horovod_environment
-
-        apply_horovod_environment(self.run_cfg)
-        comm.init(comm=self.group_comm, threads=threads)
-        self.hvd = comm.horovod()
         self.servers = list(range(self.layout.workers, self.layout.world_size))
         self.clock = 0
+        self.gathered = 0  # collectives so far (their order is the same on every worker)
         self.started = time.perf_counter()
         self.metrics: dict = {}
+        self.heartbeat = Heartbeat(self.p2p, self.servers, self.cfg.worker_timeout_s / 5)
 
     @property
     def world_size(self) -> int:
@@ -228,6 +212,8 @@ class ParameterServerWorker(ParallelStrategy):
         MPI.Request.Waitall(requests)
         self.clock = clock + push  # the clock the pulled parameters are for
         header = self._reply_parts(0)[0].clone()
+        if any(self._reply_parts(k)[0][H_DEAD].item() < 0 for k in range(len(self.servers))):
+            self._expelled()
         self._record(header, time.perf_counter() - start)
         return header
 
@@ -239,6 +225,7 @@ class ParameterServerWorker(ParallelStrategy):
                         "server_updates": int(header[H_UPDATES].item()),
                         "applied_pushes": int(header[H_APPLIED].item()),
                         "dropped_pushes": int(header[H_DROPPED].item()),
+                        "dead_workers": int(header[H_DEAD].item()),
                         "pushes_per_s": self.clock / elapsed if elapsed > 0 else 0.0,
                         "pull_wait_s": waited_s}
         self.server_grad_norm = header[H_NORM].item()
@@ -262,9 +249,10 @@ class ParameterServerWorker(ParallelStrategy):
         raise RuntimeError("a parameter-server worker never steps an optimizer: the servers do")
 
     def close(self) -> None:
-        """Tell every server this worker is done (after its last push)."""
+        """Tell every server this worker is done (after its last push and heartbeat)."""
         from mpi4py import MPI
 
+        self.heartbeat.stop()
         empty = torch.empty(0, dtype=torch.uint8)
         MPI.Request.Waitall([self.p2p.Isend([empty.numpy(), MPI.BYTE], dest=server, tag=tag(self.clock, DONE))
                              for server in self.servers])
@@ -293,7 +281,33 @@ class ParameterServerWorker(ParallelStrategy):
         self.clock = int(saved["clock"])  # the servers resume at the same clock
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name)
+        parts = self._gather(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return sum(torch.frombuffer(bytearray(part), dtype=tensor.dtype).view_as(tensor) for part in parts)
 
     def allgather_object(self, obj, name: str) -> list:
-        return self.hvd.allgather_object(obj, name=name)
+        return [pickle.loads(part) for part in self._gather(pickle.dumps(obj))]
+
+    def _gather(self, payload: bytes) -> list[bytes]:
+        """The workers' one collective: every live worker's ``payload``, in rank order,
+        gathered by server 0 (which leaves out a worker that died)."""
+        from mpi4py import MPI
+
+        server, status = self.servers[0], MPI.Status()
+        send = self.p2p.Isend([payload, MPI.BYTE], dest=server, tag=tag(self.gathered, GATHER))
+        self.p2p.Probe(source=server, tag=tag(self.gathered, GATHER), status=status)
+        reply = bytearray(status.Get_count(MPI.BYTE))
+        self.p2p.Recv([reply, MPI.BYTE], source=server, tag=tag(self.gathered, GATHER))
+        send.Wait()
+        self.gathered += 1
+        parts = pickle.loads(reply)
+        if parts is None:
+            self._expelled()
+        return parts
+
+    def _expelled(self) -> None:
+        """The servers declared this worker dead while it was stopped or slow and went on
+        without it: leave, without ending the others (the launcher runs with recovery)."""
+        timeout = self.cfg.worker_timeout_s
+        print(f"error: rank {self.coords.rank}: the servers heard nothing from this worker for {timeout:g} s "
+              f"(parallel.worker_timeout_s) and went on without it; exiting", file=sys.stderr, flush=True)
+        os._exit(1)

@@ -1,5 +1,6 @@
 """A parameter server's loop: receive pushes from any worker, apply them, answer with
-parameters once the staleness bound allows (the protocol is described in param_server.py).
+parameters once the staleness bound allows (the protocol is described in param_server.py,
+its messages in ps_protocol.py).
 
 The server builds the same seeded model as every worker (so version 0 is the workers'
 initial weights), keeps its shard of the parameters as views of one flat float32 buffer (the
@@ -7,14 +8,20 @@ optimizer updates them in place, and a reply is that buffer's bytes), and frees 
 It runs until every worker has said DONE. On CHECKPOINT(N) from worker 0 it writes its shard
 once every live worker's first N pushes are in, and answers; on resume it reads that shard.
 SIGTERM or SIGUSR1 (what mpirun forwards) asks the workers to stop at a clock they can all
-still reach; they checkpoint and say DONE.
+still reach; they checkpoint and say DONE. Server 0 also gathers the workers' collectives.
+
+The loop polls (a matched probe, then a short sleep) rather than blocking in a receive: it
+must notice a silent worker, and a blocking receive in Open MPI spins on a core the workers
+may need.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
 import signal
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,11 +33,15 @@ from hvdllm.config import config_to_toml
 from hvdllm.data.shards import read_manifest
 from hvdllm.model import GPT, gpt_config_from
 from hvdllm.optim import LRSchedule, build_optimizer
-from hvdllm.parallel.param_server import (CHECKPOINT, DONE, H_APPLIED, H_COUNT, H_DROPPED, H_HIST, H_LOSS,
-                                          H_NONFINITE, H_NORM, H_STOP, H_STOP_AT, H_UPDATES, H_VERSION, KINDS,
-                                          SERVER_SHARD, STATS, header_size, shard_ranges, tag)
+from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED, H_HIST,
+                                         H_LOSS, H_NONFINITE, H_NORM, H_STOP, H_STOP_AT, H_UPDATES, H_VERSION,
+                                         HEARTBEAT, KINDS, PUSH, SERVER_SHARD, STATS, header_size, shard_ranges,
+                                         silent_workers, tag)
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.stages import plan_stages
+from hvdllm.train.watchdog import abort_job
+
+POLL_S = 2e-4  # the sleep between two probes of an idle server: well below a step's time
 
 
 class ParameterServer:
@@ -73,10 +84,16 @@ class ParameterServer:
         self.run_dir = Path(cfg.train.run_dir)
         # Progress: pushes per worker (its clock), the clocks' statistics, who waits for what.
         self.pushed = [0] * self.workers
-        self.done: set[int] = set()
+        self.done: set[int] = set()  # said DONE or declared dead
+        self.dead: list[int] = []
+        self.sending: list = []  # (worker, request, payload) of the sends not known to be done
+        self.last_heard = {w: time.monotonic() for w in range(self.workers)}
+        self.silence_checked = time.monotonic()
+        self.gathers: dict[int, dict[int, bytes]] = defaultdict(dict)  # server 0: round -> worker -> part
         self.waiting: dict[int, tuple[int, float]] = {}  # worker -> (clock wanted, since)
         self.sent_version = [0] * self.workers
         self.clock_stats = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])  # loss, non-finite, stop, pushes
+        self.pushers: dict[int, set[int]] = defaultdict(set)  # s = 0: who pushed the open clock
         self.norms: dict[int, float] = {}
         self.updates = self.applied = self.dropped = 0
         self.hist = [0] * (self.s + 1)
@@ -107,15 +124,13 @@ class ParameterServer:
 
     def _checkpoint_if_due(self) -> None:
         """Write the shard once every live worker's first N pushes are in, then tell worker 0."""
-        from mpi4py import MPI
-
         step = self.checkpoint_due
         if step is None or self.version < step:
             return
         ckpt.save_checkpoint(self._state(step), self.run_dir, step, self.cfg.checkpoint.keep_last, False,
                              SERVER_SHARD + self.index)
         empty = torch.empty(0, dtype=torch.uint8).numpy()
-        self.p2p.Send([empty, MPI.BYTE], dest=0, tag=tag(step, CHECKPOINT))
+        self._send(empty, 0, tag(step, CHECKPOINT))
         self.checkpoint_due = None
 
     @property
@@ -124,6 +139,10 @@ class ParameterServer:
         live = [self.pushed[w] for w in range(self.workers) if w not in self.done]
         return min(live) if live else max(self.pushed)
 
+    @property
+    def live(self) -> set[int]:
+        return set(range(self.workers)) - self.done
+
     def serve(self) -> int:
         from mpi4py import MPI
 
@@ -131,23 +150,99 @@ class ParameterServer:
             signal.signal(sig, self._on_signal)
         status, started = MPI.Status(), time.perf_counter()
         while len(self.done) < self.workers:
-            waited = time.perf_counter()
-            self.p2p.Recv([self.incoming.numpy(), MPI.BYTE], source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
-            self.idle_s += time.perf_counter() - waited
+            message = self._next_message(status)
+            if message is None:  # a worker was declared dead: see what that released
+                self._progress()
+                continue
             worker, (clock, kind) = status.Get_source(), divmod(status.Get_tag(), KINDS)
+            size = status.Get_count(MPI.BYTE)
+            buffer = self.incoming if size <= len(self.incoming) else torch.empty(size, dtype=torch.uint8)
+            message.Recv([buffer.numpy(), MPI.BYTE])
+            self.last_heard[worker] = time.monotonic()
+            if worker in self.dead:
+                self._expel(worker, clock, kind, size)  # it was only stopped or slow, and has woken
+                continue
+            if kind == HEARTBEAT:
+                continue
             if kind == DONE:
                 self.done.add(worker)
             elif kind == CHECKPOINT:
                 self.checkpoint_due = clock
-            elif status.Get_count(MPI.BYTE) == STATS * 8:  # a pull with no gradient: a worker's start
+            elif kind == GATHER:
+                self.gathers[clock][worker] = buffer[:size].numpy().tobytes()
+            elif size == STATS * 8:  # a pull with no gradient: a worker's start
                 self.waiting[worker] = (clock, time.perf_counter())
             else:
                 self._push(worker, clock)
                 self.waiting[worker] = (clock + 1, time.perf_counter())
-            self._answer()
-            self._checkpoint_if_due()
+            self._progress()
+        for worker, request, _ in self.sending:
+            if worker not in self.dead:
+                request.Wait()
         self._write_summary(time.perf_counter() - started)
+        if len(self.dead) == self.workers:
+            print(f"error: server {self.index}: every worker died", file=sys.stderr, flush=True)
+            return 1
         return 0
+
+    def _send(self, payload, worker: int, tag_: int) -> None:
+        """Every send of the server is non-blocking and kept until done: a large message waits
+        for its receiver, and one to a worker that died would hold the server for ever."""
+        from mpi4py import MPI
+
+        self.sending.append((worker, self.p2p.Isend([payload, MPI.BYTE], dest=worker, tag=tag_), payload))
+
+    def _progress(self) -> None:
+        """Whatever the last message or death allows: a clock's update, replies, gathers, a checkpoint."""
+        self.sending = [(w, request, payload) for w, request, payload in self.sending if not request.Test()]
+        if self.s == 0 and self.pushers and self.live <= next(iter(self.pushers.values())):
+            self._apply_clock(next(iter(self.pushers)))
+        self._answer()
+        self._answer_gathers()
+        self._checkpoint_if_due()
+
+    def _next_message(self, status):
+        """The next message (matched, not yet received), or None after declaring a worker dead."""
+        from mpi4py import MPI
+
+        while True:
+            if time.monotonic() - self.silence_checked > 1.0:  # also while messages keep coming
+                self.silence_checked = time.monotonic()
+                silent = silent_workers({w: self.last_heard[w] for w in self.live}, self.cfg.parallel.worker_timeout_s)
+                if silent:
+                    self._declare_dead(silent)
+                    return None
+            message = self.p2p.Improbe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+            if message is not None:
+                return message
+            time.sleep(POLL_S)
+
+    def _declare_dead(self, workers: list[int]) -> None:
+        timeout = self.cfg.parallel.worker_timeout_s
+        names = ", ".join(f"rank {w}" for w in workers)
+        if not self.cfg.parallel.continue_without_dead or 0 in workers:
+            why = " (worker 0 writes the log and checkpoints)" if self.cfg.parallel.continue_without_dead else ""
+            print(f"error: server {self.index}: worker {names} sent nothing for {timeout:g} s "
+                  f"(parallel.worker_timeout_s): dead or stopped; ending the job{why}", file=sys.stderr, flush=True)
+            abort_job()
+        self.dead += workers
+        self.done.update(workers)
+        for worker in workers:
+            self.waiting.pop(worker, None)
+        print(f"warning: server {self.index}: worker {names} sent nothing for {timeout:g} s: going on with "
+              f"{len(self.live)} workers (parallel.continue_without_dead)", file=sys.stderr, flush=True)
+
+    def _expel(self, worker: int, clock: int, kind: int, size: int) -> None:
+        """Answer a worker declared dead that speaks again with "you are out" (H_DEAD = -1 in a
+        reply header, None for a gather): it exits, rather than wait for ever."""
+
+        if kind == PUSH:
+            header = torch.zeros(self.head, dtype=torch.float64)
+            header[H_DEAD] = -1
+            wanted = clock + (size > STATS * 8)  # a push, not the first pull
+            self._send(header.view(torch.uint8).numpy(), worker, tag(wanted, PUSH))
+        elif kind == GATHER:
+            self._send(pickle.dumps(None), worker, tag(clock, GATHER))
 
     def _on_signal(self, *_args) -> None:
         self.stop_signalled = True
@@ -164,13 +259,12 @@ class ParameterServer:
             self.stop_at = max(self.pushed) + 1  # a clock no worker has passed: all can stop there
         finite = stats[1] == 0 and bool(torch.isfinite(gradient).all())
         staleness = clock - self.sent_version[worker]
-        if self.s == 0:
+        if self.s == 0:  # applied by _progress once every live worker has pushed this clock
             if finite:
                 self.accumulated += gradient
-            if totals[3] == self.workers - len(self.done):
-                self._apply_clock(clock)
+            self.pushers[clock].add(worker)
         elif finite:
-            lr = self.schedule.lr_at(self.version) / self.workers
+            lr = self.schedule.lr_at(self.version) / len(self.live)
             if self.cfg.parallel.staleness_lr:
                 lr /= max(1, staleness)
             for group in self.optimizer.param_groups:
@@ -188,6 +282,7 @@ class ParameterServer:
         that mean (the servers sum their shards' squares), as ``sync`` takes it."""
         from mpi4py import MPI
 
+        del self.pushers[clock]
         totals = self.clock_stats[clock]
         pushes = int(totals[3])
         mean = (self.accumulated / pushes).float()
@@ -209,7 +304,6 @@ class ParameterServer:
 
     def _answer(self) -> None:
         """Reply to every waiting worker whose next clock the staleness bound now allows."""
-        from mpi4py import MPI
 
         version = self.version
         for worker, (wanted, since) in list(self.waiting.items()):
@@ -218,11 +312,11 @@ class ParameterServer:
             totals = self.clock_stats.get(wanted - 1, [0.0, 0.0, 0.0, 0.0])
             fields = {H_VERSION: version, H_UPDATES: self.updates, H_APPLIED: self.applied, H_DROPPED: self.dropped,
                       H_STOP_AT: self.stop_at, H_LOSS: totals[0], H_NONFINITE: totals[1], H_STOP: totals[2],
-                      H_COUNT: totals[3], H_NORM: self.norms.get(wanted - 1, math.nan)}
+                      H_COUNT: totals[3], H_NORM: self.norms.get(wanted - 1, math.nan), H_DEAD: len(self.dead)}
             for index, value in fields.items():
                 self.header[index] = value
             self.header[H_HIST:] = torch.tensor(self.hist, dtype=torch.float64)
-            self.p2p.Send([self.reply.numpy(), MPI.BYTE], dest=worker, tag=tag(wanted, 0))
+            self._send(self.reply.numpy().copy(), worker, tag(wanted, PUSH))  # a copy: the weights move on
             self.sent_version[worker] = version
             del self.waiting[worker]
             held = time.perf_counter() - since
@@ -232,9 +326,21 @@ class ParameterServer:
         for old in [c for c in self.clock_stats if c < version - 1]:
             del self.clock_stats[old]  # every reply that could need it has been sent
 
+    def _answer_gathers(self) -> None:
+        """Server 0: send each complete round of the workers' collective back to its live workers."""
+
+        for round_, parts in list(self.gathers.items()):
+            if not self.live <= parts.keys():
+                continue
+            reply = pickle.dumps([parts[w] for w in sorted(parts) if w not in self.dead])
+            for worker in sorted(self.live & parts.keys()):
+                self._send(reply, worker, tag(round_, GATHER))
+            del self.gathers[round_]
+
     def _write_summary(self, elapsed_s: float) -> None:
         summary = {"server": self.index, "updates": self.updates, "applied_pushes": self.applied,
                    "dropped_pushes": self.dropped, "staleness_hist": self.hist, "max_staleness": self.s,
+                   "dead_workers": self.dead,
                    "pushes_per_worker": self.pushed,
                    "pushes_per_s_per_worker": [p / elapsed_s for p in self.pushed],
                    "queue_s_mean": self.queue_s / max(1, self.replies), "queue_s_max": self.queue_max_s,

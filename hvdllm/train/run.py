@@ -25,7 +25,8 @@ def run_training(cfg: Config) -> int:
     strategy.setup(cfg.train.threads)
     if strategy.coords.role == SERVER:  # a parameter server never enters the training loop
         return strategy.serve()
-    device = comm.choose_device(strategy.layout.devices[0] if strategy.layout.devices else cfg.train.device)
+    device = comm.choose_device(strategy.layout.devices[0] if strategy.layout.devices else cfg.train.device,
+                                strategy.local_rank)
     trainer = Trainer(cfg, strategy, device)
     # SLURM preemption sends SIGTERM: finish the step, checkpoint, exit 0. SIGUSR1 does the
     # same: it is what Open MPI's mpirun forwards to every rank (a SIGTERM to mpirun itself

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 from helpers.corpus import clean_env, error_lines, hvdllm_mpi, make_dataset, read_metrics, train_args
 
 from hvdllm.comm.launch import mpirun_command
@@ -68,6 +69,9 @@ def test_staleness_never_exceeds_the_bound_with_a_slow_worker(data, tmp_path):
     (3, ["--parallel.servers=1"], "parallel.servers=1 needs an asynchronous parallel.strategy"),
     (3, ["--parallel.strategy=async", "--parallel.servers=1", "--parallel.pipeline=2"],
      "parallel.strategy=async pushes whole-model gradients"),
+    (3, ["--parallel.strategy=async", "--parallel.servers=1", "--parallel.continue_without_dead=true"],
+     "parallel.continue_without_dead: this mpirun kills every rank when one dies; launch with mpirun "
+     "--enable-recovery"),
 ])
 def test_bad_async_layouts_are_one_line_on_every_rank(data, tmp_path, np, overrides, message):
     start = time.time()
@@ -78,32 +82,102 @@ def test_bad_async_layouts_are_one_line_on_every_rank(data, tmp_path, np, overri
     assert time.time() - start < 90
 
 
-def start_long_run(data, run_dir, *overrides):
+def start_long_run(data, run_dir, *overrides, np=3, recovery=False):
+    """An endless async run (2 workers or more, 1 server), returned once it has logged 3 steps;
+    ``recovery``: under ``mpirun --enable-recovery`` (a dead rank does not end the others)."""
     args = train_args(data, run_dir, *ASYNC, "--parallel.servers=1", "--parallel.max_staleness=1",
                       "--train.steps=100000", "--train.eval_every=0", "--checkpoint.every=0", *overrides)
-    proc = subprocess.Popen(mpirun_command(3, ["-m", "hvdllm", *args]), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=clean_env())
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
+    command = mpirun_command(np, ["-m", "hvdllm", *args])
+    if recovery:
+        command.insert(1, "--enable-recovery")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    wait_for_steps(run_dir, 3)
     return proc
+
+
+def wait_for_steps(run_dir, count, within_s=120):
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + within_s
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= count):
+        time.sleep(0.2)
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def end_job(proc):
+    """Leave nothing behind, whatever the test saw: the ranks (a stopped one too), then mpirun."""
+    for pid in rank_pids(proc):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it ended between the listing and the kill
+    proc.kill()
+    proc.wait()
+
+
+def rank_pids(proc):
+    """mpirun's children, in launch order: the ranks."""
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                           text=True).stdout.split()]
 
 
 @pytest.mark.parametrize("victim", [1, 2], ids=["worker", "server"])
 def test_a_killed_worker_or_server_ends_the_job_naming_it(data, tmp_path, victim):
     proc = start_long_run(data, tmp_path / "run")
-    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                            text=True).stdout.split()]
+    ranks = rank_pids(proc)
     assert len(ranks) == 3
     start = time.time()
     os.kill(ranks[victim], signal.SIGKILL)  # children in launch order: ranks 0, 1 (workers), 2 (server)
     try:
         _, stderr = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        end_job(proc)
     assert proc.returncode != 0 and time.time() - start < 60
     assert f"process rank {victim} with PID" in stderr and "signal 9" in stderr, stderr  # mpirun names it
+
+
+TIMEOUT = "--parallel.worker_timeout_s=3"
+
+
+@pytest.mark.parametrize("max_staleness", [0, 2])
+def test_continue_without_dead_goes_on_with_the_live_workers(data, tmp_path, max_staleness):
+    """3 workers, 1 server, under mpirun --enable-recovery: worker 2 is killed; the server
+    names it after the timeout and the other two train on (the dead one no longer holds the
+    clocks back), then stop on SIGUSR1 with a checkpoint gathered from the two."""
+    run_dir = tmp_path / "run"
+    proc = start_long_run(data, run_dir, TIMEOUT, "--parallel.continue_without_dead=true",
+                          f"--parallel.max_staleness={max_staleness}", np=4, recovery=True)
+    try:
+        os.kill(rank_pids(proc)[2], signal.SIGKILL)
+        killed_at = wait_for_steps(run_dir, 0)
+        assert wait_for_steps(run_dir, killed_at + 20, within_s=60) >= killed_at + 20  # it went on
+        os.kill(proc.pid, signal.SIGUSR1)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        end_job(proc)
+    assert proc.returncode == 0, stderr
+    assert "warning: server 0: worker rank 2 sent nothing for 3 s: going on with 2 workers" in stderr, stderr
+    summary = server_summary(run_dir)
+    last = read_metrics(run_dir)[-1]
+    assert summary["dead_workers"] == [2] and last["dead_workers"] == 1
+    pushes = summary["pushes_per_worker"]
+    assert pushes[0] == pushes[1] == last["step"] and pushes[2] < last["step"] - 15
+    state = torch.load(run_dir / "checkpoints" / f"step-{last['step']:08d}.pt", weights_only=False)
+    assert len(state["rng"]) == 2  # gathered from the live workers only
+
+
+def test_a_stopped_worker_ends_the_job_naming_it(data, tmp_path):
+    """A SIGSTOPped worker does not die, so mpirun does not notice; it is silent, and the
+    server ends the job after parallel.worker_timeout_s (not the 600 s stall watchdog)."""
+    proc = start_long_run(data, tmp_path / "run", TIMEOUT)
+    try:
+        os.kill(rank_pids(proc)[1], signal.SIGSTOP)
+        start = time.time()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        end_job(proc)
+    assert proc.returncode != 0 and time.time() - start < 60
+    assert "error: server 0: worker rank 1 sent nothing for 3 s (parallel.worker_timeout_s): dead or stopped; " \
+           "ending the job" in stderr, stderr
 
 
 def test_sigusr1_stops_workers_at_one_clock_checkpoints_and_ends_the_servers(data, tmp_path):
@@ -113,7 +187,7 @@ def test_sigusr1_stops_workers_at_one_clock_checkpoints_and_ends_the_servers(dat
     try:
         _, stderr = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        end_job(proc)
     assert proc.returncode == 0, stderr
     last = read_metrics(run_dir)[-1]["step"]
     assert (run_dir / "checkpoints" / f"step-{last:08d}.pt").is_file()

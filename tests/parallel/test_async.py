@@ -118,7 +118,7 @@ def test_a_server_drops_and_counts_non_finite_pushes_and_applies_the_rest(data, 
     from mpi4py import MPI
 
     from hvdllm.parallel.layout import Layout, rank_coordinates
-    from hvdllm.parallel.param_server import DONE, H_APPLIED, H_DROPPED, H_UPDATES, PUSH, STATS, header_size, tag
+    from hvdllm.parallel.ps_protocol import DONE, H_APPLIED, H_DROPPED, H_UPDATES, PUSH, STATS, header_size, tag
     from hvdllm.parallel.server_loop import ParameterServer
 
     cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={shared_dir / 'served'}",

@@ -4,7 +4,7 @@ tensors, about equal bytes, every tensor in exactly one range."""
 import pytest
 
 from hvdllm.errors import UserError
-from hvdllm.parallel.param_server import shard_ranges
+from hvdllm.parallel.ps_protocol import shard_ranges
 
 
 @pytest.mark.parametrize("numels, servers, expected", [
