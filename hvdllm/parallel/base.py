@@ -20,7 +20,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -126,9 +126,20 @@ class ParallelStrategy(ABC):
     def close(self) -> None:
         """After the training loop ends normally: tell peers this rank is done."""
 
+    @property
+    def peers_died(self) -> bool:
+        """Whether the job went on without ranks that died (parallel.continue_without_dead)."""
+        return False
+
     def step_metrics(self) -> dict:
         """Extra fields for this step's metrics record (e.g. bytes communicated, staleness)."""
         return {}
+
+    def evaluation(self, step: int, evaluate_here: Callable[[], dict]) -> dict:
+        """Collective: the validation metrics at ``step``. ``evaluate_here`` evaluates this
+        rank's model on its val slice (itself a collective); a strategy whose weights live
+        elsewhere first puts them in the model."""
+        return evaluate_here()
 
     def forward_only(self, model: nn.Module, inputs: torch.Tensor, precision: Precision) -> torch.Tensor | None:
         """Collective under a pipeline: the logits of ``inputs`` for evaluation, on the ranks

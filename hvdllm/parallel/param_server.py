@@ -38,6 +38,11 @@ What an update is (the global order).
   non-finite loss or gradient is dropped and counted, never applied.
 In both, the LR schedule follows the server's count of complete clocks.
 
+Evaluation. At an evaluation step every worker asks the servers for the weights to evaluate:
+each server answers every worker with one snapshot of its shard, taken when the first worker
+asked, so all evaluate the same weights, the servers' (for s = 0 exactly those of the
+clock), on their own val slices and their own devices; server 0 gathers the sums.
+
 Checkpoints. The Trainer checkpoints every worker at the same step N (its RNG gather is a
 collective of the workers), so at that moment every worker has pushed exactly N clocks.
 Worker 0, asked for its state, sends CHECKPOINT(N) to every server and waits: a server writes
@@ -73,7 +78,7 @@ from hvdllm import comm
 from hvdllm.errors import UserError
 from hvdllm.parallel.base import ParallelStrategy
 from hvdllm.parallel.layout import rank_coordinates
-from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED, H_HIST,
+from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED, H_HIST,
                                          H_LOSS, H_NONFINITE, H_NORM, H_STOP_AT, H_UPDATES, H_VERSION, PUSH, STATS,
                                          Heartbeat, header_size, launcher_keeps_survivors, shard_ranges, tag)
 
@@ -116,6 +121,7 @@ class ParameterServerWorker(ParallelStrategy):
                             "(not --gloo)")
         self.coords = rank_coordinates(self.layout, world.Get_rank())
         is_server = self.coords.role == "server"
+        self.dead_workers = 0  # as the servers last said
         node = world.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank = node.Get_rank()
         comm.set_threads(threads, ranks_on_node=node.Get_size())
@@ -141,7 +147,14 @@ class ParameterServerWorker(ParallelStrategy):
         """A server rank's whole job (run.py calls this instead of the Trainer)."""
         from hvdllm.parallel.server_loop import ParameterServer
 
-        return ParameterServer(self.run_cfg, self.layout, self.coords, self.p2p, self.group_comm).serve()
+        server = ParameterServer(self.run_cfg, self.layout, self.coords, self.p2p, self.group_comm)
+        status = server.serve()
+        self.dead_workers = len(server.dead)
+        return status
+
+    @property
+    def peers_died(self) -> bool:
+        return self.dead_workers > 0
 
     # --- buffers -------------------------------------------------------------------------
     def wrap_optimizer(self, optimizer, model: nn.Module):
@@ -220,12 +233,13 @@ class ParameterServerWorker(ParallelStrategy):
     def _record(self, header: torch.Tensor, waited_s: float) -> None:
         s = self.cfg.max_staleness
         elapsed = time.perf_counter() - self.started
+        self.dead_workers = int(header[H_DEAD].item())
         self.metrics = {"staleness": self.clock - int(header[H_VERSION].item()),
                         "staleness_hist": [int(v) for v in header[H_HIST:H_HIST + s + 1].tolist()],
                         "server_updates": int(header[H_UPDATES].item()),
                         "applied_pushes": int(header[H_APPLIED].item()),
                         "dropped_pushes": int(header[H_DROPPED].item()),
-                        "dead_workers": int(header[H_DEAD].item()),
+                        "dead_workers": self.dead_workers,
                         "pushes_per_s": self.clock / elapsed if elapsed > 0 else 0.0,
                         "pull_wait_s": waited_s}
         self.server_grad_norm = header[H_NORM].item()
@@ -236,6 +250,28 @@ class ParameterServerWorker(ParallelStrategy):
             flat = self._reply_parts(k)[1]
             for param, value in zip(shard, flat.split([p.numel() for p in shard])):
                 param.copy_(value.view_as(param))
+
+    def evaluation(self, step: int, evaluate_here) -> dict:
+        """Every worker evaluates the same weights, the servers' at ``step`` (a snapshot each
+        server takes when the first worker asks), not the copy it pulled, which for s > 0 may
+        miss up to s clocks of the others' pushes; then it takes its own copy back."""
+        from mpi4py import MPI
+
+        own = [p.detach().clone() for p in self.params]
+        requests = []
+        for k, server in enumerate(self.servers):
+            requests.append(self.p2p.Irecv([self.reply_buffers[k].numpy(), MPI.BYTE], source=server,
+                                           tag=tag(step, EVALUATE)))
+            requests.append(self.p2p.Isend([self.push_buffers[k][:0].numpy(), MPI.BYTE], dest=server,
+                                           tag=tag(step, EVALUATE)))
+        MPI.Request.Waitall(requests)
+        self._load_params()
+        try:
+            return {**evaluate_here(), "val_clock": int(self._reply_parts(0)[0][H_VERSION].item())}
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, own):
+                    param.copy_(value)
 
     def update(self, optimizer, model: nn.Module, precision, max_norm: float, nonfinite: bool) -> tuple[float, bool]:
         """Take the pulled parameters. Returns (norm, skipped): for s = 0 the norm of the

@@ -9,6 +9,7 @@ Every message travels on a duplicate of COMM_WORLD as raw bytes; its tag is
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -20,7 +21,10 @@ from hvdllm.errors import UserError
 # DONE: a worker's last message. CHECKPOINT: worker 0 asks for the servers' shards.
 # GATHER: a worker's part of one of the workers' collectives, gathered by server 0.
 # HEARTBEAT: a worker is alive (sent by a thread, whatever the training loop is doing).
-PUSH, DONE, CHECKPOINT, GATHER, HEARTBEAT = range(5)
+# EVALUATE: a worker asks for the weights to evaluate at a step (one snapshot per step).
+# END: a server ends the job (its heartbeat thread makes a worker exit, also where
+# MPI_Abort ends only the caller: under mpirun --enable-recovery).
+PUSH, DONE, CHECKPOINT, GATHER, HEARTBEAT, EVALUATE, END = range(7)
 KINDS = 8
 SERVER_SHARD = 1000  # server k's checkpoint file is shard SERVER_SHARD + k (step-N.stage-100k.pt)
 STATS = 3  # loss sum, non-finite flag, stop flag (float64, at the front of a push)
@@ -70,7 +74,8 @@ def launcher_keeps_survivors(environ: dict[str, str] | None = None) -> bool:
 class Heartbeat:
     """A worker's thread that sends an empty HEARTBEAT to every server each ``interval_s``, so
     that the servers tell a dead or stopped worker (silent) from a busy one (writing a large
-    checkpoint, evaluating): only the whole process stopping silences it."""
+    checkpoint, evaluating): only the whole process stopping silences it. It also ends the
+    process when a server says END."""
 
     def __init__(self, p2p, servers: list[int], interval_s: float) -> None:
         self.p2p, self.servers, self.interval_s = p2p, servers, interval_s
@@ -85,6 +90,10 @@ class Heartbeat:
         while not self._stopped.wait(self.interval_s):
             MPI.Request.Waitall([self.p2p.Isend([empty, MPI.BYTE], dest=server, tag=tag(0, HEARTBEAT))
                                  for server in self.servers])
+            if self.p2p.Iprobe(source=MPI.ANY_SOURCE, tag=tag(0, END)):
+                print(f"error: rank {self.p2p.Get_rank()}: a parameter server ended the job (its line says why)",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
 
     def stop(self) -> None:
         """Before the worker's DONE: no heartbeat may follow it."""

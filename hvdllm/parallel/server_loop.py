@@ -33,10 +33,10 @@ from hvdllm.config import config_to_toml
 from hvdllm.data.shards import read_manifest
 from hvdllm.model import GPT, gpt_config_from
 from hvdllm.optim import LRSchedule, build_optimizer
-from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED, H_HIST,
-                                         H_LOSS, H_NONFINITE, H_NORM, H_STOP, H_STOP_AT, H_UPDATES, H_VERSION,
-                                         HEARTBEAT, KINDS, PUSH, SERVER_SHARD, STATS, header_size, shard_ranges,
-                                         silent_workers, tag)
+from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, END, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD,
+                                         H_DROPPED, H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_STOP, H_STOP_AT, H_UPDATES,
+                                         H_VERSION, HEARTBEAT, KINDS, PUSH, SERVER_SHARD, STATS, header_size,
+                                         shard_ranges, silent_workers, tag)
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.stages import plan_stages
 from hvdllm.train.watchdog import abort_job
@@ -90,6 +90,7 @@ class ParameterServer:
         self.last_heard = {w: time.monotonic() for w in range(self.workers)}
         self.silence_checked = time.monotonic()
         self.gathers: dict[int, dict[int, bytes]] = defaultdict(dict)  # server 0: round -> worker -> part
+        self.snapshots: dict[int, tuple] = {}  # step -> (reply bytes to evaluate, workers served)
         self.waiting: dict[int, tuple[int, float]] = {}  # worker -> (clock wanted, since)
         self.sent_version = [0] * self.workers
         self.clock_stats = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])  # loss, non-finite, stop, pushes
@@ -170,6 +171,8 @@ class ParameterServer:
                 self.checkpoint_due = clock
             elif kind == GATHER:
                 self.gathers[clock][worker] = buffer[:size].numpy().tobytes()
+            elif kind == EVALUATE:
+                self._send_snapshot(worker, clock)
             elif size == STATS * 8:  # a pull with no gradient: a worker's start
                 self.waiting[worker] = (clock, time.perf_counter())
             else:
@@ -224,13 +227,37 @@ class ParameterServer:
             why = " (worker 0 writes the log and checkpoints)" if self.cfg.parallel.continue_without_dead else ""
             print(f"error: server {self.index}: worker {names} sent nothing for {timeout:g} s "
                   f"(parallel.worker_timeout_s): dead or stopped; ending the job{why}", file=sys.stderr, flush=True)
-            abort_job()
+            self._end_job()
         self.dead += workers
         self.done.update(workers)
         for worker in workers:
             self.waiting.pop(worker, None)
+        for step, (_, served) in list(self.snapshots.items()):
+            if self.live <= served:
+                del self.snapshots[step]
         print(f"warning: server {self.index}: worker {names} sent nothing for {timeout:g} s: going on with "
               f"{len(self.live)} workers (parallel.continue_without_dead)", file=sys.stderr, flush=True)
+
+    def _send_snapshot(self, worker: int, step: int) -> None:
+        """The weights to evaluate at ``step``: as they were when the first worker asked, for
+        every worker (one copy, dropped once every live worker has had it)."""
+        if step not in self.snapshots:
+            self._fill_header(step)
+            self.snapshots[step] = (self.reply.numpy().copy(), set())
+        snapshot, served = self.snapshots[step]
+        self._send(snapshot, worker, tag(step, EVALUATE))
+        served.add(worker)
+        if self.live <= served:
+            del self.snapshots[step]
+
+    def _end_job(self) -> None:
+        """Tell every live worker to exit (under --enable-recovery MPI_Abort ends only the
+        caller), then abort (under a plain mpirun that ends every rank at once)."""
+        from mpi4py import MPI
+
+        empty = torch.empty(0, dtype=torch.uint8).numpy()
+        MPI.Request.Waitall([self.p2p.Isend([empty, MPI.BYTE], dest=w, tag=tag(0, END)) for w in sorted(self.live)])
+        abort_job()
 
     def _expel(self, worker: int, clock: int, kind: int, size: int) -> None:
         """Answer a worker declared dead that speaks again with "you are out" (H_DEAD = -1 in a
@@ -302,20 +329,24 @@ class ParameterServer:
         self.applied += pushes
         self.hist[0] += pushes
 
+    def _fill_header(self, wanted: int) -> None:
+        """The reply header for a worker that will compute clock ``wanted`` next."""
+        totals = self.clock_stats.get(wanted - 1, [0.0, 0.0, 0.0, 0.0])
+        fields = {H_VERSION: self.version, H_UPDATES: self.updates, H_APPLIED: self.applied,
+                  H_DROPPED: self.dropped, H_STOP_AT: self.stop_at, H_LOSS: totals[0], H_NONFINITE: totals[1],
+                  H_STOP: totals[2], H_COUNT: totals[3], H_NORM: self.norms.get(wanted - 1, math.nan),
+                  H_DEAD: len(self.dead)}
+        for index, value in fields.items():
+            self.header[index] = value
+        self.header[H_HIST:] = torch.tensor(self.hist, dtype=torch.float64)
+
     def _answer(self) -> None:
         """Reply to every waiting worker whose next clock the staleness bound now allows."""
-
         version = self.version
         for worker, (wanted, since) in list(self.waiting.items()):
             if version < wanted - self.s:
                 continue
-            totals = self.clock_stats.get(wanted - 1, [0.0, 0.0, 0.0, 0.0])
-            fields = {H_VERSION: version, H_UPDATES: self.updates, H_APPLIED: self.applied, H_DROPPED: self.dropped,
-                      H_STOP_AT: self.stop_at, H_LOSS: totals[0], H_NONFINITE: totals[1], H_STOP: totals[2],
-                      H_COUNT: totals[3], H_NORM: self.norms.get(wanted - 1, math.nan), H_DEAD: len(self.dead)}
-            for index, value in fields.items():
-                self.header[index] = value
-            self.header[H_HIST:] = torch.tensor(self.hist, dtype=torch.float64)
+            self._fill_header(wanted)
             self._send(self.reply.numpy().copy(), worker, tag(wanted, PUSH))  # a copy: the weights move on
             self.sent_version[worker] = version
             del self.waiting[worker]
@@ -328,7 +359,6 @@ class ParameterServer:
 
     def _answer_gathers(self) -> None:
         """Server 0: send each complete round of the workers' collective back to its live workers."""
-
         for round_, parts in list(self.gathers.items()):
             if not self.live <= parts.keys():
                 continue

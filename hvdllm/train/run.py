@@ -3,6 +3,7 @@ there are ranks to talk to), pick the device, then hand over to the Trainer."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -23,8 +24,17 @@ def run_training(cfg: Config) -> int:
         print("note: one process, so Horovod is not started and parallel.timeline is not written",
               file=sys.stderr, flush=True)
     strategy.setup(cfg.train.threads)
-    if strategy.coords.role == SERVER:  # a parameter server never enters the training loop
-        return strategy.serve()
+    # A parameter server never enters the training loop.
+    status = strategy.serve() if strategy.coords.role == SERVER else train_here(cfg, strategy)
+    if strategy.peers_died:
+        # MPI_Finalize waits for every rank the launcher started, a dead one too: leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def train_here(cfg: Config, strategy) -> int:
     device = comm.choose_device(strategy.layout.devices[0] if strategy.layout.devices else cfg.train.device,
                                 strategy.local_rank)
     trainer = Trainer(cfg, strategy, device)

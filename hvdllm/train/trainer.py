@@ -167,8 +167,9 @@ class Trainer:
             evaluated = (every and self.step % every == 0) or self.step == self.total_steps
             improved = False
             if evaluated and self.val_samples is not None:
-                record.update(evaluate(self.model, self.val_samples, self.strategy, self.precision, self.stage,
-                                       self.cfg.data.seed, self.cfg.train.eval_batches))
+                record.update(self.strategy.evaluation(self.step, lambda: evaluate(
+                    self.model, self.val_samples, self.strategy, self.precision, self.stage, self.cfg.data.seed,
+                    self.cfg.train.eval_batches)))
                 self.watchdog.beat(self.step)  # an evaluation is a long phase of its own
                 improved = self._observe_validation(record["val_loss"])
             if self.logger is not None:

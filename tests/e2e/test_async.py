@@ -32,6 +32,10 @@ def losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir)]
 
 
+def val_losses(run_dir):
+    return [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
+
+
 def server_summary(run_dir, index=0):
     return json.loads((run_dir / "servers" / f"server-{index}.json").read_text())
 
@@ -44,6 +48,8 @@ def test_zero_staleness_gives_the_losses_of_sync(data, tmp_path, servers, optimi
     a, b = losses(sync), losses(ps)
     assert len(a) == len(b) == 8 and a[-1] < a[0]
     assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-5, (a, b)
+    val_a, val_b = val_losses(sync), val_losses(ps)
+    assert len(val_a) == len(val_b) >= 1 and max(abs(x - y) / abs(x) for x, y in zip(val_a, val_b)) < 1e-5
     for index in range(servers):  # every push reached every shard, one update per clock
         summary = server_summary(ps, index)
         assert summary["updates"] == 8 and summary["applied_pushes"] == 16 and summary["staleness_hist"] == [16]
@@ -51,7 +57,7 @@ def test_zero_staleness_gives_the_losses_of_sync(data, tmp_path, servers, optimi
 
 def test_staleness_never_exceeds_the_bound_with_a_slow_worker(data, tmp_path):
     ps = run(3, data, tmp_path / "ps", *ASYNC, "--parallel.servers=1", "--parallel.max_staleness=2",
-             "--train.steps=16", "--train.slowdown_rank=1", "--train.slowdown_factor=6", "--train.eval_every=0")
+             "--train.steps=16", "--train.slowdown_rank=1", "--train.slowdown_factor=6", "--train.eval_every=4")
     summary = server_summary(ps)
     hist = summary["staleness_hist"]
     assert len(hist) == 3 and hist[2] > 0  # the fast worker ran ahead, up to the bound
@@ -62,6 +68,11 @@ def test_staleness_never_exceeds_the_bound_with_a_slow_worker(data, tmp_path):
     assert all(seen <= final for seen, final in zip(records[-1]["staleness_hist"], hist))
     assert max(r["staleness"] for r in records) <= 2
     assert losses(ps)[-1] < losses(ps)[0]
+    # Both workers evaluated the servers' weights at each evaluation step: a snapshot of a
+    # clock within the bound of the step (the slowed worker's pushes may still be missing).
+    evaluated = [(r["step"], r["val_clock"]) for r in records if "val_loss" in r]
+    assert [step for step, _ in evaluated] == [4, 8, 12, 16]
+    assert all(step - 2 <= clock <= step for step, clock in evaluated), evaluated
 
 
 @pytest.mark.parametrize("np, overrides, message", [
@@ -135,7 +146,7 @@ def test_a_killed_worker_or_server_ends_the_job_naming_it(data, tmp_path, victim
     assert f"process rank {victim} with PID" in stderr and "signal 9" in stderr, stderr  # mpirun names it
 
 
-TIMEOUT = "--parallel.worker_timeout_s=3"
+TIMEOUT = "--parallel.worker_timeout_s=5"
 
 
 @pytest.mark.parametrize("max_staleness", [0, 2])
@@ -155,7 +166,7 @@ def test_continue_without_dead_goes_on_with_the_live_workers(data, tmp_path, max
     finally:
         end_job(proc)
     assert proc.returncode == 0, stderr
-    assert "warning: server 0: worker rank 2 sent nothing for 3 s: going on with 2 workers" in stderr, stderr
+    assert "warning: server 0: worker rank 2 sent nothing for 5 s: going on with 2 workers" in stderr, stderr
     summary = server_summary(run_dir)
     last = read_metrics(run_dir)[-1]
     assert summary["dead_workers"] == [2] and last["dead_workers"] == 1
@@ -163,6 +174,23 @@ def test_continue_without_dead_goes_on_with_the_live_workers(data, tmp_path, max
     assert pushes[0] == pushes[1] == last["step"] and pushes[2] < last["step"] - 15
     state = torch.load(run_dir / "checkpoints" / f"step-{last['step']:08d}.pt", weights_only=False)
     assert len(state["rng"]) == 2  # gathered from the live workers only
+
+
+def test_without_worker_0_the_job_ends_even_under_recovery(data, tmp_path):
+    """Worker 0 writes the log and checkpoints: its death ends the job also where MPI_Abort
+    ends only the caller (--enable-recovery): the server tells the other workers to exit."""
+    proc = start_long_run(data, tmp_path / "run", TIMEOUT, "--parallel.continue_without_dead=true", np=4,
+                          recovery=True)
+    try:
+        os.kill(rank_pids(proc)[0], signal.SIGKILL)
+        start = time.time()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        end_job(proc)
+    assert time.time() - start < 60
+    assert "error: server 0: worker rank 0 sent nothing for 5 s (parallel.worker_timeout_s): dead or stopped; " \
+           "ending the job (worker 0 writes the log and checkpoints)" in stderr, stderr
+    assert stderr.count("a parameter server ended the job") == 2, stderr
 
 
 def test_a_stopped_worker_ends_the_job_naming_it(data, tmp_path):
@@ -176,7 +204,7 @@ def test_a_stopped_worker_ends_the_job_naming_it(data, tmp_path):
     finally:
         end_job(proc)
     assert proc.returncode != 0 and time.time() - start < 60
-    assert "error: server 0: worker rank 1 sent nothing for 3 s (parallel.worker_timeout_s): dead or stopped; " \
+    assert "error: server 0: worker rank 1 sent nothing for 5 s (parallel.worker_timeout_s): dead or stopped; " \
            "ending the job" in stderr, stderr
 
 
