@@ -4,7 +4,7 @@ NP ?= 2
 PYTHON := $(VENV)/bin/python
 HVDLLM := $(VENV)/bin/hvdllm
 
-.PHONY: install test test-unit test-parallel demo bench clean
+.PHONY: install test test-unit test-parallel test-multihost demo bench clean
 
 install:
 	@bash scripts/install.sh
@@ -17,6 +17,9 @@ test-unit: install
 
 test-parallel: install
 	@bash scripts/test.sh parallel
+
+test-multihost: install
+	@bash scripts/test.sh multihost
 
 demo: install
 	@bash scripts/demo.sh

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # All test tiers: unit and e2e in one process; each file of tests/parallel under
-# `mpirun -np 2` (and the Gloo ones under `horovodrun -np 2 --gloo`). A deadlock fails
+# `mpirun -np 2` (and the Gloo ones under `horovodrun -np 2 --gloo`); tests/multihost on
+# test hosts in network namespaces (skipped by name, saying why, where they cannot be made). A deadlock fails
 # through pytest-timeout inside and `timeout` outside. Exits non-zero if any rank of any
 # tier fails; ends with the summary over all tiers.
-#   scripts/test.sh [unit|parallel]   (default: both)
+#   scripts/test.sh [unit|parallel|multihost]   (default: all)
 set -uo pipefail
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
@@ -34,6 +35,16 @@ if [ "$TIER" = all ] || [ "$TIER" = parallel ]; then
         "exec $PWD/$PY -m pytest -q -p no:cacheprovider --color=no --timeout=300 $junit $file" || status=1
     fi
   done
+fi
+
+if [ "$TIER" = all ] || [ "$TIER" = multihost ]; then
+  echo "=== multihost: 2 test hosts (tests/multihost/hosts.sh) ==="
+  if why=$(bash tests/multihost/hosts.sh check 2>&1); then
+    "$PY" -m pytest -q -p no:cacheprovider --timeout=900 --junitxml="$RESULTS/multihost.xml" tests/multihost \
+      || status=1
+  else
+    echo "SKIPPED tier multihost: $why"
+  fi
 fi
 
 "$PY" scripts/junit_summary.py "$RESULTS" || status=1

@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from hvdllm.atomic import write_text_atomic
 from hvdllm.bench import comm_report as rep
 from hvdllm.bench.comm_backends import TORCH_DTYPES, Control, HorovodBackend, Mpi4pyBackend, TorchDistBackend
 from hvdllm.bench.options import COMM_BACKENDS, CommBenchOptions, as_argv
@@ -208,16 +209,16 @@ def run_comm_bench(options: CommBenchOptions) -> int:
         from hvdllm.bench.comm_tune import tune_horovod
 
         tuning = tune_horovod(control, options.tune_preset, options.tune_repeats, say)
+    hosts = control.hosts()  # collective: before the other ranks leave
     if control.rank != 0:
         return 0
-    result = summarize(records, control.size, skipped, tuning)
+    result = {"hosts": hosts, **summarize(records, control.size, skipped, tuning)}
     if not gloo_job or options.json:
         print(rep.format_table(records))
         for line in result["summary"]:
             print(line)
     if options.json:
-        with open(options.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_text_atomic(Path(options.json), json.dumps(result, indent=2) + "\n")
     if options.plot_path and records:
         print(f"plot: {rep.plot_busbw(records, options.plot_path)}")
     return 0 if all(r["correct"] for r in records) else 1

@@ -229,6 +229,14 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def hosts_line(hosts: list[str]) -> str:
+    """``hostA: ranks 0, 2; hostB: ranks 1, 3`` from each rank's host name, in rank order."""
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    return "; ".join(f"{host}: rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for host, r in ranks.items())
+
+
 def banner_lines(trainer) -> list[str]:
     """What a run is, printed once at its start on the logging rank."""
     layout, stage, g = trainer.strategy.layout, trainer.stages[0], trainer.gpt_cfg
@@ -239,6 +247,7 @@ def banner_lines(trainer) -> list[str]:
             + (f" + {layout.servers} servers" if layout.servers else ""),
             f"batch        {samples} samples x {stage.seq_len} tokens = {samples * stage.seq_len:,} tokens per step"
             f" (per rank {stage.batch_size} x accum {trainer.cfg.parallel.accum_steps})",
+            f"hosts        {hosts_line(trainer.hosts)}",
             f"device       {trainer.device} ({torch.get_num_threads()} threads), precision {trainer.precision.name}",
             f"mfu peak     {trainer.peak_flops / 1e12:,.3f} TFLOP/s per rank ({trainer.peak_flops_source})",
             f"run          steps {trainer.step + 1}..{trainer.total_steps} -> {trainer.run_dir}"]

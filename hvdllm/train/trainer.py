@@ -14,6 +14,7 @@ acted on by all ranks at the same step.
 from __future__ import annotations
 
 import math
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ class Trainer:
             ckpt.restore_training_state(self, state)
             self.say(f"resuming from {resume_path} at step {self.step}")
         self.strategy.broadcast_state(self.model, self.optimizer)  # the first collective
+        self.hosts = strategy.allgather_object(socket.gethostname(), name="hosts")  # for the banner
         if self.is_main:
             self.logger = start_run_log(self.run_dir, config_to_toml(cfg), cfg.log, self.total_steps, self.step,
                                         resumed=state is not None)
@@ -129,7 +131,7 @@ class Trainer:
         return next(s for s in self.stages if step < s.start_step + s.steps)
 
     def request_stop(self, *_args) -> None:
-        """SIGTERM handler: finish the current step, checkpoint, exit 0 (all ranks agree)."""
+        """SIGTERM (or SIGUSR1) handler: finish the current step, checkpoint, exit 0 (all ranks agree)."""
         self.stop_requested = True
 
     # --- the loop --------------------------------------------------------------------------
@@ -195,7 +197,7 @@ class Trainer:
                 if final and not saved:
                     return 1  # the end of the run is not on disk: a scheduler must see a failure
             if result.stop_requested:
-                self.say(f"stop requested (SIGTERM): checkpoint written at step {self.step}; exiting")
+                self.say(f"stop requested (SIGTERM or SIGUSR1): checkpoint written at step {self.step}; exiting")
                 return 0
             if stop_early:
                 self.say(f"early stop at step {self.step}: no val improvement in {patience} evaluations "
