@@ -38,7 +38,7 @@ if [ "$TIER" = all ] || [ "$TIER" = parallel ]; then
 fi
 
 if [ "$TIER" = all ] || [ "$TIER" = multihost ]; then
-  echo "=== multihost: 2 test hosts (tests/multihost/hosts.sh) ==="
+  echo "=== multihost: 3 test hosts (tests/multihost/hosts.sh) ==="
   if why=$(bash tests/multihost/hosts.sh check 2>&1); then
     "$PY" -m pytest -q -p no:cacheprovider --timeout=900 --junitxml="$RESULTS/multihost.xml" tests/multihost \
       || status=1

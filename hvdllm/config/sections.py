@@ -142,6 +142,9 @@ class ParallelConfig:
     # with no spare cores that halves the step rate (benchmarks/results/scaling.json).
     mpi_yield_when_idle: bool = True
     timeline: str = ""  # HOROVOD_TIMELINE file; empty = off
+    # Horovod elastic (hvdllm/train/elastic.py): workers may come and go under horovodrun's elastic mode.
+    elastic: bool = False
+    elastic_commit_every: int = 10  # steps between in-memory commits (a failure repeats the steps since)
     # local-sgd (hvdllm/parallel/local_sgd.py): H inner steps, then averaged deltas and an outer step.
     local_steps: int = 8  # H: inner optimizer steps between two averagings
     outer_lr: float = 0.7  # the outer SGD's learning rate (DiLoCo)
@@ -163,7 +166,7 @@ class ParallelConfig:
         _require(self.micro_batches < 16384, "parallel.micro_batches",  # two MPI tags each, below 32767
                  f"must be below 16384, got {self.micro_batches}")
         _at_least(0, self, "parallel", "data", "servers", "max_staleness", "outer_momentum")
-        _at_least(1, self, "parallel", "local_steps")
+        _at_least(1, self, "parallel", "local_steps", "elastic_commit_every")
         _require(self.outer_lr > 0, "parallel.outer_lr", f"must be > 0, got {self.outer_lr}")
         _require(self.worker_timeout_s > 0, "parallel.worker_timeout_s", f"must be > 0, got {self.worker_timeout_s}")
         _require(self.outer_momentum < 1, "parallel.outer_momentum", f"must be < 1, got {self.outer_momentum}")

@@ -254,6 +254,26 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
+def training_state(trainer, rng_states: list | None) -> dict:
+    """What this rank holds of a run, as a checkpoint stores it (``rng_states``: every rank's,
+    or None where dropout need not replay, as in an elastic commit)."""
+    strategy, cfg = trainer.strategy, trainer.cfg
+    return {
+        **strategy.state_dict(trainer.model, trainer.optimizer),
+        "schedule": trainer.schedule.state_dict(),
+        "scaler": trainer.precision.scaler.state_dict() if trainer.precision.scaler is not None else None,
+        "step": trainer.step,
+        "stage": trainer.stage.index,
+        "data": {**trainer.loader.state_dict(), "global_batch": trainer.loader.global_batch},
+        "rng": rng_states,
+        "val_loss": trainer.val_loss.state_dict(),
+        "world_size": strategy.world_size,
+        "config_toml": config_to_toml(cfg),
+        "model_config": vars(trainer.gpt_cfg),
+        "tokenizer_json": trainer.tokenizer_json,
+    }
+
+
 def save_training_state(trainer, is_best: bool) -> bool:
     """Collective (every rank contributes its RNG state, so dropout replays exactly); the
     ranks holding state no other rank holds write it. A checkpoint is every stage's file or
@@ -265,20 +285,7 @@ def save_training_state(trainer, is_best: bool) -> bool:
     rng_states = strategy.allgather_object(rng_state(trainer.device), name="checkpoint_rng")
     path, failure = None, None
     if strategy.writes_checkpoint:
-        state = {
-            **strategy.state_dict(trainer.model, trainer.optimizer),
-            "schedule": trainer.schedule.state_dict(),
-            "scaler": trainer.precision.scaler.state_dict() if trainer.precision.scaler is not None else None,
-            "step": trainer.step,
-            "stage": trainer.stage.index,
-            "data": {**trainer.loader.state_dict(), "global_batch": trainer.loader.global_batch},
-            "rng": rng_states,
-            "val_loss": trainer.val_loss.state_dict(),
-            "world_size": strategy.world_size,
-            "config_toml": config_to_toml(cfg),
-            "model_config": vars(trainer.gpt_cfg),
-            "tokenizer_json": trainer.tokenizer_json,
-        }
+        state = training_state(trainer, rng_states)
         try:
             path = write_checkpoint(state, trainer.run_dir, trainer.step, strategy.checkpoint_shard)
         except OSError as err:
@@ -318,6 +325,8 @@ def restore_training_state(trainer, state: dict) -> None:
         data = map_data_position(state["data"], trainer.dp_size * stage.batch_size) if same_stage else None
         trainer.enter_stage(stage, data, state["schedule"] if same_stage else None)
     rng, rank = state["rng"], trainer.strategy.coords.rank
+    if rng is None:
+        return
     if len(rng) == trainer.strategy.world_size:
         torch.set_rng_state(rng[rank]["torch"])
         if trainer.device.type == "cuda" and "cuda" in rng[rank]:

@@ -13,12 +13,15 @@ from hvdllm.config import Config
 from hvdllm.parallel import build_strategy
 from hvdllm.parallel.layout import SERVER
 from hvdllm.paths import require_writable_folder
+from hvdllm.train.elastic import check_elastic, run_elastic
 from hvdllm.train.trainer import Trainer
 
 
 def run_training(cfg: Config) -> int:
     ranks = launched_world_size()
     strategy = build_strategy(cfg, ranks)  # a bad layout fails here, on every rank, before any init
+    if cfg.parallel.elastic:
+        check_elastic(cfg, strategy.layout)
     require_writable_folder(cfg.train.run_dir, "train.run_dir")  # so does a run folder it cannot write
     if ranks == 1 and cfg.parallel.timeline:
         print("note: one process, so Horovod is not started and parallel.timeline is not written",
@@ -43,6 +46,6 @@ def train_here(cfg: Config, strategy) -> int:
     # ends the job with exit status 1 whatever the ranks return).
     signal.signal(signal.SIGTERM, trainer.request_stop)
     signal.signal(signal.SIGUSR1, trainer.request_stop)
-    status = trainer.train()
+    status = run_elastic(trainer) if cfg.parallel.elastic else trainer.train()
     strategy.close()  # e.g. tell the parameter servers this worker is done
     return status

@@ -69,7 +69,8 @@ class Trainer:
             self.gpt_cfg = gpt_config_from(cfg.model, vocab_size=data_vocab)
         except ValueError as err:
             raise UserError(str(err)) from None
-        self.stages = plan_stages(cfg, self.dp_size, manifest["seq_len"], self.gpt_cfg.block_size)
+        self.shard_seq_len = manifest["seq_len"]
+        self.stages = plan_stages(cfg, self.dp_size, self.shard_seq_len, self.gpt_cfg.block_size)
         self.total_steps = self.stages[-1].start_step + self.stages[-1].steps
         self.run_dir = Path(cfg.train.run_dir)
         self.tokenizer_json = (Path(cfg.data.path) / manifest["tokenizer"]["file"]).read_text()
@@ -90,6 +91,7 @@ class Trainer:
         self.step = 0
         self.bad_steps_in_row = 0
         self.val_loss = BestTracker()  # for early stopping, over the whole run
+        self.step_callbacks: list = []  # called after every completed step, on every rank (elastic commits)
         self.stage: Stage | None = None
         self.schedule: LRSchedule | None = None
         self.loader: DistributedBatches | None = None
@@ -97,18 +99,33 @@ class Trainer:
         g = self.gpt_cfg
         self.flops_per_token = {s.index: flops_per_token(n_dense, g.n_layer, g.n_head, g.d_model // g.n_head,
                                                          s.seq_len) for s in self.stages}
-        # Only the logging rank computes MFU, so only it may need to measure the peak.
-        self.peak_flops, self.peak_flops_source = (peak_flops(device, cfg.train.precision, cfg.train.peak_flops)
-                                                   if self.is_main else (0.0, ""))
+        self.peak_flops, self.peak_flops_source = 0.0, ""  # measured by the logging rank (start_log)
+        self.hosts: list[str] = []
         if state is not None:
             ckpt.restore_training_state(self, state)
             self.say(f"resuming from {resume_path} at step {self.step}")
-        self.strategy.broadcast_state(self.model, self.optimizer)  # the first collective
-        self.hosts = strategy.allgather_object(socket.gethostname(), name="hosts")  # for the banner
-        if self.is_main:
-            self.logger = start_run_log(self.run_dir, config_to_toml(cfg), cfg.log, self.total_steps, self.step,
-                                        resumed=state is not None)
-            self.logger.write("\n".join(banner_lines(self)))
+        # Under Horovod elastic a worker may join while the others sync, so the first
+        # collective is the elastic State's (hvdllm/train/elastic.py), which starts the log.
+        if not cfg.parallel.elastic:
+            self.strategy.broadcast_state(self.model, self.optimizer)  # the first collective
+            self.start_log(resumed=state is not None)
+
+    def start_log(self, resumed: bool) -> None:
+        """Collective (every rank's host name, for the banner). The logging rank opens the
+        metrics log (``resumed``: keeping the lines up to this step) and writes the banner;
+        a rank that is no longer the logging one (elastic) closes its log."""
+        self.hosts = self.strategy.allgather_object(socket.gethostname(), name="hosts")
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        if not self.is_main:
+            return
+        if not self.peak_flops_source:  # only the logging rank computes MFU
+            self.peak_flops, self.peak_flops_source = peak_flops(self.device, self.cfg.train.precision,
+                                                                 self.cfg.train.peak_flops)
+        self.logger = start_run_log(self.run_dir, config_to_toml(self.cfg), self.cfg.log, self.total_steps,
+                                    self.step, resumed=resumed)
+        self.logger.write("\n".join(banner_lines(self)))
 
     def enter_stage(self, stage: Stage, data_state: dict | None = None, schedule_state: dict | None = None) -> None:
         """Start reading ``stage``'s data and following its schedule (optionally where a
@@ -127,6 +144,17 @@ class Trainer:
         if schedule_state:
             self.schedule.load_state_dict(schedule_state)
 
+    def adopt_world(self) -> None:
+        """After the strategy's world changed (Horovod elastic): this rank's data slice, the
+        stages' batch sizes and lr (the config's world-size rule). The caller restores a
+        state next, which enters the stage at its data position."""
+        self.rank, self.dp_size = self.strategy.data_rank
+        self.is_main = self.strategy.is_logging_rank
+        self.stages = plan_stages(self.cfg, self.dp_size, self.shard_seq_len, self.gpt_cfg.block_size)
+        if self.loader is not None:
+            self.loader.close()
+        self.stage, self.loader, self.batches = None, None, None
+
     def stage_at(self, step: int) -> Stage:
         return next(s for s in self.stages if step < s.start_step + s.steps)
 
@@ -135,12 +163,13 @@ class Trainer:
         self.stop_requested = True
 
     # --- the loop --------------------------------------------------------------------------
-    def train(self) -> int:
-        """Run to the end (or an early stop, a preemption, too many bad steps); exit status."""
+    def train(self, loop=None) -> int:
+        """Run to the end (or an early stop, a preemption, too many bad steps); exit status.
+        ``loop`` runs the steps instead of :meth:`run_steps` (Horovod elastic wraps it)."""
         self.watchdog = StallWatchdog(self.cfg.train.stall_timeout_s, self.strategy.coords.rank,
                                       self.strategy.world_size)
         try:
-            return self._train()
+            return (loop or self.run_steps)()
         finally:
             self.close()
 
@@ -153,7 +182,7 @@ class Trainer:
         if self.logger is not None:
             self.logger.close()
 
-    def _train(self) -> int:
+    def run_steps(self) -> int:
         while self.step < self.total_steps:
             result = self.train_step()
             # A step that ran is done, whatever it carried: it moved the model (or was skipped)
@@ -203,6 +232,8 @@ class Trainer:
                 self.say(f"early stop at step {self.step}: no val improvement in {patience} evaluations "
                          f"(best {self.val_loss.best:.4f})")
                 break
+            for callback in self.step_callbacks:
+                callback()
         self._finish()
         return 0
 

@@ -12,6 +12,7 @@
 #   tests/multihost/hosts.sh down         stop everything `up` started, also after a failure
 #   tests/multihost/hosts.sh run HOST CMD...   run CMD inside HOST (cwd kept)
 #   tests/multihost/hosts.sh link HOST up|down  bring HOST's link up or down (a fault)
+#   tests/multihost/hosts.sh pids HOST         the processes running on HOST
 #
 # State (keys, configs, pids, hostfile) lives in $MH_STATE (default /tmp/hvdllm-mh).
 # Needs root, `ip netns`, unshare and nsenter; installs openssh-server when sshd is missing.
@@ -55,9 +56,8 @@ up() {
 Host *
   IdentityFile $STATE/id_test
   StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
+  UserKnownHostsFile $STATE/known_hosts
   BatchMode yes
-  LogLevel ERROR
   ServerAliveInterval 5
   ServerAliveCountMax 3
 EOF
@@ -125,16 +125,25 @@ run() {
   nsenter -t "$(host_pid "$host")" -n -u -m --wd="$PWD" "$@"
 }
 
-link() {
-  local host=$1 state=$2 i
+namespace() {  # the network namespace of host $1
+  local i
   for i in 1 2 3; do
-    if [ "${NAMES[$((i - 1))]}" = "$host" ]; then
-      ip -n "$PREFIX-$i" link set mh0 "$state"
-      return
-    fi
+    [ "${NAMES[$((i - 1))]}" = "$1" ] && { echo "$PREFIX-$i"; return; }
   done
-  echo "no host $host" >&2
+  echo "no host $1" >&2
   exit 2
+}
+
+link() {
+  local ns
+  ns=$(namespace "$1")
+  ip -n "$ns" link set mh0 "$2"
+}
+
+pids() {
+  local ns
+  ns=$(namespace "$1")
+  ip netns pids "$ns"
 }
 
 down() {
@@ -146,6 +155,9 @@ down() {
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$PREFIX-" || true); do
     ip netns del "$ns" 2>/dev/null || true
   done
+  for name in "${NAMES[@]}"; do  # Open MPI's session folders of the hosts' daemons (a killed one leaves its own)
+    rm -rf "/tmp/ompi.$name".*
+  done
   rm -rf "$STATE"
 }
 
@@ -155,5 +167,6 @@ case "${1:-}" in
   down) down ;;
   run) shift; run "$@" ;;
   link) shift; link "$@" ;;
-  *) echo "usage: $0 check | up [N] | down | run HOST CMD... | link HOST up|down" >&2; exit 2 ;;
+  pids) shift; pids "$@" ;;
+  *) echo "usage: $0 check | up [N] | down | run HOST CMD... | link HOST up|down | pids HOST" >&2; exit 2 ;;
 esac

@@ -1,10 +1,14 @@
-"""Across hosts for real: 2 test hosts (tests/multihost/hosts.sh: network namespaces with
+"""Across hosts for real: 3 test hosts (tests/multihost/hosts.sh: network namespaces with
 their own hostnames and sshd), jobs launched from hostA with ``mpirun -H`` and ``horovodrun
 -H`` over ssh. Training gives the losses of the single-host 2-rank run; each rank's host is
 in the run's log; ``hvdllm bench comm`` runs across them; a host whose link goes down ends
-the job within a bounded time. scripts/test.sh runs this tier only where hosts.sh can."""
+the job within a bounded time; under Horovod elastic a host leaves and one joins, and
+training goes on. scripts/test.sh runs this tier only where hosts.sh can."""
 
 import json
+import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +26,7 @@ ROOT_VARIABLES = ["OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"]
 def hosts(tmp_path_factory):
     state = tmp_path_factory.mktemp("hosts")
     env = clean_env({"MH_STATE": str(state)})
-    up = subprocess.run(["bash", str(HOSTS_SH), "up", "2"], capture_output=True, text=True, env=env, timeout=300)
+    up = subprocess.run(["bash", str(HOSTS_SH), "up", "3"], capture_output=True, text=True, env=env, timeout=300)
     try:
         assert up.returncode == 0, up.stderr
         yield env
@@ -84,7 +88,8 @@ def test_bench_comm_across_hosts(hosts, tmp_path):
 
 
 def test_a_host_whose_link_goes_down_ends_the_job_within_a_bounded_time(hosts, data, tmp_path):
-    """ssh keepalive (5 s x 3, in the hosts' ssh config) lets mpirun notice the lost host."""
+    """ssh keepalive (5 s x 3, in the hosts' ssh config) lets mpirun notice the lost host, and
+    ssh says which it was."""
     run_dir = tmp_path / "run"
     args = ["-m", "hvdllm", *train_args(data, run_dir, "--train.steps=100000", "--log.every=100000",
                                         "--checkpoint.every=0")]
@@ -104,3 +109,97 @@ def test_a_host_whose_link_goes_down_ends_the_job_within_a_bounded_time(hosts, d
         proc.kill()
         subprocess.run(["bash", str(HOSTS_SH), "link", "hostB", "up"], env=hosts, check=False)
     assert proc.returncode not in (0, 124, 137) and time.time() - cut < 60, stderr[-2000:]
+    assert "timeout, server hostb not responding" in stderr.lower(), stderr[-2000:]  # ssh names the host
+
+
+def start_elastic(hosts, data, tmp_path, steps, *overrides):
+    """horovodrun's elastic mode on hostA..hostC, from a discovery script that prints the
+    file it returns; global batch 12 (4 samples per rank on 3 workers, 6 on 2)."""
+    listed = tmp_path / "hosts.txt"
+    listed.write_text("hostA:1\nhostB:1\nhostC:1\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {listed}\n")
+    discover.chmod(0o755)
+    args = train_args(data, tmp_path / "run", f"--train.steps={steps}", "--parallel.elastic=true",
+                      "--data.global_batch_size=12", "--checkpoint.every=0", "--train.eval_every=0",
+                      "--train.slowdown_rank=0", "--train.slowdown_factor=15", *overrides)
+    horovodrun = str(Path(sys.executable).parent / "horovodrun")
+    command = [horovodrun, "-np", "3", "--min-np", "2", "--max-np", "3", "--host-discovery-script", str(discover),
+               "--network-interface", "mh0", "--disable-cache", sys.executable, "-m", "hvdllm", *args]
+    proc = subprocess.Popen(["bash", str(HOSTS_SH), "run", "hostA", "timeout", "-k", "5", "280", *command],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=hosts)
+    return proc, listed
+
+
+def check_every_step_once(output, run_dir, steps):
+    records = read_metrics(run_dir)
+    assert sorted(r["step"] for r in records) == list(range(1, steps + 1)), output[-3000:]
+    assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
+
+
+def test_elastic_goes_on_when_a_host_leaves_and_when_one_joins(hosts, data, tmp_path):
+    """hostC is taken out of the discovery mid-run: the two others go on from the commit
+    (every step here) with 6 samples each; it is put back: it joins, gets the state and
+    takes its 4. Every step is done once."""
+    steps = 300
+    proc, listed = start_elastic(hosts, data, tmp_path, steps, "--parallel.elastic_commit_every=1")
+    try:
+        wait_for_step(tmp_path / "run", 30)
+        listed.write_text("hostA:1\nhostB:1\n")
+        left = wait_for_step(tmp_path / "run", 0)
+        wait_for_step(tmp_path / "run", left + 60)
+        listed.write_text("hostA:1\nhostB:1\nhostC:1\n")
+        output, _ = proc.communicate(timeout=280)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    shrunk = output.index("elastic: 2 workers from step")
+    assert int(output[shrunk:].split()[5]) >= 30  # from where they were: they had just committed
+    assert "6 samples per rank" in output[shrunk:shrunk + 200]
+    grown = output.index("elastic: 3 workers from step", shrunk)
+    assert "4 samples per rank" in output[grown:grown + 200], output[-4000:]
+    check_every_step_once(output, tmp_path / "run", steps)
+
+
+def test_elastic_goes_on_from_the_last_commit_when_a_worker_dies(hosts, data, tmp_path):
+    """hostC's worker is killed: the others' next collective fails, they take back the last
+    commit (every 5 steps), re-form on hostA and hostB and go on; the steps after the commit
+    are done again, and the log keeps each step once."""
+    steps = 200
+    proc, _ = start_elastic(hosts, data, tmp_path, steps, "--parallel.elastic_commit_every=5")
+    try:
+        wait_for_step(tmp_path / "run", 20)
+        on_c = subprocess.run(["bash", str(HOSTS_SH), "pids", "hostC"], capture_output=True, text=True,
+                              env=hosts).stdout.split()
+        worker = [pid for pid in on_c if is_training_process(pid)]
+        assert len(worker) == 1, worker
+        os.kill(int(worker[0]), signal.SIGKILL)
+        output, _ = proc.communicate(timeout=280)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    resumed = output.index("elastic: 2 workers from step ")
+    commit = int(output[resumed:].split()[5])
+    assert commit % 5 == 0 and commit >= 20 and "6 samples per rank" in output[resumed:resumed + 200], output[-4000:]
+    check_every_step_once(output, tmp_path / "run", steps)
+
+
+def is_training_process(pid: str) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return argv[0].endswith(b"python") and argv[1:4] == [b"-m", b"hvdllm", b"train"]
+
+
+def wait_for_step(run_dir, step, within_s=200):
+    """The newest step in ``run_dir``'s metrics once it reaches ``step`` (or the time is up)."""
+    metrics, deadline, newest = run_dir / "metrics.jsonl", time.time() + within_s, 0
+    while time.time() < deadline:
+        text = metrics.read_text() if metrics.exists() else ""
+        complete = text[:text.rfind("\n") + 1].splitlines()  # not a line still being written
+        newest = json.loads(complete[-1])["step"] if complete else newest
+        if newest >= step:
+            break
+        time.sleep(0.2)
+    return newest

@@ -1,0 +1,108 @@
+"""Horovod elastic training (``parallel.elastic``): workers come and go, training goes on.
+
+Launched by ``horovodrun --gloo --min-np A --max-np B --host-discovery-script S`` (or ``-np``
+with ``-H``). Every ``parallel.elastic_commit_every`` steps all ranks commit: each keeps in
+memory the state a checkpoint holds (model, optimizer, schedule, step, stage, data position,
+validation record), and Horovod checks whether the driver reported hosts added or removed.
+Then, or when a collective fails because a worker died (``HorovodInternalError``, after which
+the committed state is taken back), Horovod shuts down and re-initializes on the hosts there
+are now, and :class:`TrainerState` rebuilds the run for that world: the layout and this rank's
+place in it, the per-rank batch (``data.global_batch_size`` over the workers) and the lr
+(``schedule.scale_rule``, as for any launch), and the loader's slice at the committed data
+position; rank 0 then broadcasts the committed state to every rank, newcomers included.
+Steps since the last commit are done again after a failure; none is lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+from hvdllm import comm
+from hvdllm.errors import UserError
+from hvdllm.train import checkpoint as ckpt
+
+
+def check_elastic(cfg, layout, environ: dict[str, str] | None = None) -> None:
+    """Refuse, with one line, what elastic training does not do: before any init."""
+    env = os.environ if environ is None else environ
+    if env.get("HOROVOD_ELASTIC") != "1":
+        raise UserError("parallel.elastic needs horovodrun's elastic mode: horovodrun --gloo --min-np N --max-np M "
+                        "--host-discovery-script SCRIPT")
+    if cfg.parallel.strategy != "sync" or cfg.parallel.op != "average" or layout.pipeline > 1 or layout.servers:
+        raise UserError("parallel.elastic works with parallel.strategy=sync (op average), one pipeline stage "
+                        "and no servers")
+    if cfg.parallel.data:
+        raise UserError(f"parallel.elastic: the data-parallel degree follows the workers there are; "
+                        f"leave parallel.data at 0 (it is {cfg.parallel.data})")
+    if not cfg.data.global_batch_size or cfg.stages:
+        raise UserError("parallel.elastic needs data.global_batch_size (the batch stays the same as workers come "
+                        "and go; it must divide by every worker count) and no [[stages]]")
+
+
+def trainer_state(trainer):
+    """A ``horovod.common.elastic.State`` over ``trainer`` (its class is made here, so that
+    importing this module does not import Horovod)."""
+    from horovod.common.elastic import State
+
+    hvd = comm.horovod()
+
+    class TrainerState(State):
+        def __init__(self) -> None:
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+            self.trainer = trainer
+            self.committed: dict = {}
+            self.pending = True
+            self.save()
+
+        def save(self) -> None:
+            self.committed = copy.deepcopy(ckpt.training_state(self.trainer, None))
+
+        def restore(self) -> None:
+            """After a failed collective: the committed state is loaded once the world is re-formed."""
+
+        def reset(self) -> None:
+            self.pending = True
+
+        def sync(self) -> None:
+            self.committed = self._bcast_object(self.committed)
+            self.pending = True
+
+        def load_if_pending(self) -> None:
+            """Where every rank of the new world is, newcomers included (the start of the
+            wrapped function), so collectives are safe: rebuild the run for this world from
+            the committed state and start the log there."""
+            if not self.pending:
+                return
+            self.pending = False
+            trainer = self.trainer
+            before = trainer.dp_size
+            trainer.strategy.adopt_world()
+            trainer.adopt_world()
+            ckpt.restore_training_state(trainer, copy.deepcopy(self.committed))
+            trainer.start_log(resumed=True)
+            if trainer.watchdog is not None:
+                trainer.watchdog.beat(trainer.step)
+            if trainer.dp_size != before:
+                trainer.say(f"elastic: {trainer.dp_size} workers from step {trainer.step} (were {before}); "
+                            f"{trainer.stage.batch_size} samples per rank, lr {trainer.stage.lr:.3g}")
+
+    return TrainerState()
+
+
+def run_elastic(trainer) -> int:
+    """The Trainer's steps under ``hvd.elastic.run``: committing every
+    ``parallel.elastic_commit_every`` steps, rebuilt for each new world."""
+    hvd = comm.horovod()
+    if trainer.stage is None:
+        trainer.enter_stage(trainer.stage_at(trainer.step))  # a commit holds a data position
+    state = trainer_state(trainer)
+    every = trainer.cfg.parallel.elastic_commit_every
+    trainer.step_callbacks.append(lambda: state.commit() if trainer.step % every == 0 else None)
+
+    @hvd.elastic.run
+    def steps(_state) -> int:
+        state.load_if_pending()
+        return trainer.run_steps()
+
+    return trainer.train(loop=lambda: steps(state))
