@@ -50,3 +50,37 @@ def test_the_slowed_rank_sleeps_factor_minus_one_times_its_compute(slow_rank, ex
     monkeypatch.setattr("hvdllm.parallel.base.time.sleep", slept.append)
     strategy.inject_slowdown(0.5)
     assert slept == expected
+
+
+ELASTIC = {"HOROVOD_ELASTIC": "1"}
+
+
+@pytest.mark.parametrize("overrides, environ, message", [
+    (["--data.global_batch_size=12"], {}, "parallel.elastic needs horovodrun's elastic mode"),
+    (["--data.global_batch_size=12", "--parallel.strategy=local-sgd"], ELASTIC, "works with parallel.strategy=sync"),
+    (["--data.global_batch_size=12", "--parallel.data=2"], ELASTIC, "leave parallel.data at 0"),
+    ([], ELASTIC, "parallel.elastic needs data.global_batch_size"),
+])
+def test_elastic_refuses_what_it_cannot_follow_in_one_line(overrides, environ, message):
+    from hvdllm.parallel.layout import build_layout
+    from hvdllm.train.elastic import check_elastic
+
+    cfg = load_config(None, ["--parallel.elastic=true", *overrides])
+    with pytest.raises(UserError, match=message):
+        check_elastic(cfg, build_layout(cfg.parallel, 2), environ)
+
+
+def test_elastic_takes_a_sync_run_with_a_global_batch():
+    from hvdllm.parallel.layout import build_layout
+    from hvdllm.train.elastic import check_elastic
+
+    cfg = load_config(None, ["--parallel.elastic=true", "--data.global_batch_size=12"])
+    check_elastic(cfg, build_layout(cfg.parallel, 3), ELASTIC)
+
+
+def test_continue_without_dead_needs_a_launcher_that_keeps_the_survivors():
+    from hvdllm.parallel.ps_protocol import launcher_keeps_survivors
+
+    assert not launcher_keeps_survivors({"OMPI_COMM_WORLD_SIZE": "3"})
+    assert launcher_keeps_survivors({"OMPI_COMM_WORLD_SIZE": "3", "OMPI_MCA_orte_enable_recovery": "1"})
+    assert launcher_keeps_survivors({"SLURM_STEP_NUM_TASKS": "3"})  # srun cannot be asked
