@@ -112,6 +112,27 @@ def test_a_host_whose_link_goes_down_ends_the_job_within_a_bounded_time(hosts, d
     assert "timeout, server hostb not responding" in stderr.lower(), stderr[-2000:]  # ssh names the host
 
 
+def test_killed_processes_on_a_host_end_the_job_naming_the_host(hosts, data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["-m", "hvdllm", *train_args(data, run_dir, "--train.steps=100000", "--checkpoint.every=0")]
+    proc = subprocess.Popen(["bash", str(HOSTS_SH), "run", "hostA", "timeout", "-k", "5", "200",
+                             *mpirun_across(*args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=hosts)
+    try:
+        wait_for_step(run_dir, 3)
+        on_b = subprocess.run(["bash", str(HOSTS_SH), "pids", "hostB"], capture_output=True, text=True,
+                              env=hosts).stdout.split()
+        rank = [pid for pid in on_b if is_training_process(pid)]
+        assert len(rank) == 1, rank
+        os.kill(int(rank[0]), signal.SIGKILL)
+        killed = time.time()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and time.time() - killed < 30, stderr[-2000:]  # mpirun's own end, not timeout's
+    assert "process rank 1 with PID" in stderr and "on node hostB exited on signal 9" in stderr, stderr[-2000:]
+
+
 def start_elastic(hosts, data, tmp_path, steps, *overrides):
     """horovodrun's elastic mode on hostA..hostC, from a discovery script that prints the
     file it returns; global batch 12 (4 samples per rank on 3 workers, 6 on 2)."""
@@ -139,10 +160,11 @@ def check_every_step_once(output, run_dir, steps):
 
 def test_elastic_goes_on_when_a_host_leaves_and_when_one_joins(hosts, data, tmp_path):
     """hostC is taken out of the discovery mid-run: the two others go on from the commit
-    (every step here) with 6 samples each; it is put back: it joins, gets the state and
-    takes its 4. Every step is done once."""
+    (every step here) with 6 samples each and the lr of 2 workers; it is put back: it joins,
+    gets the state and takes its 4. Every step is done once."""
     steps = 300
-    proc, listed = start_elastic(hosts, data, tmp_path, steps, "--parallel.elastic_commit_every=1")
+    proc, listed = start_elastic(hosts, data, tmp_path, steps, "--parallel.elastic_commit_every=1",
+                                 "--optim.lr=1e-3", "--schedule.scale_rule=linear")
     try:
         wait_for_step(tmp_path / "run", 30)
         listed.write_text("hostA:1\nhostB:1\n")
@@ -155,9 +177,9 @@ def test_elastic_goes_on_when_a_host_leaves_and_when_one_joins(hosts, data, tmp_
     assert proc.returncode == 0, output[-4000:]
     shrunk = output.index("elastic: 2 workers from step")
     assert int(output[shrunk:].split()[5]) >= 30  # from where they were: they had just committed
-    assert "6 samples per rank" in output[shrunk:shrunk + 200]
+    assert "6 samples per rank, lr 0.002" in output[shrunk:shrunk + 200]  # lr x workers (scale_rule)
     grown = output.index("elastic: 3 workers from step", shrunk)
-    assert "4 samples per rank" in output[grown:grown + 200], output[-4000:]
+    assert "4 samples per rank, lr 0.003" in output[grown:grown + 200], output[-4000:]
     check_every_step_once(output, tmp_path / "run", steps)
 
 
