@@ -10,8 +10,8 @@ factored moments) acts on whole tensors.
 
 Who talks to whom. Servers never enter the Trainer: ``run.py`` sends them into
 :func:`hvdllm.parallel.server_loop.serve`. Everything travels over mpi4py on a duplicate of
-COMM_WORLD as raw bytes of flat contiguous buffers (numpy views of torch storage, never
-pickled; the protocol is in ps_protocol.py). Horovod is not started: the workers' own
+COMM_WORLD, gradients and parameters as raw bytes of flat contiguous buffers (numpy views
+of torch storage, never pickled; the protocol is in ps_protocol.py). Horovod is not started: the workers' own
 collectives (the evaluation's sums, the checkpoint's RNG states) are gathered by server 0
 from the workers alive, so that no worker ever waits on one that died.
 
@@ -66,9 +66,7 @@ the job through mpirun or, under ``--enable-recovery``, the workers' stall watch
 from __future__ import annotations
 
 import math
-import os
 import pickle
-import sys
 import time
 
 import torch
@@ -78,9 +76,10 @@ from hvdllm import comm
 from hvdllm.errors import UserError
 from hvdllm.parallel.base import ParallelStrategy
 from hvdllm.parallel.layout import rank_coordinates
-from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED, H_HIST,
-                                         H_LOSS, H_NONFINITE, H_NORM, H_STOP_AT, H_UPDATES, H_VERSION, PUSH, STATS,
-                                         Heartbeat, header_size, launcher_keeps_survivors, shard_ranges, tag)
+from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED,
+                                         H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_STOP_AT, H_UPDATES, H_VERSION, PUSH,
+                                         STATS, Heartbeat, header_size, launcher_keeps_survivors, shard_ranges, tag)
+
 
 def check_async_layout(cfg, layout) -> None:
     """Refuse, with one line, what the parameter server does not do: before any init."""
@@ -116,6 +115,8 @@ class ParameterServerWorker(ParallelStrategy):
         from mpi4py import MPI
 
         world = MPI.COMM_WORLD
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:  # the heartbeat thread sends beside the main one
+            raise UserError("parallel.strategy=async needs an MPI library with MPI_THREAD_MULTIPLE")
         if world.Get_size() != self.layout.world_size:
             raise UserError("parallel.strategy=async pushes over MPI: launch with mpirun, srun or horovodrun --mpi "
                             "(not --gloo)")
@@ -225,8 +226,6 @@ class ParameterServerWorker(ParallelStrategy):
         MPI.Request.Waitall(requests)
         self.clock = clock + push  # the clock the pulled parameters are for
         header = self._reply_parts(0)[0].clone()
-        if any(self._reply_parts(k)[0][H_DEAD].item() < 0 for k in range(len(self.servers))):
-            self._expelled()
         self._record(header, time.perf_counter() - start)
         return header
 
@@ -335,15 +334,4 @@ class ParameterServerWorker(ParallelStrategy):
         self.p2p.Recv([reply, MPI.BYTE], source=server, tag=tag(self.gathered, GATHER))
         send.Wait()
         self.gathered += 1
-        parts = pickle.loads(reply)
-        if parts is None:
-            self._expelled()
-        return parts
-
-    def _expelled(self) -> None:
-        """The servers declared this worker dead while it was stopped or slow and went on
-        without it: leave, without ending the others (the launcher runs with recovery)."""
-        timeout = self.cfg.worker_timeout_s
-        print(f"error: rank {self.coords.rank}: the servers heard nothing from this worker for {timeout:g} s "
-              f"(parallel.worker_timeout_s) and went on without it; exiting", file=sys.stderr, flush=True)
-        os._exit(1)
+        return pickle.loads(reply)

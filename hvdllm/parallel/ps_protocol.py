@@ -2,8 +2,9 @@
 servers (server_loop.py): message kinds and tags, the reply header, how parameters are cut
 into server shards, and the workers' heartbeats.
 
-Every message travels on a duplicate of COMM_WORLD as raw bytes; its tag is
-``clock * KINDS + kind``, where the clock is the sender's step count.
+Every message travels on a duplicate of COMM_WORLD as raw bytes (gradients and parameters as
+flat buffers, never pickled; only the workers' small gathered objects are); its tag is
+``clock * KINDS + kind``, where the clock is the sender's step count (a gather's round).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from hvdllm.errors import UserError
 # GATHER: a worker's part of one of the workers' collectives, gathered by server 0.
 # HEARTBEAT: a worker is alive (sent by a thread, whatever the training loop is doing).
 # EVALUATE: a worker asks for the weights to evaluate at a step (one snapshot per step).
-# END: a server ends the job (its heartbeat thread makes a worker exit, also where
-# MPI_Abort ends only the caller: under mpirun --enable-recovery).
+# END: leave (read by the worker's heartbeat thread, which exits the process): a server ends
+# the job (under mpirun --enable-recovery MPI_Abort ends only the caller), or went on
+# without this worker (declared dead while it was stopped or slow).
 PUSH, DONE, CHECKPOINT, GATHER, HEARTBEAT, EVALUATE, END = range(7)
 KINDS = 8
 SERVER_SHARD = 1000  # server k's checkpoint file is shard SERVER_SHARD + k (step-N.stage-100k.pt)
@@ -91,8 +93,8 @@ class Heartbeat:
             MPI.Request.Waitall([self.p2p.Isend([empty, MPI.BYTE], dest=server, tag=tag(0, HEARTBEAT))
                                  for server in self.servers])
             if self.p2p.Iprobe(source=MPI.ANY_SOURCE, tag=tag(0, END)):
-                print(f"error: rank {self.p2p.Get_rank()}: a parameter server ended the job (its line says why)",
-                      file=sys.stderr, flush=True)
+                print(f"error: rank {self.p2p.Get_rank()}: a parameter server ended the job or went on without "
+                      f"this worker (its line says why)", file=sys.stderr, flush=True)
                 os._exit(1)
 
     def stop(self) -> None:

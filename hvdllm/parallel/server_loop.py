@@ -161,7 +161,7 @@ class ParameterServer:
             message.Recv([buffer.numpy(), MPI.BYTE])
             self.last_heard[worker] = time.monotonic()
             if worker in self.dead:
-                self._expel(worker, clock, kind, size)  # it was only stopped or slow, and has woken
+                self._send_end(worker)  # it was only stopped or slow, and has woken: it must go
                 continue
             if kind == HEARTBEAT:
                 continue
@@ -205,20 +205,23 @@ class ParameterServer:
         self._checkpoint_if_due()
 
     def _next_message(self, status):
-        """The next message (matched, not yet received), or None after declaring a worker dead."""
+        """The next message (matched, not yet received), or None after declaring a worker dead.
+        Silence is judged only with the queue drained: after a long checkpoint write or norm
+        allreduce of this server's own, the heartbeats that came meanwhile are still unread."""
         from mpi4py import MPI
 
         while True:
-            if time.monotonic() - self.silence_checked > 1.0:  # also while messages keep coming
+            message = self.p2p.Improbe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+            if message is not None:
+                return message
+            if time.monotonic() - self.silence_checked > 1.0:
                 self.silence_checked = time.monotonic()
                 silent = silent_workers({w: self.last_heard[w] for w in self.live}, self.cfg.parallel.worker_timeout_s)
                 if silent:
                     self._declare_dead(silent)
                     return None
-            message = self.p2p.Improbe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
-            if message is not None:
-                return message
             time.sleep(POLL_S)
+            self.idle_s += POLL_S
 
     def _declare_dead(self, workers: list[int]) -> None:
         timeout = self.cfg.parallel.worker_timeout_s
@@ -227,16 +230,31 @@ class ParameterServer:
             why = " (worker 0 writes the log and checkpoints)" if self.cfg.parallel.continue_without_dead else ""
             print(f"error: server {self.index}: worker {names} sent nothing for {timeout:g} s "
                   f"(parallel.worker_timeout_s): dead or stopped; ending the job{why}", file=sys.stderr, flush=True)
-            self._end_job()
+            self._end_job(sorted(self.live - set(workers)))
         self.dead += workers
         self.done.update(workers)
         for worker in workers:
             self.waiting.pop(worker, None)
+            self._send_end(worker)  # a stopped one that wakes reads it in its heartbeat thread and exits
         for step, (_, served) in list(self.snapshots.items()):
             if self.live <= served:
                 del self.snapshots[step]
         print(f"warning: server {self.index}: worker {names} sent nothing for {timeout:g} s: going on with "
               f"{len(self.live)} workers (parallel.continue_without_dead)", file=sys.stderr, flush=True)
+
+    def _send_end(self, worker: int) -> None:
+        self._send(torch.empty(0, dtype=torch.uint8).numpy(), worker, tag(0, END))
+
+    def _end_job(self, survivors: list[int]) -> None:
+        """Tell the workers still heard to exit (under --enable-recovery MPI_Abort ends only
+        the caller), then abort (under a plain mpirun that ends every rank at once). Their
+        END messages are small, so the sends complete locally; none goes to a silent worker,
+        whose link may be down."""
+        from mpi4py import MPI
+
+        empty = torch.empty(0, dtype=torch.uint8).numpy()
+        MPI.Request.Waitall([self.p2p.Isend([empty, MPI.BYTE], dest=w, tag=tag(0, END)) for w in survivors])
+        abort_job()
 
     def _send_snapshot(self, worker: int, step: int) -> None:
         """The weights to evaluate at ``step``: as they were when the first worker asked, for
@@ -249,27 +267,6 @@ class ParameterServer:
         served.add(worker)
         if self.live <= served:
             del self.snapshots[step]
-
-    def _end_job(self) -> None:
-        """Tell every live worker to exit (under --enable-recovery MPI_Abort ends only the
-        caller), then abort (under a plain mpirun that ends every rank at once)."""
-        from mpi4py import MPI
-
-        empty = torch.empty(0, dtype=torch.uint8).numpy()
-        MPI.Request.Waitall([self.p2p.Isend([empty, MPI.BYTE], dest=w, tag=tag(0, END)) for w in sorted(self.live)])
-        abort_job()
-
-    def _expel(self, worker: int, clock: int, kind: int, size: int) -> None:
-        """Answer a worker declared dead that speaks again with "you are out" (H_DEAD = -1 in a
-        reply header, None for a gather): it exits, rather than wait for ever."""
-
-        if kind == PUSH:
-            header = torch.zeros(self.head, dtype=torch.float64)
-            header[H_DEAD] = -1
-            wanted = clock + (size > STATS * 8)  # a push, not the first pull
-            self._send(header.view(torch.uint8).numpy(), worker, tag(wanted, PUSH))
-        elif kind == GATHER:
-            self._send(pickle.dumps(None), worker, tag(clock, GATHER))
 
     def _on_signal(self, *_args) -> None:
         self.stop_signalled = True
@@ -291,7 +288,7 @@ class ParameterServer:
                 self.accumulated += gradient
             self.pushers[clock].add(worker)
         elif finite:
-            lr = self.schedule.lr_at(self.version) / len(self.live)
+            lr = self.schedule.lr_at(self.version) / (self.workers - len(self.dead))
             if self.cfg.parallel.staleness_lr:
                 lr /= max(1, staleness)
             for group in self.optimizer.param_groups:

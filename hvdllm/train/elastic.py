@@ -44,6 +44,7 @@ def trainer_state(trainer):
     """A ``horovod.common.elastic.State`` over ``trainer`` (its class is made here, so that
     importing this module does not import Horovod)."""
     from horovod.common.elastic import State
+    from horovod.common.exceptions import HostsUpdatedInterrupt
 
     hvd = comm.horovod()
 
@@ -60,6 +61,18 @@ def trainer_state(trainer):
 
         def restore(self) -> None:
             """After a failed collective: the committed state is loaded once the world is re-formed."""
+            self.pause_watchdog()
+
+        def pause_watchdog(self) -> None:
+            if self.trainer.watchdog is not None:
+                self.trainer.watchdog.pause()
+
+        def commit(self) -> None:
+            try:
+                super().commit()
+            except HostsUpdatedInterrupt:
+                self.pause_watchdog()  # Horovod now waits for the hosts to re-form
+                raise
 
         def reset(self) -> None:
             self.pending = True
@@ -80,6 +93,7 @@ def trainer_state(trainer):
             trainer.strategy.adopt_world()
             trainer.adopt_world()
             ckpt.restore_training_state(trainer, copy.deepcopy(self.committed))
+            trainer.optimizer.zero_grad()  # a failed step's local or half-reduced gradients
             trainer.start_log(resumed=True)
             if trainer.watchdog is not None:
                 trainer.watchdog.beat(trainer.step)
@@ -94,6 +108,8 @@ def run_elastic(trainer) -> int:
     """The Trainer's steps under ``hvd.elastic.run``: committing every
     ``parallel.elastic_commit_every`` steps, rebuilt for each new world."""
     hvd = comm.horovod()
+    if trainer.step >= trainer.total_steps:
+        return trainer.train()  # a finished run resumed: nothing to commit
     if trainer.stage is None:
         trainer.enter_stage(trainer.stage_at(trainer.step))  # a commit holds a data position
     state = trainer_state(trainer)

@@ -91,7 +91,7 @@ class Trainer:
         self.step = 0
         self.bad_steps_in_row = 0
         self.val_loss = BestTracker()  # for early stopping, over the whole run
-        self.step_callbacks: list = []  # called after every completed step, on every rank (elastic commits)
+        self.step_callbacks: list = []  # after each step the loop goes on from, on every rank (elastic commits)
         self.stage: Stage | None = None
         self.schedule: LRSchedule | None = None
         self.loader: DistributedBatches | None = None

@@ -25,6 +25,7 @@ class StallWatchdog:
         self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
         self.step = 0
         self._last = time.monotonic()
+        self._paused = False
         self._closed = threading.Event()
         self._thread = None
         if timeout_s > 0:
@@ -32,8 +33,13 @@ class StallWatchdog:
             self._thread.start()
 
     def beat(self, step: int) -> None:
-        """This rank has completed ``step`` (or a long phase such as an evaluation)."""
-        self.step, self._last = step, time.monotonic()
+        """This rank has completed ``step`` (or a long phase such as an evaluation); a pause ends."""
+        self.step, self._last, self._paused = step, time.monotonic(), False
+
+    def pause(self) -> None:
+        """No step is due until the next beat (Horovod elastic re-forming its workers, which
+        waits as long as its own --elastic-timeout)."""
+        self._paused = True
 
     def close(self) -> None:
         self._closed.set()
@@ -50,7 +56,7 @@ class StallWatchdog:
             # a hung node) and has just woken, so this rank is the one that fell behind.
             frozen = now - checked > interval + self.timeout_s / 2
             checked = now
-            if now - self._last > self.timeout_s:
+            if now - self._last > self.timeout_s and not self._paused:
                 self._abort(now - self._last, frozen)
 
     def _abort(self, waited: float, frozen: bool) -> None:

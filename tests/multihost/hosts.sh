@@ -98,7 +98,6 @@ EOF
       mount --bind $STATE/hosts /etc/hosts
       mount --bind $STATE/ssh_config /etc/ssh/ssh_config
       exec /usr/sbin/sshd -D -f $STATE/sshd_$name.conf" </dev/null >"$STATE/sshd_$name.log" 2>&1 &
-    echo $! > "$STATE/launcher_$name.pid"
     echo "$name slots=2" >> "$STATE/hostfile"
   done
   for i in $(seq 1 "$count"); do  # wait until every sshd answers from the first host

@@ -168,8 +168,7 @@ def test_elastic_goes_on_when_a_host_leaves_and_when_one_joins(hosts, data, tmp_
     try:
         wait_for_step(tmp_path / "run", 30)
         listed.write_text("hostA:1\nhostB:1\n")
-        left = wait_for_step(tmp_path / "run", 0)
-        wait_for_step(tmp_path / "run", left + 60)
+        wait_for_step(tmp_path / "run", newest_step(tmp_path / "run") + 60)
         listed.write_text("hostA:1\nhostB:1\nhostC:1\n")
         output, _ = proc.communicate(timeout=280)
     finally:
@@ -214,14 +213,17 @@ def is_training_process(pid: str) -> bool:
     return argv[0].endswith(b"python") and argv[1:4] == [b"-m", b"hvdllm", b"train"]
 
 
-def wait_for_step(run_dir, step, within_s=200):
-    """The newest step in ``run_dir``'s metrics once it reaches ``step`` (or the time is up)."""
-    metrics, deadline, newest = run_dir / "metrics.jsonl", time.time() + within_s, 0
-    while time.time() < deadline:
-        text = metrics.read_text() if metrics.exists() else ""
-        complete = text[:text.rfind("\n") + 1].splitlines()  # not a line still being written
-        newest = json.loads(complete[-1])["step"] if complete else newest
-        if newest >= step:
-            break
+def newest_step(run_dir) -> int:
+    """The newest step in ``run_dir``'s metrics (0 before the first)."""
+    metrics = run_dir / "metrics.jsonl"
+    text = metrics.read_text() if metrics.exists() else ""
+    complete = text[:text.rfind("\n") + 1].splitlines()  # not a line still being written
+    return json.loads(complete[-1])["step"] if complete else 0
+
+
+def wait_for_step(run_dir, step, within_s=200) -> int:
+    deadline = time.time() + within_s
+    while newest_step(run_dir) < step:
+        assert time.time() < deadline, f"step {step} not reached in {within_s} s (at {newest_step(run_dir)})"
         time.sleep(0.2)
-    return newest
+    return newest_step(run_dir)
