@@ -152,7 +152,8 @@ class ParallelConfig:
     # async (hvdllm/parallel/param_server.py): parameter servers, bounded staleness (SSP).
     max_staleness: int = 0  # s: a worker's parameters never miss more than s clocks (steps) of updates; 0 = sync
     staleness_lr: bool = False  # divide a push's lr by its staleness (Zhang et al. 2016)
-    worker_timeout_s: float = 30.0  # a worker the servers hear nothing from (heartbeats) for this long is dead
+    # A worker the servers hear nothing from (heartbeats) for this long is dead; above a push's transfer time.
+    worker_timeout_s: float = 30.0
     # Go on without a dead worker instead of ending the job (launch with mpirun --enable-recovery).
     continue_without_dead: bool = False
 

@@ -87,6 +87,7 @@ class ParameterServer:
         self.done: set[int] = set()  # said DONE or declared dead
         self.dead: list[int] = []
         self.sending: list = []  # (worker, request, payload) of the sends not known to be done
+        self.abandoned: list = []  # (request, buffer) of receives from workers that died sending
         self.last_heard = {w: time.monotonic() for w in range(self.workers)}
         self.silence_checked = time.monotonic()
         self.gathers: dict[int, dict[int, bytes]] = defaultdict(dict)  # server 0: round -> worker -> part
@@ -158,7 +159,9 @@ class ParameterServer:
             worker, (clock, kind) = status.Get_source(), divmod(status.Get_tag(), KINDS)
             size = status.Get_count(MPI.BYTE)
             buffer = self.incoming if size <= len(self.incoming) else torch.empty(size, dtype=torch.uint8)
-            message.Recv([buffer.numpy(), MPI.BYTE])
+            if not self._receive(message, buffer, worker):
+                self._progress()  # its sender died in the middle of it and was declared dead
+                continue
             self.last_heard[worker] = time.monotonic()
             if worker in self.dead:
                 self._send_end(worker)  # it was only stopped or slow, and has woken: it must go
@@ -187,6 +190,24 @@ class ParameterServer:
             print(f"error: server {self.index}: every worker died", file=sys.stderr, flush=True)
             return 1
         return 0
+
+    def _receive(self, message, buffer: torch.Tensor, worker: int) -> bool:
+        """Receive a matched message, polling: a large one streams from its sender, and a
+        worker killed in the middle of sending it would hold a blocking receive for ever. If
+        the sender falls silent meanwhile it is declared dead and False returned; the
+        receive then stays pending for ever, so the buffer is left to it."""
+        from mpi4py import MPI
+
+        request = message.Irecv([buffer.numpy(), MPI.BYTE])
+        while not request.Test():
+            if time.monotonic() - self.last_heard[worker] > self.cfg.parallel.worker_timeout_s:
+                self._declare_dead([worker])
+                if buffer is self.incoming:
+                    self.incoming = torch.empty_like(self.incoming)
+                self.abandoned.append((request, buffer))
+                return False
+            time.sleep(POLL_S)
+        return True
 
     def _send(self, payload, worker: int, tag_: int) -> None:
         """Every send of the server is non-blocking and kept until done: a large message waits

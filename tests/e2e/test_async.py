@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers.corpus import clean_env, error_lines, hvdllm_mpi, make_dataset, read_metrics, train_args
+from helpers.corpus import clean_env, error_lines, hvdllm_mpi, make_dataset, rank_pids, read_metrics, train_args
 
 from hvdllm.comm.launch import mpirun_command
 
@@ -125,19 +125,13 @@ def end_job(proc):
     proc.wait()
 
 
-def rank_pids(proc):
-    """mpirun's children, in launch order: the ranks."""
-    return [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                           text=True).stdout.split()]
-
-
 @pytest.mark.parametrize("victim", [1, 2], ids=["worker", "server"])
 def test_a_killed_worker_or_server_ends_the_job_naming_it(data, tmp_path, victim):
     proc = start_long_run(data, tmp_path / "run")
     ranks = rank_pids(proc)
     assert len(ranks) == 3
     start = time.time()
-    os.kill(ranks[victim], signal.SIGKILL)  # children in launch order: ranks 0, 1 (workers), 2 (server)
+    os.kill(ranks[victim], signal.SIGKILL)  # ranks 0, 1 (workers), 2 (server)
     try:
         _, stderr = proc.communicate(timeout=120)
     finally:

@@ -8,7 +8,8 @@ import subprocess
 import time
 
 import pytest
-from helpers.corpus import clean_env, error_lines, hvdllm, hvdllm_mpi, make_dataset, read_metrics, train_args
+from helpers.corpus import (clean_env, error_lines, hvdllm, hvdllm_mpi, make_dataset, rank_pids, read_metrics,
+                            train_args)
 
 from hvdllm.comm.launch import mpirun_command
 
@@ -125,8 +126,7 @@ def test_a_rank_killed_mid_pipeline_ends_the_job(data, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.2)
-    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                            text=True).stdout.split()]
+    ranks = rank_pids(proc)
     assert len(ranks) == 2
     start = time.time()
     os.kill(ranks[0], signal.SIGKILL)  # the first stage: the last one waits for its activations

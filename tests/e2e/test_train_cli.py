@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.corpus import clean_env, error_lines, hvdllm, hvdllm_mpi, make_dataset, read_metrics, train_args
+from helpers.corpus import (clean_env, error_lines, hvdllm, hvdllm_mpi, make_dataset, rank_pids, read_metrics,
+                            train_args)
 
 from hvdllm.comm.launch import mpirun_command
 
@@ -101,9 +102,9 @@ def _launch_long_run(data, run_dir):
                             stderr=subprocess.PIPE, text=True, env=clean_env())
     metrics = run_dir / "metrics.jsonl"
     assert _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 120)
-    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ranks = rank_pids(proc)
     assert len(ranks) == 2
-    return proc, [int(pid) for pid in ranks]
+    return proc, ranks
 
 
 def test_sigterm_to_one_rank_checkpoints_and_exits_zero(data, tmp_path):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.corpus import clean_env, error_lines, hvdllm, make_dataset, read_metrics, train_args
+from helpers.corpus import clean_env, error_lines, hvdllm, make_dataset, rank_pids, read_metrics, train_args
 
 from hvdllm.comm.launch import mpirun_command
 from hvdllm.train.checkpoint import load_checkpoint
@@ -30,9 +30,9 @@ def _launch(ranks: int, args: list[str]) -> tuple[subprocess.Popen, list[int]]:
         return proc, [proc.pid]
     deadline = time.time() + 60
     while time.time() < deadline:
-        pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        pids = rank_pids(proc)
         if len(pids) == ranks:
-            return proc, [int(pid) for pid in pids]
+            return proc, pids
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("the ranks did not start")

@@ -74,3 +74,18 @@ NANO = str(Path(__file__).resolve().parents[2] / "configs" / "test-nano.toml")
 def train_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
     return ["train", "--config", NANO, f"--data.path={data}", f"--train.run_dir={run_dir}",
             "--train.threads=1", *overrides]
+
+
+def rank_pids(proc: subprocess.Popen) -> list[int]:
+    """The ranks mpirun ``proc`` started, by rank: each child's OMPI_COMM_WORLD_RANK, since
+    pids wrap around (pid_max is often 32768) and their order is not the launch order."""
+    ranks = {}
+    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # it ended meanwhile
+        rank = next((v.split(b"=", 1)[1] for v in environ if v.startswith(b"OMPI_COMM_WORLD_RANK=")), None)
+        if rank is not None:
+            ranks[int(rank)] = int(pid)
+    return [ranks[r] for r in sorted(ranks)]
