@@ -119,6 +119,15 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from hvdllm.export_hf import export_hf
+    from hvdllm.train.generate import resolve_checkpoint
+
+    out = export_hf(resolve_checkpoint(args.checkpoint), args.out, overwrite=args.overwrite)
+    print(f"wrote {out} (transformers GPT-2: model.safetensors, config.json, tokenizer.json)")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     from hvdllm.train.report import run_report
 
@@ -164,6 +173,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     handlers["generate"] = _cmd_generate
+
+    export = verbs.add_parser("export", help="write a checkpoint in another format (hf: a transformers folder)")
+    export.add_argument("--checkpoint", required=True,
+                        help="a .pt file, or a run folder (its best.pt, else its newest step-N.pt)")
+    export.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers GPT-2 (safetensors)")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    handlers["export"] = _cmd_export
 
     report = verbs.add_parser("report", help="summary and plot of a run folder")
     report.add_argument("run_dir")

@@ -14,7 +14,9 @@ VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
 HVDLLM_CACHE=${HVDLLM_CACHE:-$HOME/.cache/hvdllm}
-PY_DEPS="numpy h5py mpi4py tokenizers tqdm tensorboard matplotlib pytest pytest-timeout"
+# safetensors for `hvdllm export --format hf`; transformers only for its test (loading the export),
+# pinned to a release that takes the tokenizers and huggingface_hub already here.
+PY_DEPS="numpy h5py mpi4py tokenizers tqdm tensorboard matplotlib safetensors pytest pytest-timeout transformers==5.18.0"
 
 say() { echo "[install] $*"; }
 die() { echo "[install] error: $*" >&2; exit 1; }
@@ -77,7 +79,7 @@ then
   $PIP install "$TORCH_SPEC"
 fi
 
-if ! "$PY" -c "import numpy, h5py, mpi4py, tokenizers, tqdm, tensorboard, matplotlib, pytest, pytest_timeout" 2>/dev/null; then
+if ! "$PY" -c "import numpy, h5py, mpi4py, tokenizers, tqdm, tensorboard, matplotlib, safetensors, pytest, pytest_timeout, transformers" 2>/dev/null; then
   say "installing $PY_DEPS"
   $PIP install $PY_DEPS
 fi

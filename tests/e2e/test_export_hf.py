@@ -1,0 +1,59 @@
+"""``hvdllm export --format hf``: transformers loads the folder and its logits equal hvdllm's;
+a rotary model is refused with one line; an existing folder is kept unless --overwrite."""
+
+import pytest
+import torch
+from helpers.corpus import error_lines, hvdllm, make_dataset, train_args
+
+from hvdllm.model import GPT
+from hvdllm.train.checkpoint import load_checkpoint, model_config_from_checkpoint
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds"))
+
+
+def trained(data, run_dir, *overrides):
+    result = hvdllm(*train_args(data, run_dir, "--train.steps=3", *overrides))
+    assert result.returncode == 0, result.stderr
+    return run_dir / "checkpoints" / "step-00000003.pt"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformers_loads_the_export_with_the_same_logits(data, tmp_path, tied):
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = trained(data, tmp_path / "run", f"--model.tie_weights={str(tied).lower()}")
+    out = tmp_path / "hf"
+    result = hvdllm("export", "--checkpoint", str(checkpoint), "--format", "hf", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json"}
+    state = load_checkpoint(checkpoint)
+    ours = GPT(model_config_from_checkpoint(state)).eval()
+    ours.load_state_dict(state["model"])
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, ours.cfg.block_size))
+    with torch.no_grad():
+        expected, _ = ours(ids)
+        got = theirs(ids).logits
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_a_rotary_model_is_refused_in_one_line(data, tmp_path):
+    checkpoint = trained(data, tmp_path / "run", "--model.position=rope")
+    result = hvdllm("export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf"))
+    assert result.returncode != 0 and len(error_lines(result)) == 1 and "Traceback" not in result.stderr
+    assert "model.position='rope'" in error_lines(result)[0] and not (tmp_path / "hf").exists()
+
+
+def test_an_existing_folder_is_kept_without_overwrite(data, tmp_path):
+    checkpoint = trained(data, tmp_path / "run")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    result = hvdllm("export", "--checkpoint", str(checkpoint), "--out", str(out))
+    assert result.returncode != 0 and "add --overwrite" in error_lines(result)[0]
+    assert (out / "mine.txt").read_text() == "keep"
+    assert hvdllm("export", "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite").returncode == 0
+    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
