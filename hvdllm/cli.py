@@ -120,11 +120,25 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
-    from hvdllm.export_hf import export_hf
+    from hvdllm.hf_gpt2 import export_hf
     from hvdllm.train.generate import resolve_checkpoint
 
     out = export_hf(resolve_checkpoint(args.checkpoint), args.out, overwrite=args.overwrite)
     print(f"wrote {out} (transformers GPT-2: model.safetensors, config.json, tokenizer.json)")
+    return 0
+
+
+def _cmd_grow(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    cfg = _resolve_config(args, extra)
+    if cfg is None:
+        return 0
+    from hvdllm.train.warm_start import describe, grow_checkpoint
+
+    source, grown = grow_checkpoint(args.source, cfg, Path(args.out), args.overwrite)
+    print(f"wrote {args.out}: {describe(grown)}, grown from {args.source} ({describe(source)}); "
+          f"train from it with --train.init_from={args.out} and the same model settings")
     return 0
 
 
@@ -181,6 +195,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     handlers["export"] = _cmd_export
+
+    grow = verbs.add_parser("grow", help="a larger model from a smaller one's checkpoint (function-preserving)")
+    grow.add_argument("--from", dest="source", required=True,
+                      help="a .pt file, a run folder (its best.pt, else its newest step-N.pt), or hf:DIR")
+    grow.add_argument("--out", required=True, help="the checkpoint file to write (for --train.init_from)")
+    grow.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_config_args(grow)
+    grow.epilog = "The grown model is the config's [model], e.g. --model.n_layer=8 --model.d_model=256 --model.n_head=8."
+    grow.set_defaults(takes_overrides=True)
+    handlers["grow"] = _cmd_grow
 
     report = verbs.add_parser("report", help="summary and plot of a run folder")
     report.add_argument("run_dir")

@@ -194,6 +194,9 @@ class TrainConfig:
     # Abort the job when a rank completes no step for this long (a stopped or hung rank); sets
     stall_timeout_s: float = 600.0  # Horovod's stall warning (half of it), shutdown (2x); 0 = off
     run_dir: str = "runs/default"
+    # Start from trained weights: an hvdllm checkpoint (.pt or run folder) or hf:DIR (a transformers
+    # GPT-2 folder); a smaller source is grown into this model, function-preserving. "" = random init.
+    init_from: str = ""
     # Fault injection (benchmarks, tests): this rank sleeps (factor - 1) x its own step time per step.
     slowdown_rank: int = -1  # the rank to slow; -1 = none
     slowdown_factor: float = 1.0  # its step takes this many times as long

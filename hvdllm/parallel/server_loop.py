@@ -31,7 +31,7 @@ import torch
 from hvdllm.atomic import write_text_atomic
 from hvdllm.config import config_to_toml
 from hvdllm.data.shards import read_manifest
-from hvdllm.model import GPT, gpt_config_from
+from hvdllm.model import gpt_config_from
 from hvdllm.optim import LRSchedule, build_optimizer
 from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, END, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD,
                                          H_DROPPED, H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_STOP, H_STOP_AT, H_UPDATES,
@@ -39,6 +39,7 @@ from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, END, EVALUATE, GATHER
                                          shard_ranges, silent_workers, tag)
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.stages import plan_stages
+from hvdllm.train.warm_start import initial_model
 from hvdllm.train.watchdog import abort_job
 
 POLL_S = 2e-4  # the sleep between two probes of an idle server: well below a step's time
@@ -53,8 +54,8 @@ class ParameterServer:
         manifest = read_manifest(cfg.data.path)
         gpt_cfg = self.gpt_cfg = gpt_config_from(cfg.model, vocab_size=manifest["vocab_size"])
         stage = plan_stages(cfg, layout.data, manifest["seq_len"], gpt_cfg.block_size)[0]
-        torch.manual_seed(cfg.train.seed)  # as the Trainer does: the same initial weights
-        model = GPT(gpt_cfg)
+        tokenizer_json = (Path(cfg.data.path) / manifest["tokenizer"]["file"]).read_text()
+        model = initial_model(cfg, gpt_cfg, tokenizer_json)  # as the Trainer does: the same initial weights
         params = [p for p in model.parameters() if p.requires_grad]
         start, end = shard_ranges([p.numel() for p in params], layout.servers)[self.index]
         shard = params[start:end]

@@ -75,7 +75,11 @@ def write_checkpoint(state: dict, run_dir: str | Path, step: int, shard: int = 0
     OSError (a full disk) leaves the previous checkpoints as they were and no partial file."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = shard_path(folder / f"step-{step:08d}.pt", shard)
+    return write_state(state, shard_path(folder / f"step-{step:08d}.pt", shard))
+
+
+def write_state(state: dict, path: Path) -> Path:
+    """Write ``state`` at ``path`` with its checksum beside it, atomically (see write_checkpoint)."""
     with atomic_write(path) as f:
         writer = _HashingWriter(f)
         try:

@@ -25,7 +25,7 @@ from hvdllm.config import Config, config_to_toml
 from hvdllm.data import DistributedBatches, ShardedSamples
 from hvdllm.data.shards import read_manifest
 from hvdllm.errors import UserError
-from hvdllm.model import GPT, gpt_config_from
+from hvdllm.model import gpt_config_from
 from hvdllm.model.flops import flops_per_token
 from hvdllm.optim import LRSchedule, build_optimizer
 from hvdllm.optim.plateau import BestTracker
@@ -34,6 +34,7 @@ from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.evaluate import evaluate
 from hvdllm.train.metrics import banner_lines, peak_flops, print_line, start_run_log, step_record
 from hvdllm.train.stages import Stage, plan_stages
+from hvdllm.train.warm_start import initial_model
 from hvdllm.train.watchdog import StallWatchdog
 
 
@@ -82,9 +83,9 @@ class Trainer:
         self.val_samples = ShardedSamples(cfg.data.path, "val", cfg.data.verify_checksums) if has_val else None
 
         # --- build ----------------------------------------------------------------------
-        torch.manual_seed(cfg.train.seed)
         self.precision = Precision(cfg.train.precision, device)
-        model = GPT(self.gpt_cfg)  # whole and seeded, before a strategy cuts it: every layout starts alike
+        # Whole, before a strategy cuts it: every layout starts alike.
+        model = initial_model(cfg, self.gpt_cfg, self.tokenizer_json, self.say)
         self.num_params, n_dense = model.num_params(), model.num_params(non_embedding=True)
         self.model = strategy.parallelize(model, device)
         self.optimizer = strategy.wrap_optimizer(build_optimizer(self.model, cfg.optim, self.stages[0].lr), self.model)

@@ -1,0 +1,111 @@
+"""A run's initial model: seeded, and with ``train.init_from`` started from trained weights.
+
+``train.init_from`` names an hvdllm checkpoint (a .pt file or a run folder: its best.pt, else
+its newest step) or ``hf:DIR``, a transformers GPT-2 folder (hvdllm/hf_gpt2.py). When the
+run's model is larger than the source's, the source is grown into it by function-preserving
+growth (hvdllm/model/growth.py), so the first step starts at the source's loss; ``hvdllm
+grow`` writes that grown model as a checkpoint of its own. Only the weights are taken: the
+optimizer, the schedule and the data start afresh (resuming a run is ``checkpoint.resume``,
+which wins over ``init_from`` when both apply).
+
+Every rank builds the same model: the source is read by each, and the growth's noise comes
+from ``train.seed``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from tokenizers import Tokenizer
+
+from hvdllm.errors import UserError
+from hvdllm.model import GPT, GPTConfig
+from hvdllm.model.growth import grow_state_dict, growth_problem
+
+HF_PREFIX = "hf:"
+_SHAPE = ("n_layer", "n_head", "d_model", "block_size", "vocab_size", "position", "bias", "tie_weights")
+
+
+class Source(NamedTuple):
+    state: dict[str, torch.Tensor]  # hvdllm's parameter names
+    cfg: GPTConfig
+    tokenizer_json: str
+
+
+def read_source(spec: str) -> Source:
+    """The weights, model config and tokenizer of an hvdllm checkpoint or ``hf:DIR``."""
+    if spec.startswith(HF_PREFIX):
+        from hvdllm.hf_gpt2 import load_hf
+
+        return Source(*load_hf(spec[len(HF_PREFIX):]))
+    from hvdllm.train.checkpoint import full_model_state, load_checkpoint, model_config_from_checkpoint
+    from hvdllm.train.generate import resolve_checkpoint
+
+    path = resolve_checkpoint(spec)
+    state = load_checkpoint(path)
+    return Source(full_model_state(path, state), model_config_from_checkpoint(state), state["tokenizer_json"])
+
+
+def describe(cfg: GPTConfig) -> str:
+    return ", ".join(f"{name}={getattr(cfg, name)}" for name in _SHAPE)
+
+
+def grow_into(spec: str, source: Source, fresh: GPT, seed: int) -> dict[str, torch.Tensor]:
+    """The source's weights as a state dict of ``fresh``'s config (grown when larger; rows of
+    positions the source never had are ``fresh``'s); a UserError in one line when they cannot
+    become it."""
+    target = fresh.cfg
+    problem = growth_problem(source.cfg, target)
+    if problem:
+        raise UserError(f"init from {spec}: {problem}; its model is {describe(source.cfg)}, this one {describe(target)}")
+    return grow_state_dict(source.state, source.cfg, target, fresh.state_dict(), torch.Generator().manual_seed(seed))
+
+
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two tokenizer.json texts are the same tokenizer (compared as tokenizers writes
+    them, so a file re-saved by ``hvdllm prepare --tokenizer FILE`` still matches)."""
+    return a == b or Tokenizer.from_str(a).to_str() == Tokenizer.from_str(b).to_str()
+
+
+def initial_model(cfg, gpt_cfg: GPTConfig, tokenizer_json: str, say: Callable[[str], None] | None = None) -> GPT:
+    """The whole model every layout starts from (before a strategy cuts it): seeded with
+    ``train.seed``, then loaded from ``train.init_from`` if set. ``tokenizer_json`` is the
+    data's: a source trained on other token ids is refused."""
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(gpt_cfg)
+    spec = cfg.train.init_from
+    if not spec:
+        return model
+    source = read_source(spec)
+    if not same_tokenizer(source.tokenizer_json, tokenizer_json):
+        raise UserError(f"train.init_from={spec}: its tokenizer is not the one {cfg.data.path} was made with, so "
+                        f"token ids would mean other text (prepare the data with --tokenizer and its tokenizer.json)")
+    model.load_state_dict(grow_into(spec, source, model, cfg.train.seed))
+    if say is not None:
+        grown = "" if describe(source.cfg) == describe(gpt_cfg) else f", grown from {describe(source.cfg)}"
+        say(f"initial weights from {spec}{grown}")
+    return model
+
+
+def grow_checkpoint(spec: str, cfg, out: Path, overwrite: bool) -> tuple[GPTConfig, GPTConfig]:
+    """``hvdllm grow``: write the source grown into the config's model as a checkpoint at
+    ``out`` (weights only, step 0), for ``train.init_from``; (source, grown) configs."""
+    from hvdllm.config import config_to_toml
+    from hvdllm.model import gpt_config_from
+    from hvdllm.train.checkpoint import write_state
+
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists: choose another --out, or add --overwrite to replace it")
+    source = read_source(spec)
+    try:
+        target = gpt_config_from(cfg.model, vocab_size=source.cfg.vocab_size)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    torch.manual_seed(cfg.train.seed)
+    state = grow_into(spec, source, GPT(target), cfg.train.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_state({"model": state, "optimizer": {}, "step": 0, "config_toml": config_to_toml(cfg),
+                 "model_config": vars(target), "tokenizer_json": source.tokenizer_json}, out)
+    return source.cfg, target

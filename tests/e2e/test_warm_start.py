@@ -1,0 +1,134 @@
+"""Warm starts through the CLI: ``hvdllm grow`` and ``train.init_from`` (an hvdllm checkpoint,
+grown on the fly or not, or ``hf:DIR``: our own export, or a GPT-2 made by transformers).
+The strongest check is equivalence: the first step's loss of a run started from a source is
+the loss of the source's own weights on that batch, whatever shape the run grew it into."""
+
+import shutil
+
+import pytest
+import torch
+from helpers.corpus import NANO, error_lines, hvdllm, hvdllm_mpi, make_dataset, read_metrics, train_args
+
+from hvdllm.model import GPT
+from hvdllm.train.checkpoint import load_checkpoint, model_config_from_checkpoint
+
+WIDER_AND_DEEPER = ["--model.n_layer=4", "--model.d_model=64", "--model.n_head=4"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds"))
+
+
+@pytest.fixture(scope="module")
+def small(data, tmp_path_factory):
+    """A nano model trained for 20 steps: its loss is well below a fresh model's."""
+    run_dir = tmp_path_factory.mktemp("small") / "run"
+    result = hvdllm(*train_args(data, run_dir))
+    assert result.returncode == 0, result.stderr
+    return run_dir / "checkpoints" / "step-00000020.pt"
+
+
+def first_loss(data, run_dir, *overrides) -> float:
+    result = hvdllm(*train_args(data, run_dir, "--train.steps=2", "--checkpoint.every=0", *overrides))
+    assert result.returncode == 0, result.stderr
+    return next(r["loss"] for r in read_metrics(run_dir) if r.get("step") == 1)
+
+
+@pytest.fixture(scope="module")
+def small_loss(data, small, tmp_path_factory) -> float:
+    """The first step's loss of a run started from the small model as it is."""
+    folder = tmp_path_factory.mktemp("first")
+    loss = first_loss(data, folder / "same", f"--train.init_from={small}")
+    assert first_loss(data, folder / "scratch") - loss > 0.1  # the trained weights are really in
+    return loss
+
+
+def test_a_run_grown_on_the_fly_starts_at_the_small_models_loss(data, small, small_loss, tmp_path):
+    grown = first_loss(data, tmp_path / "grown", f"--train.init_from={small}", *WIDER_AND_DEEPER)
+    assert abs(grown - small_loss) < 1e-5
+
+
+def test_every_rank_starts_from_the_grown_model_sync_and_async(data, small, tmp_path):
+    """Two data-parallel ranks, and two workers with a parameter server (which builds the
+    model on its own): the same grown start, so s = 0 gives sync's losses step for step."""
+    losses = {}
+    for name, np, layout in (("sync", 2, []), ("async", 3, ["--parallel.strategy=async", "--parallel.servers=1"])):
+        run_dir = tmp_path / name
+        result = hvdllm_mpi(np, *train_args(data, run_dir, "--train.steps=4", "--checkpoint.every=0",
+                                            f"--train.init_from={small}", *WIDER_AND_DEEPER, *layout), timeout=240)
+        assert result.returncode == 0, result.stderr
+        losses[name] = [r["loss"] for r in read_metrics(run_dir)]
+    assert len(losses["sync"]) == 4 and max(abs(a - b) for a, b in zip(losses["sync"], losses["async"])) < 1e-5
+
+
+def test_grow_writes_a_checkpoint_that_init_from_reads(data, small, small_loss, tmp_path):
+    out = tmp_path / "grown.pt"
+    result = hvdllm("grow", "--from", str(small), "--out", str(out), "--config", NANO, *WIDER_AND_DEEPER)
+    assert result.returncode == 0, result.stderr
+    assert "grown from" in result.stdout
+    state = load_checkpoint(out)
+    cfg = model_config_from_checkpoint(state)
+    assert (cfg.n_layer, cfg.d_model, cfg.n_head) == (4, 64, 4)
+    small_state = load_checkpoint(small)
+    small_model, big_model = GPT(model_config_from_checkpoint(small_state)), GPT(cfg)
+    small_model.load_state_dict(small_state["model"])
+    big_model.load_state_dict(state["model"])
+    ids = torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert abs(big_model.eval()(ids, ids)[1].item() - small_model.eval()(ids, ids)[1].item()) < 1e-5
+    from_file = first_loss(data, tmp_path / "from-file", f"--train.init_from={out}", *WIDER_AND_DEEPER)
+    assert abs(from_file - small_loss) < 1e-5
+
+    again = hvdllm("grow", "--from", str(small), "--out", str(out), "--config", NANO, *WIDER_AND_DEEPER)
+    assert again.returncode != 0 and "add --overwrite" in error_lines(again)[0]
+
+
+def test_init_from_our_hf_export(data, small, small_loss, tmp_path):
+    folder = tmp_path / "hf"
+    assert hvdllm("export", "--checkpoint", str(small), "--out", str(folder)).returncode == 0
+    from_hf = first_loss(data, tmp_path / "from-hf", f"--train.init_from=hf:{folder}")
+    assert abs(from_hf - small_loss) < 1e-5
+
+
+def test_init_from_a_gpt2_made_by_transformers(data, tmp_path):
+    """A GPT-2 a user has on disk: transformers' own weights and config.json, with the
+    tokenizer the data was prepared with. After one step at a negligible lr, the run's model
+    computes transformers' logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    theirs = GPT2LMHeadModel(GPT2Config(vocab_size=258, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    folder = tmp_path / "gpt2"
+    theirs.save_pretrained(folder)
+    shutil.copy(data / "tokenizer.json", folder / "tokenizer.json")
+    run_dir = tmp_path / "run"
+    result = hvdllm(*train_args(data, run_dir, f"--train.init_from=hf:{folder}", "--train.steps=1", "--optim.lr=1e-12"))
+    assert result.returncode == 0, result.stderr
+    assert f"initial weights from hf:{folder}" in result.stdout
+    state = load_checkpoint(run_dir / "checkpoints" / "step-00000001.pt")
+    ours = GPT(model_config_from_checkpoint(state)).eval()
+    ours.load_state_dict(state["model"])
+    ids = torch.randint(0, 258, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(ids)[0] - theirs(ids).logits).abs().max().item() < 1e-4
+
+
+def test_bad_sources_are_one_line(data, small, tmp_path):
+    def refused(*overrides) -> str:
+        result = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=1", *overrides))
+        assert result.returncode != 0 and len(error_lines(result)) == 1 and "Traceback" not in result.stderr
+        assert not (tmp_path / "run" / "checkpoints").exists()
+        return error_lines(result)[0]
+
+    assert "whole factor" in refused(f"--train.init_from={small}", "--model.d_model=48", "--model.n_head=3")
+    assert "does not exist" in refused(f"--train.init_from={tmp_path / 'nothing.pt'}")
+    assert "no config.json" in refused(f"--train.init_from=hf:{tmp_path}")
+    folder = tmp_path / "hf"
+    assert hvdllm("export", "--checkpoint", str(small), "--out", str(folder)).returncode == 0
+    tokenizer = folder / "tokenizer.json"
+    text = tokenizer.read_text()
+    tokenizer.unlink()
+    assert "no tokenizer.json" in refused(f"--train.init_from=hf:{folder}")
+    tokenizer.write_text(text.replace("<|pad|>", "<|fill|>"))  # another special token: another tokenizer
+    assert "its tokenizer is not the one" in refused(f"--train.init_from=hf:{folder}")
