@@ -26,3 +26,6 @@ echo "== weak scaling 1 -> 2 ranks: Horovod vs torch DDP (gloo)"
 hvdllm bench scaling --config configs/demo.toml --json "$OUT/scaling.json" | tail -1
 echo "== pipeline bubble and activation memory: GPipe vs 1F1B against (p-1)/(m+p-1)"
 hvdllm bench pipeline --json "$OUT/pipeline.json" | tail -2
+echo "== warm start: a model grown from a smaller trained one vs the same model from scratch"
+hvdllm bench grow --config configs/demo.toml --small-steps 120 --steps 120 --eval-every 10 \
+  --json "$OUT/grow.json" | tail -1

@@ -9,9 +9,9 @@ import argparse
 import json
 
 from hvdllm.bench.common import write_result
-from hvdllm.bench.options import (BENCHMARKS, LoaderBenchOptions, OptimBenchOptions, OverheadBenchOptions,
-                                  PipelineBenchOptions, PrepareBenchOptions, ScalingBenchOptions,
-                                  StragglerBenchOptions, options_from)
+from hvdllm.bench.options import (BENCHMARKS, GrowBenchOptions, LoaderBenchOptions, OptimBenchOptions,
+                                  OverheadBenchOptions, PipelineBenchOptions, PrepareBenchOptions,
+                                  ScalingBenchOptions, StragglerBenchOptions, options_from)
 
 
 def _optim(options: OptimBenchOptions) -> tuple[dict, str]:
@@ -87,8 +87,25 @@ def _straggler(options: StragglerBenchOptions, overrides: list[str]) -> tuple[di
                     f"{', '.join(met) or 'none'}")
 
 
+def _grow(options: GrowBenchOptions, overrides: list[str]) -> tuple[dict, str]:
+    from hvdllm.bench.grow import bench_grow, plot_grow
+
+    result = bench_grow(options, overrides)
+    if options.plot_path:
+        plot_grow(result, options.plot_path)
+    times = {name: case["time_to_target_s"] for name, case in result["cases"].items()}
+    if result["time_ratio_grown_over_scratch"] is None:
+        return result, (f"to val loss {result['target_val_loss']:.4f}: grown {times['grown']}, scratch "
+                        f"{times['scratch']} (None: never reached)")
+    return result, (f"to val loss {result['target_val_loss']:.4f}: grown {times['grown']:.1f} s, scratch "
+                    f"{times['scratch']:.1f} s: x{result['time_ratio_grown_over_scratch']:.2f} "
+                    f"(x{result['time_ratio_with_small_training']:.2f} with the small model's "
+                    f"{result['small_train_time_s']:.1f} s of training), tokens "
+                    f"x{result['tokens_ratio_grown_over_scratch']:.2f}")
+
+
 _FLAGS_ONLY = {"optim": _optim, "loader": _loader, "prepare": _prepare, "pipeline": _pipeline}
-_TRAINING = {"overhead": _overhead, "scaling": _scaling, "straggler": _straggler}
+_TRAINING = {"overhead": _overhead, "scaling": _scaling, "straggler": _straggler, "grow": _grow}
 
 
 def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:

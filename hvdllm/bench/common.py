@@ -36,7 +36,9 @@ def interleaved_medians(candidates: dict[str, Callable[[], None]], repeats: int,
 
 
 def write_result(path: str | Path, result: dict) -> Path:
+    from hvdllm.atomic import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({"machine": machine(), **result}, indent=2) + "\n")
     return path

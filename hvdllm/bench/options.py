@@ -57,6 +57,12 @@ class BenchOptions:
 
     json: str = _flag("", "write the result here as JSON")
 
+    @property
+    def plot_path(self) -> str:
+        """Where a benchmark with a ``plot`` flag draws: there, else beside --json (else nowhere)."""
+        plot = getattr(self, "plot", "")
+        return plot or (self.json.rsplit(".", 1)[0] + ".png" if self.json else "")
+
 
 @dataclass
 class CommBenchOptions(BenchOptions):
@@ -93,10 +99,7 @@ class CommBenchOptions(BenchOptions):
 
     @property
     def plot_path(self) -> str:
-        """Where the plot goes: --plot, else next to --json; empty: no plot."""
-        if self.no_plot:
-            return ""
-        return self.plot or (self.json.rsplit(".", 1)[0] + ".png" if self.json else "")
+        return "" if self.no_plot else super().plot_path
 
 
 @dataclass
@@ -202,10 +205,6 @@ class PipelineBenchOptions(BenchOptions):
     def micro_batch_counts(self) -> list[int]:
         return [int(v) for v in self.micro_batches]
 
-    @property
-    def plot_path(self) -> str:
-        return self.plot or (self.json.rsplit(".", 1)[0] + ".png" if self.json else "")
-
 
 @dataclass
 class StragglerBenchOptions(BenchOptions):
@@ -235,15 +234,35 @@ class StragglerBenchOptions(BenchOptions):
         _check(self.steps >= 1 and self.eval_every >= 1, "--steps", "and --eval-every must be >= 1")
         _check(self.slowdown_factor >= 1, "--slowdown-factor", f"must be >= 1, got {self.slowdown_factor}")
 
-    @property
-    def plot_path(self) -> str:
-        return self.plot or (self.json.rsplit(".", 1)[0] + ".png" if self.json else "")
+
+@dataclass
+class GrowBenchOptions(BenchOptions):
+    summary: ClassVar[str] = ("a model grown from a smaller trained one against the same model from scratch: "
+                              "wall time and tokens to a fixed validation loss")
+    takes_training_config: ClassVar[bool] = True
+
+    config: str = _flag("configs/demo.toml", "training config (TOML); its [model] is the large model")
+    small: tuple[str, ...] = _flag(("model.n_layer=2", "model.d_model=64", "model.n_head=2"),
+                                   "section.key=value settings that make the small model from the config's")
+    small_steps: int = _flag(60, "training steps of the small model")
+    steps: int = _flag(60, "training steps of each large run (grown, scratch)")
+    eval_every: int = _flag(5, "steps between evaluations (the points of each loss curve)")
+    target_loss: float = _flag(0.0, "validation loss to reach; 0: what scratch reaches at 3/4 of its steps")
+    timeout: int = _flag(1800, "seconds allowed per run")
+    plot: str = _flag("", "PNG of validation loss against wall time; empty: next to --json")
+
+    def __post_init__(self) -> None:
+        for override in self.small:
+            _check("=" in override and not override.startswith("-"), "--small",
+                   f"takes section.key=value settings, got {override!r}")
+        _check(min(self.small_steps, self.steps, self.eval_every) >= 1, "--steps",
+               "--small-steps and --eval-every must be >= 1")
 
 
 BENCHMARKS: dict[str, type[BenchOptions]] = {
     "comm": CommBenchOptions, "optim": OptimBenchOptions, "loader": LoaderBenchOptions,
     "prepare": PrepareBenchOptions, "overhead": OverheadBenchOptions, "scaling": ScalingBenchOptions,
-    "pipeline": PipelineBenchOptions, "straggler": StragglerBenchOptions,
+    "pipeline": PipelineBenchOptions, "straggler": StragglerBenchOptions, "grow": GrowBenchOptions,
 }
 
 

@@ -17,11 +17,10 @@ Targets (issue 12): with the straggler, ``async`` or ``local-sgd`` reaches the l
 
 from __future__ import annotations
 
-import json
-import subprocess
 import tempfile
 from pathlib import Path
 
+from hvdllm.bench.curves import first_reaching, loss_at_fraction, plot_loss_curves, run_for_curve, tokens_per_step
 from hvdllm.comm.launch import mpi_environment, mpirun_command
 
 STRAGGLER = 1  # the slowed worker's rank
@@ -36,16 +35,6 @@ def case_settings(case: str) -> tuple[int, list[str]]:
     return 0, ["--parallel.strategy=local-sgd", f"--parallel.local_steps={case[10:]}"]
 
 
-def tokens_per_step(options, overrides: list[str]) -> int:
-    from hvdllm.config import load_config
-    from hvdllm.data.shards import read_manifest
-
-    cfg = load_config(options.config, overrides)
-    seq_len = cfg.data.seq_len or read_manifest(cfg.data.path)["seq_len"]
-    samples = cfg.data.global_batch_size or options.workers * cfg.data.batch_size * cfg.parallel.accum_steps
-    return samples * seq_len
-
-
 def run_case(case: str, straggler: bool, options, overrides: list[str], folder: Path) -> list[dict]:
     """One training job; its evaluations as (step, elapsed_s, val_loss)."""
     servers, settings = case_settings(case)
@@ -55,33 +44,16 @@ def run_case(case: str, straggler: bool, options, overrides: list[str], folder: 
             f"--train.eval_every={options.eval_every}", f"--train.run_dir={run_dir}", "--train.threads=1",
             "--checkpoint.every=0", "--log.plot=false", "--log.progress=false", "--log.tensorboard=false",
             f"--parallel.data={options.workers}", *settings, *(slow if straggler else [])]
-    done = subprocess.run(mpirun_command(options.workers + servers, args), capture_output=True, text=True,
-                          env=mpi_environment(), timeout=options.timeout)
-    if done.returncode != 0:  # the CLI prints only the first line of an error: make it the job's own
-        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")] or done.stderr.splitlines()
-        raise RuntimeError(f"straggler bench case {run_dir.name} failed: {errors[-1] if errors else done.returncode}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return [{"step": r["step"], "elapsed_s": r["elapsed_s"], "val_loss": r["val_loss"]}
-            for r in records if r.get("val_loss") is not None]
-
-
-def first_reaching(curve: list[dict], target: float) -> dict | None:
-    return next((point for point in curve if point["val_loss"] <= target), None)
-
-
-def default_target(sync_curve: list[dict], steps: int) -> float:
-    """What ``sync`` without the straggler reaches three quarters into its run: a loss the
-    other runs can reach too (their last evaluations differ from sync's in the last digits,
-    even where the arithmetic is the same), with room left to reach it sooner."""
-    return next(p for p in sync_curve if p["step"] >= 0.75 * steps)["val_loss"]
+    return run_for_curve(mpirun_command(options.workers + servers, args), run_dir, options.timeout, mpi_environment())
 
 
 def bench_straggler(options, overrides: list[str]) -> dict:
-    per_step = tokens_per_step(options, overrides)
+    per_step = tokens_per_step(options.config, overrides, options.workers)
     with tempfile.TemporaryDirectory(prefix="hvdllm-straggler-") as tmp:
         curves = {(case, straggler): run_case(case, straggler, options, overrides, Path(tmp))
                   for straggler in (False, True) for case in options.cases}
-    target = options.target_loss or default_target(curves[("sync", False)], options.steps)
+    # By default: what sync without the straggler reaches three quarters into its run.
+    target = options.target_loss or loss_at_fraction(curves[("sync", False)], options.steps)
     cases = []
     for (case, straggler), curve in curves.items():
         hit = first_reaching(curve, target)
@@ -107,29 +79,9 @@ def bench_straggler(options, overrides: list[str]) -> dict:
 
 def plot_straggler(result: dict, path: str | Path) -> Path:
     """Validation loss against wall time, one line per case; dashed: without the straggler."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from hvdllm.atomic import atomic_path
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {}
-    for entry in result["cases"]:
-        color = colors.setdefault(entry["case"], f"C{len(colors)}")
-        ax.plot([p["elapsed_s"] for p in entry["curve"]], [p["val_loss"] for p in entry["curve"]], color=color,
-                linestyle="-" if entry["straggler"] else "--", marker="o", markersize=3,
-                label=f"{entry['case']}{' (straggler)' if entry['straggler'] else ''}")
-    ax.axhline(result["target_val_loss"], color="k", linewidth=0.8, linestyle=":", label="target")
-    ax.set_xlabel("wall time since the loop began (s)")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"{result['workers']} workers, worker {STRAGGLER} slowed x{result['slowdown_factor']:g}")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+    colors: dict[str, str] = {}
+    lines = [{"label": f"{entry['case']}{' (straggler)' if entry['straggler'] else ''}", "curve": entry["curve"],
+              "color": colors.setdefault(entry["case"], f"C{len(colors)}"),
+              "linestyle": "-" if entry["straggler"] else "--"} for entry in result["cases"]]
+    title = f"{result['workers']} workers, worker {STRAGGLER} slowed x{result['slowdown_factor']:g}"
+    return plot_loss_curves(lines, result["target_val_loss"], title, path)

@@ -1,0 +1,72 @@
+"""Validation-loss curves of ``hvdllm train`` sub-jobs, for the benchmarks that race runs to
+a loss (straggler, grow): run one job, read its evaluations, find where it reached a loss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from hvdllm.atomic import atomic_path
+
+
+def run_for_curve(command: list[str], run_dir: Path, timeout: int, env: dict[str, str] | None = None) -> list[dict]:
+    """Run a training job (``--train.run_dir=run_dir`` among its flags) and return its
+    evaluations as (step, elapsed_s, val_loss); elapsed_s counts from its loop's start, so
+    start-up costs are left out. A failed job raises with its own error line."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    if done.returncode != 0:  # the CLI prints only the first line of an error: make it the job's own
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")] or done.stderr.splitlines()
+        raise RuntimeError(f"benchmark run {run_dir.name} failed: {errors[-1] if errors else done.returncode}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [{"step": r["step"], "elapsed_s": r["elapsed_s"], "val_loss": r["val_loss"]}
+            for r in records if r.get("val_loss") is not None]
+
+
+def first_reaching(curve: list[dict], target: float) -> dict | None:
+    return next((point for point in curve if point["val_loss"] <= target), None)
+
+
+def loss_at_fraction(curve: list[dict], steps: int, fraction: float = 0.75) -> float:
+    """The validation loss a run reached ``fraction`` into its ``steps``: a target the other
+    runs can reach too (their last evaluations differ in the last digits even where the
+    arithmetic is the same), with room left to reach it sooner."""
+    return next(p for p in curve if p["step"] >= fraction * steps)["val_loss"]
+
+
+def tokens_per_step(config: str, overrides: list[str], ranks: int) -> int:
+    """Tokens in one optimizer step of the config's run on ``ranks`` data-parallel ranks."""
+    from hvdllm.config import load_config
+    from hvdllm.data.shards import read_manifest
+
+    cfg = load_config(config, overrides)
+    seq_len = cfg.data.seq_len or read_manifest(cfg.data.path)["seq_len"]
+    samples = cfg.data.global_batch_size or ranks * cfg.data.batch_size * cfg.parallel.accum_steps
+    return samples * seq_len
+
+
+def plot_loss_curves(lines: list[dict], target: float, title: str, path: str | Path) -> Path:
+    """Validation loss against wall time, one line per ``{"label", "curve", "linestyle",
+    "color" (optional), "offset_s" (optional: seconds added to its times)}``, and the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for line in lines:
+        ax.plot([line.get("offset_s", 0.0) + p["elapsed_s"] for p in line["curve"]],
+                [p["val_loss"] for p in line["curve"]], color=line.get("color"), linestyle=line["linestyle"],
+                marker="o", markersize=3, label=line["label"])
+    ax.axhline(target, color="k", linewidth=0.8, linestyle=":", label="target")
+    ax.set_xlabel("wall time since the loop began (s)")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
