@@ -45,7 +45,10 @@ def _overhead(options: OverheadBenchOptions, overrides: list[str]) -> tuple[dict
     return result, (f"hvdllm train / plain PyTorch loop tokens/s: {result['ratio_hvdllm_over_plain']:.3f} in "
                     f"separate processes, {result['interleaved_ratio']:.3f} interleaved in one (target >= 0.95); "
                     f"time inside the step only. Whole loop (logging, metrics, data waits included): "
-                    f"{result['loop_ratio_hvdllm_over_plain']:.3f}")
+                    f"{result['loop_ratio_hvdllm_over_plain']:.3f}" +
+                    "".join(f"\nspeed switch {name} ({' '.join(v['overrides'])}): x{v['ratio_over_default']:.3f} "
+                            f"tokens/s of the default run, first step {v['first_step_s']:.2f} s (default "
+                            f"{result['default_first_step_s']:.2f} s)" for name, v in result["speed_switches"].items()))
 
 
 def _scaling(options: ScalingBenchOptions, overrides: list[str]) -> tuple[dict, str]:

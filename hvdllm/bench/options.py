@@ -21,6 +21,8 @@ from hvdllm.errors import UserError
 COMM_BACKENDS = ("mpi4py", "torch-gloo", "horovod-mpi", "horovod-gloo", "horovod-nccl", "torch-nccl")
 COMM_DTYPES = ("fp32", "fp16", "bf16")
 _ROUNDS_HELP = "paired rounds of hvdllm and its baseline; the median ratio is reported"
+# The overhead benchmark's speed switches: the train overrides each one adds.
+SPEED_SWITCHES = {"compile": ("--train.compile=true",), "fused": ("--optim.fused=on",)}
 
 
 def _flag(default: Any, text: str) -> Any:
@@ -162,10 +164,14 @@ class OverheadBenchOptions(TrainingBenchOptions):
 
     rounds: int = _flag(8, _ROUNDS_HELP)  # one round's ratio can be 10% off either way on a shared machine
     threads: int = _flag(2, "torch threads of both")
+    switches: tuple[str, ...] = _flag(tuple(SPEED_SWITCHES), "speed switches, each run in every round and "
+                                      "compared with hvdllm's default run: " +
+                                      ", ".join(f"{k} ({' '.join(v)})" for k, v in SPEED_SWITCHES.items()))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.threads >= 1, "--threads", f"must be >= 1, got {self.threads}")
+        _all_known(self.switches, "--switches", tuple(SPEED_SWITCHES), "switch")
 
 
 @dataclass

@@ -81,9 +81,15 @@ class OptimConfig:
     decay_embeddings: bool = False  # apply weight decay to embedding tables too
     trust_clip: float = 0.0  # LAMB: clamp the trust ratio to this value; 0 = no clamp
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    # AdamW's kernel: on = fused (one kernel for every parameter), off = foreach (one per op over
+    # all tensors); auto = fused on CUDA, foreach on the CPU (where fused gains little).
+    fused: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of(self.name, "optim.name", OPTIMIZERS)
+        _one_of(self.fused, "optim.fused", ("auto", "on", "off"))
+        _require(self.fused != "on" or self.name == "adamw", "optim.fused",
+                 f"=on is AdamW's kernel; optim.name is {self.name!r}")
         _require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", f"must be > 0, got {self.lr}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                  f"must be two numbers in [0, 1), got {self.betas}")
@@ -185,6 +191,7 @@ class TrainConfig:
     seed: int = 1337
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile each transformer block (Inductor); the first step pays the compilation
     threads: int = 0  # torch threads per rank; 0 = cores / ranks on the node
     eval_every: int = 50  # steps between evaluations; 0 = only at the end
     eval_batches: int = 8  # batches per rank per evaluation

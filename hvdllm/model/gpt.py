@@ -125,6 +125,13 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         init_weights(self, cfg)
 
+    def compile_blocks(self) -> None:
+        """torch.compile every block in place, as torchtitan does: the blocks are nearly all of
+        the work and all alike, and parameter names, hooks and pipeline cuts stay as they are
+        (a compiled wrapper of the whole model would rename every key of the state dict)."""
+        for block in self.blocks:
+            block.compile(fullgraph=True)
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (tied weights once); without token/position tables if asked."""
         total = sum(p.numel() for p in self.parameters())

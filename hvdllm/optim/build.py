@@ -38,10 +38,10 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float | None = None) -> tor
     lr = optim_cfg.lr if lr is None else lr
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_embeddings)
     betas = tuple(optim_cfg.betas)
-    on_cuda = next(model.parameters()).is_cuda
     if optim_cfg.name == "adamw":
         # fused is one kernel for all parameters on CUDA; foreach is the fast path on CPU.
-        kernel = {"fused": True} if on_cuda else {"foreach": True}
+        fused = optim_cfg.fused == "on" or (optim_cfg.fused == "auto" and next(model.parameters()).is_cuda)
+        kernel = {"fused": True} if fused else {"foreach": True}
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=optim_cfg.eps, **kernel)
     if optim_cfg.name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=optim_cfg.eps,

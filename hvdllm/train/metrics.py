@@ -248,6 +248,7 @@ def banner_lines(trainer) -> list[str]:
             f"batch        {samples} samples x {stage.seq_len} tokens = {samples * stage.seq_len:,} tokens per step"
             f" (per rank {stage.batch_size} x accum {trainer.cfg.parallel.accum_steps})",
             f"hosts        {hosts_line(trainer.hosts)}",
-            f"device       {trainer.device} ({torch.get_num_threads()} threads), precision {trainer.precision.name}",
+            f"device       {trainer.device} ({torch.get_num_threads()} threads), precision {trainer.precision.name}"
+            + (", blocks compiled (torch.compile)" if trainer.cfg.train.compile else ""),
             f"mfu peak     {trainer.peak_flops / 1e12:,.3f} TFLOP/s per rank ({trainer.peak_flops_source})",
             f"run          steps {trainer.step + 1}..{trainer.total_steps} -> {trainer.run_dir}"]

@@ -14,6 +14,8 @@ acted on by all ranks at the same step.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -61,6 +63,9 @@ class Trainer:
         # --- checks of user input: identical on every rank, before any collective -------
         if cfg.train.precision == "fp16" and device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA device (use bf16 on the CPU)")
+        if cfg.train.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+            raise UserError("train.compile on the CPU needs a C++ compiler (g++, or the one $CXX names) for "
+                            "Inductor's kernels: install one, or set train.compile=false")
         manifest = read_manifest(cfg.data.path)
         data_vocab = manifest["vocab_size"]
         if cfg.model.vocab_size and cfg.model.vocab_size < data_vocab:
@@ -86,6 +91,8 @@ class Trainer:
         self.precision = Precision(cfg.train.precision, device)
         # Whole, before a strategy cuts it: every layout starts alike.
         model = initial_model(cfg, self.gpt_cfg, self.tokenizer_json, self.say)
+        if cfg.train.compile:
+            model.compile_blocks()
         self.num_params, n_dense = model.num_params(), model.num_params(non_embedding=True)
         self.model = strategy.parallelize(model, device)
         self.optimizer = strategy.wrap_optimizer(build_optimizer(self.model, cfg.optim, self.stages[0].lr), self.model)

@@ -10,7 +10,8 @@ def test_overhead_and_scaling_benchmarks_report_ratios(tmp_path):
     data = make_dataset(tmp_path / "ds")
     common = ("--config", NANO, "--steps", "6", "--rounds", "1", f"--data.path={data}")
 
-    overhead = hvdllm("bench", "overhead", *common, "--threads", "1", "--json", str(tmp_path / "o.json"), timeout=600)
+    overhead = hvdllm("bench", "overhead", *common, "--threads", "1", "--switches", "fused", "--json",
+                      str(tmp_path / "o.json"), timeout=600)
     assert overhead.returncode == 0, overhead.stderr[-3000:]
     result = json.loads((tmp_path / "o.json").read_text())
     assert result["overrides"] == [f"--data.path={data}"]  # the runs read the tiny dataset, not data/demo
@@ -22,6 +23,11 @@ def test_overhead_and_scaling_benchmarks_report_ratios(tmp_path):
     assert all(result["loop_tokens_per_s"][k] > 0 for k in ("plain_pytorch", "hvdllm"))
     assert set(result["figures"]) == {"tokens_per_s", "loop_tokens_per_s"}
     assert "time inside the step only. Whole loop (logging, metrics, data waits included): " in overhead.stdout
+    # A speed switch (train.compile is tested in test_compile.py; compiling takes too long here).
+    fused = result["speed_switches"]["fused"]
+    assert fused["overrides"] == ["--optim.fused=on"] and fused["tokens_per_s"] > 0
+    assert fused["ratio_over_default"] == fused["tokens_per_s"] / result["rounds"]["hvdllm"][0]["step"]
+    assert "speed switch fused (--optim.fused=on): x" in overhead.stdout
 
     scaling = hvdllm("bench", "scaling", *common, "--json", str(tmp_path / "s.json"), timeout=600)
     assert scaling.returncode == 0, scaling.stderr[-3000:]

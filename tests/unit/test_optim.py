@@ -160,3 +160,36 @@ def test_plateau_reduces_and_checkpoints():
     other = LRSchedule(opt, 1.0, 100, s.cfg)
     other.load_state_dict(s.state_dict())
     assert other.lr_at(5) == 0.5 and other.val_loss.best == 2.0
+
+
+@pytest.mark.parametrize("fused, kernel", [("on", "fused"), ("off", "foreach"), ("auto", "foreach")])
+def test_adamw_kernel_follows_optim_fused(fused, kernel):
+    """auto is foreach on the CPU (fused on CUDA); on asks for the fused kernel everywhere."""
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=16))
+    optimizer = build_optimizer(model, OptimConfig(fused=fused))
+    assert optimizer.defaults[kernel] is True and not optimizer.defaults["fused" if kernel == "foreach" else "foreach"]
+
+
+def test_fused_adamw_takes_the_foreach_steps():
+    def losses(fused: str) -> list[float]:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=16))
+        optimizer = build_optimizer(model, OptimConfig(fused=fused, lr=1e-2))
+        ids = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(1))
+        seen = []
+        for _ in range(8):
+            loss = model(ids, ids)[1]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            seen.append(loss.item())
+        return seen
+
+    fused, foreach = losses("on"), losses("off")
+    assert fused[-1] < fused[0] - 0.1
+    assert max(abs(a - b) for a, b in zip(fused, foreach)) < 1e-5
+
+
+def test_fused_is_refused_for_other_optimizers():
+    with pytest.raises(ValueError, match="optim.fused.*AdamW's kernel"):
+        OptimConfig(name="lamb", fused="on")
