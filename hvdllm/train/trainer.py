@@ -63,9 +63,10 @@ class Trainer:
         # --- checks of user input: identical on every rank, before any collective -------
         if cfg.train.precision == "fp16" and device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA device (use bf16 on the CPU)")
-        if cfg.train.compile and device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
-            raise UserError("train.compile on the CPU needs a C++ compiler (g++, or the one $CXX names) for "
-                            "Inductor's kernels: install one, or set train.compile=false")
+        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        if cfg.train.compile and device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
+            raise UserError("train.compile on the CPU needs a C++ compiler (g++, clang++, or the one $CXX names) "
+                            "for Inductor's kernels: install one, or set train.compile=false")
         manifest = read_manifest(cfg.data.path)
         data_vocab = manifest["vocab_size"]
         if cfg.model.vocab_size and cfg.model.vocab_size < data_vocab:
