@@ -18,3 +18,5 @@ BALANCE_COSTS = ("params", "flops", "memory")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 # hvdllm/parallel/__init__.py: how updates travel (sync.py, param_server.py, local_sgd.py).
 PARALLEL_STRATEGIES = ("sync", "async", "local-sgd")
+# hvdllm/tune/space.py: the tables of a [tune.space] entry ({ log = [lo, hi] }, ...); `step` may join them.
+SPACE_DISTRIBUTIONS = ("log", "uniform", "int")

@@ -49,6 +49,18 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return run_training(cfg)
 
 
+def _cmd_tune(args: argparse.Namespace, extra: list[str]) -> int:
+    # The verb's flags are overrides of [tune] like any --tune.key=value, after the others.
+    flags = {"trials": args.trials, "ranks": args.ranks, "sampler": args.sampler, "study": args.study}
+    overrides = [*extra, *(f"--tune.{key}={value}" for key, value in flags.items() if value is not None)]
+    cfg = _resolve_config(args, overrides)
+    if cfg is None:
+        return 0
+    from hvdllm.tune.run import run_tune
+
+    return run_tune(cfg, args.config, overrides)
+
+
 def _cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     from hvdllm.plan import run_plan
 
@@ -176,6 +188,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     _add_config_args(train)
     train.set_defaults(takes_overrides=True)
     handlers["train"] = _cmd_train
+
+    tune = verbs.add_parser("tune", help="hyperparameter search: one `hvdllm train` job per trial ([tune] section)")
+    _add_config_args(tune)
+    tune.add_argument("--trials", type=int, help="finished trials the study should hold in all (tune.trials)")
+    tune.add_argument("--ranks", type=int, help="MPI ranks per trial (tune.ranks)")
+    tune.add_argument("--sampler", help="tpe | random | grid (tune.sampler)")
+    tune.add_argument("--study", help="the study's folder (tune.study; default <train.run_dir>/tune)")
+    tune.set_defaults(takes_overrides=True)
+    handlers["tune"] = _cmd_tune
 
     gen = verbs.add_parser("generate", help="sample text from a checkpoint")
     gen.add_argument("--checkpoint", required=True,

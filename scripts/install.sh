@@ -15,8 +15,8 @@ TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
 HVDLLM_CACHE=${HVDLLM_CACHE:-$HOME/.cache/hvdllm}
 # safetensors for `hvdllm export --format hf`; transformers only for its test (loading the export),
-# pinned to a release that takes the tokenizers and huggingface_hub already here.
-PY_DEPS="numpy h5py mpi4py tokenizers tqdm tensorboard matplotlib safetensors pytest pytest-timeout transformers==5.18.0"
+# pinned to a release that takes the tokenizers and huggingface_hub already here; optuna for `hvdllm tune`.
+PY_DEPS="numpy h5py mpi4py tokenizers tqdm tensorboard matplotlib safetensors pytest pytest-timeout transformers==5.18.0 optuna==5.0.0"
 
 say() { echo "[install] $*"; }
 die() { echo "[install] error: $*" >&2; exit 1; }
@@ -79,7 +79,7 @@ then
   $PIP install "$TORCH_SPEC"
 fi
 
-if ! "$PY" -c "import numpy, h5py, mpi4py, tokenizers, tqdm, tensorboard, matplotlib, safetensors, pytest, pytest_timeout, transformers" 2>/dev/null; then
+if ! "$PY" -c "import numpy, h5py, mpi4py, tokenizers, tqdm, tensorboard, matplotlib, safetensors, pytest, pytest_timeout, transformers, optuna" 2>/dev/null; then
   say "installing $PY_DEPS"
   $PIP install $PY_DEPS
 fi

@@ -44,6 +44,9 @@ def _closest(name: str, choices: list[str]) -> str:
 def _coerce(value: Any, kind: Any, name: str) -> Any:
     """Check ``value`` against the annotation ``kind``; ints widen to float, nothing else converts."""
     origin = typing.get_origin(kind)
+    if origin is dict:  # a free-form table (tune.space), checked by the code that reads it
+        _require(isinstance(value, dict), name, f"must be a table, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_kind,) = typing.get_args(kind)
         _require(isinstance(value, list), name, f"must be a list, got {value!r}")
@@ -89,6 +92,19 @@ def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
         raise
     except (TypeError, ValueError) as err:  # a validation message from __post_init__
         raise ConfigError(str(err)) from None
+
+
+def field_annotation(path: str) -> Any:
+    """The type annotation of the config field ``section.key``; a ConfigError naming it
+    (and the closest valid name) when there is no such field."""
+    _require(path.count(".") == 1, repr(path), "must name section.key, e.g. optim.lr")
+    section, key = path.split(".")
+    if section not in _SECTIONS:
+        raise ConfigError(f"unknown section [{section}] in {path!r}{_closest(section, list(_SECTIONS))}")
+    hints = typing.get_type_hints(_SECTIONS[section])
+    if key not in hints:
+        raise ConfigError(f"unknown key {path}{_closest(key, list(hints))}")
+    return hints[key]
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -156,6 +172,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config_from_dict(raw)
 
 
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -166,6 +186,8 @@ def _toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table; quoted keys, since they may hold dots
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
 
@@ -173,9 +195,15 @@ def config_to_toml(cfg: Config) -> str:
     """The whole resolved config as TOML; ``load_config`` of it gives back an equal Config."""
     lines = []
     for section in _SECTIONS:
+        values = dataclasses.asdict(getattr(cfg, section))
+        tables = {key: value for key, value in values.items() if isinstance(value, dict)}
         lines.append(f"[{section}]")
-        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
-            lines.append(f"{key} = {_toml_value(value)}")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if key not in tables]
+        # A table field as a [section.key] table of its own, after the plain keys (which would
+        # otherwise fall into it): [tune.space] reads as it was written.
+        for key, table in tables.items():
+            lines += ["", f"[{section}.{key}]"]
+            lines += [f"{_toml_key(name)} = {_toml_value(value)}" for name, value in table.items()]
         lines.append("")
     for stage in cfg.stages:
         lines.append("[[stages]]")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hvdllm.choices import (BALANCE_COSTS, INIT_STRATEGIES, OPTIMIZERS, PARALLEL_STRATEGIES, PIPELINE_SCHEDULES,
-                            POSITIONS, SCALE_RULES, SCHEDULES)
+                            POSITIONS, SCALE_RULES, SCHEDULES, SPACE_DISTRIBUTIONS)
 from hvdllm.errors import UserError
 
 
@@ -257,6 +257,42 @@ class StageConfig:
             _one_of(self.schedule, "stages.schedule", SCHEDULES)
 
 
+TUNE_SAMPLERS = ("tpe", "random", "grid")
+
+
+@dataclass
+class TuneConfig:
+    """``hvdllm tune`` (hvdllm/tune/): a study of training trials; ``hvdllm train`` ignores it."""
+
+    trials: int = 20  # finished trials the study should hold in all (a re-run adds only the missing ones)
+    ranks: int = 1  # MPI ranks per trial (mpirun -np)
+    sampler: str = "tpe"  # tpe | random | grid (Optuna's samplers)
+    seed: int = 0  # the sampler's seed
+    prune: bool = True  # stop a trial whose validation loss is worse than the median of finished ones
+    prune_startup_trials: int = 3  # completed trials before any trial is pruned
+    prune_warmup_steps: int = 0  # training steps a trial runs before it can be pruned
+    study: str = ""  # the study's folder (study.db, trial-NNNN/, trials.csv, tune.png); "" = <train.run_dir>/tune
+    # config key -> distribution, checked by `hvdllm tune` (hvdllm/tune/space.py), e.g.
+    # "optim.lr" = { log = [1e-4, 1e-2] }, "optim.weight_decay" = [0.0, 0.1]
+    space: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _one_of(self.sampler, "tune.sampler", TUNE_SAMPLERS)
+        _at_least(1, self, "tune", "trials", "ranks")
+        _at_least(0, self, "tune", "prune_startup_trials", "prune_warmup_steps")
+        self.space = _flatten_space(self.space)
+
+
+def _flatten_space(space: dict[str, Any]) -> dict[str, Any]:
+    """``optim.lr = {...}`` unquoted in TOML (or a [tune.space.optim] table) nests as
+    {"optim": {"lr": {...}}}: flatten it to the quoted form {"optim.lr": {...}}."""
+    flat = {}
+    for key, value in space.items():
+        nested = "." not in key and isinstance(value, dict) and not set(value) & {*SPACE_DISTRIBUTIONS, "step"}
+        flat.update({f"{key}.{inner}": dist for inner, dist in value.items()} if nested else {key: value})
+    return flat
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -267,4 +303,5 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     stages: list[StageConfig] = field(default_factory=list)
