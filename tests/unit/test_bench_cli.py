@@ -12,7 +12,7 @@ from helpers.corpus import NANO
 from hvdllm import cli
 from hvdllm.bench import train as bench_train
 from hvdllm.bench.comm import SWEEP_FLAGS
-from hvdllm.bench.options import BENCHMARKS, CommBenchOptions, as_argv, options_from
+from hvdllm.bench.options import BENCHMARKS, SPEED_SWITCHES, CommBenchOptions, as_argv, options_from
 
 # A --flag, but not the --section of a --section.key=value mentioned in a help text.
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*(?![\w.-])")
@@ -81,9 +81,12 @@ def test_overrides_reach_every_run_of_a_training_benchmark(name, tmp_path, capsy
     monkeypatch.setattr(bench_train, "interleaved_ratio", fake_interleaved)
     override = "--optim.lr=1e-3"
     assert cli.main(["bench", name, "--config", NANO, "--rounds", "1", "--steps", "4", override]) == 0
-    assert len(launched) == (2 if name == "overhead" else 4)
+    assert len(launched) == (2 + len(SPEED_SWITCHES) if name == "overhead" else 4)
     for cmd in launched:
         assert NANO in cmd and override in cmd, cmd
+    if name == "overhead":  # each speed switch in its own run (of hvdllm train), and only there
+        for switch in SPEED_SWITCHES.values():
+            assert sum(all(flag in cmd for flag in switch) for cmd in launched) == 1
     assert interleaved == ([[override]] if name == "overhead" else [])
     assert f'"overrides": [\n    "{override}"\n  ]' in capsys.readouterr().out
 
