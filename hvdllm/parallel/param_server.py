@@ -76,7 +76,7 @@ from hvdllm import comm
 from hvdllm.errors import UserError
 from hvdllm.parallel.base import ParallelStrategy
 from hvdllm.parallel.layout import rank_coordinates
-from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED,
+from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EMPTY, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED,
                                          H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_STOP_AT, H_UPDATES, H_VERSION, PUSH,
                                          STATS, Heartbeat, header_size, launcher_keeps_survivors, shard_ranges, tag)
 
@@ -288,8 +288,7 @@ class ParameterServerWorker(ParallelStrategy):
         from mpi4py import MPI
 
         self.heartbeat.stop()
-        empty = torch.empty(0, dtype=torch.uint8)
-        MPI.Request.Waitall([self.p2p.Isend([empty.numpy(), MPI.BYTE], dest=server, tag=tag(self.clock, DONE))
+        MPI.Request.Waitall([self.p2p.Isend([EMPTY, MPI.BYTE], dest=server, tag=tag(self.clock, DONE))
                              for server in self.servers])
 
     def step_metrics(self) -> dict:
@@ -299,10 +298,9 @@ class ParameterServerWorker(ParallelStrategy):
         """Worker 0 (the one that writes): the servers write their shards first, then this."""
         from mpi4py import MPI
 
-        empty = torch.empty(0, dtype=torch.uint8).numpy()
-        requests = [self.p2p.Irecv([empty, MPI.BYTE], source=server, tag=tag(self.clock, CHECKPOINT))
+        requests = [self.p2p.Irecv([EMPTY, MPI.BYTE], source=server, tag=tag(self.clock, CHECKPOINT))
                     for server in self.servers]
-        requests += [self.p2p.Isend([empty, MPI.BYTE], dest=server, tag=tag(self.clock, CHECKPOINT))
+        requests += [self.p2p.Isend([EMPTY, MPI.BYTE], dest=server, tag=tag(self.clock, CHECKPOINT))
                      for server in self.servers]
         MPI.Request.Waitall(requests)
         return {**super().state_dict(model, optimizer), "async": {"servers": len(self.servers), "clock": self.clock}}

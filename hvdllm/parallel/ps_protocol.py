@@ -30,6 +30,8 @@ PUSH, DONE, CHECKPOINT, GATHER, HEARTBEAT, EVALUATE, END = range(7)
 KINDS = 8
 SERVER_SHARD = 1000  # server k's checkpoint file is shard SERVER_SHARD + k (step-N.stage-100k.pt)
 STATS = 3  # loss sum, non-finite flag, stop flag (float64, at the front of a push)
+# The payload of a message that is its tag alone (HEARTBEAT, DONE, END, CHECKPOINT): zero bytes.
+EMPTY = torch.empty(0, dtype=torch.uint8).numpy()
 # The reply header (float64): complete clocks when sent, updates, applied and dropped pushes,
 # clock at which every worker stops (-1: none), the clock's summed statistics and push count,
 # the global gradient norm of the update (s = 0), the workers declared dead, then the
@@ -88,9 +90,8 @@ class Heartbeat:
     def _beat(self) -> None:
         from mpi4py import MPI
 
-        empty = torch.empty(0, dtype=torch.uint8).numpy()
         while not self._stopped.wait(self.interval_s):
-            MPI.Request.Waitall([self.p2p.Isend([empty, MPI.BYTE], dest=server, tag=tag(0, HEARTBEAT))
+            MPI.Request.Waitall([self.p2p.Isend([EMPTY, MPI.BYTE], dest=server, tag=tag(0, HEARTBEAT))
                                  for server in self.servers])
             if self.p2p.Iprobe(source=MPI.ANY_SOURCE, tag=tag(0, END)):
                 print(f"error: rank {self.p2p.Get_rank()}: a parameter server ended the job or went on without "

@@ -33,7 +33,7 @@ from hvdllm.config import config_to_toml
 from hvdllm.data.shards import read_manifest
 from hvdllm.model import gpt_config_from
 from hvdllm.optim import LRSchedule, build_optimizer
-from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, END, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD,
+from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EMPTY, END, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD,
                                          H_DROPPED, H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_STOP, H_STOP_AT, H_UPDATES,
                                          H_VERSION, HEARTBEAT, KINDS, PUSH, SERVER_SHARD, STATS, header_size,
                                          shard_ranges, silent_workers, tag)
@@ -132,8 +132,7 @@ class ParameterServer:
             return
         ckpt.save_checkpoint(self._state(step), self.run_dir, step, self.cfg.checkpoint.keep_last, False,
                              SERVER_SHARD + self.index)
-        empty = torch.empty(0, dtype=torch.uint8).numpy()
-        self._send(empty, 0, tag(step, CHECKPOINT))
+        self._send(EMPTY, 0, tag(step, CHECKPOINT))
         self.checkpoint_due = None
 
     @property
@@ -201,7 +200,7 @@ class ParameterServer:
 
         request = message.Irecv([buffer.numpy(), MPI.BYTE])
         while not request.Test():
-            if time.monotonic() - self.last_heard[worker] > self.cfg.parallel.worker_timeout_s:
+            if silent_workers({worker: self.last_heard[worker]}, self.cfg.parallel.worker_timeout_s):
                 self._declare_dead([worker])
                 if buffer is self.incoming:
                     self.incoming = torch.empty_like(self.incoming)
@@ -265,7 +264,7 @@ class ParameterServer:
               f"{len(self.live)} workers (parallel.continue_without_dead)", file=sys.stderr, flush=True)
 
     def _send_end(self, worker: int) -> None:
-        self._send(torch.empty(0, dtype=torch.uint8).numpy(), worker, tag(0, END))
+        self._send(EMPTY, worker, tag(0, END))
 
     def _end_job(self, survivors: list[int]) -> None:
         """Tell the workers still heard to exit (under --enable-recovery MPI_Abort ends only
@@ -274,8 +273,7 @@ class ParameterServer:
         whose link may be down."""
         from mpi4py import MPI
 
-        empty = torch.empty(0, dtype=torch.uint8).numpy()
-        MPI.Request.Waitall([self.p2p.Isend([empty, MPI.BYTE], dest=w, tag=tag(0, END)) for w in survivors])
+        MPI.Request.Waitall([self.p2p.Isend([EMPTY, MPI.BYTE], dest=w, tag=tag(0, END)) for w in survivors])
         abort_job()
 
     def _send_snapshot(self, worker: int, step: int) -> None:

@@ -6,7 +6,7 @@ memory the state a checkpoint holds (model, optimizer, schedule, step, stage, da
 validation record), and Horovod checks whether the driver reported hosts added or removed.
 Then, or when a collective fails because a worker died (``HorovodInternalError``, after which
 the committed state is taken back), Horovod shuts down and re-initializes on the hosts there
-are now, and :class:`TrainerState` rebuilds the run for that world: the layout and this rank's
+are now, and :class:`~hvdllm.train.elastic_state.TrainerState` rebuilds the run for that world: the layout and this rank's
 place in it, the per-rank batch (``data.global_batch_size`` over the workers) and the lr
 (``schedule.scale_rule``, as for any launch), and the loader's slice at the committed data
 position; rank 0 then broadcasts the committed state to every rank, newcomers included.
@@ -15,12 +15,10 @@ Steps since the last commit are done again after a failure; none is lost.
 
 from __future__ import annotations
 
-import copy
 import os
 
 from hvdllm import comm
 from hvdllm.errors import UserError
-from hvdllm.train import checkpoint as ckpt
 
 
 def check_elastic(cfg, layout, environ: dict[str, str] | None = None) -> None:
@@ -40,70 +38,6 @@ def check_elastic(cfg, layout, environ: dict[str, str] | None = None) -> None:
                         "and go; it must divide by every worker count) and no [[stages]]")
 
 
-def trainer_state(trainer):
-    """A ``horovod.common.elastic.State`` over ``trainer`` (its class is made here, so that
-    importing this module does not import Horovod)."""
-    from horovod.common.elastic import State
-    from horovod.common.exceptions import HostsUpdatedInterrupt
-
-    hvd = comm.horovod()
-
-    class TrainerState(State):
-        def __init__(self) -> None:
-            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
-            self.trainer = trainer
-            self.committed: dict = {}
-            self.pending = True
-            self.save()
-
-        def save(self) -> None:
-            self.committed = copy.deepcopy(ckpt.training_state(self.trainer, None))
-
-        def restore(self) -> None:
-            """After a failed collective: the committed state is loaded once the world is re-formed."""
-            self.pause_watchdog()
-
-        def pause_watchdog(self) -> None:
-            if self.trainer.watchdog is not None:
-                self.trainer.watchdog.pause()
-
-        def commit(self) -> None:
-            try:
-                super().commit()
-            except HostsUpdatedInterrupt:
-                self.pause_watchdog()  # Horovod now waits for the hosts to re-form
-                raise
-
-        def reset(self) -> None:
-            self.pending = True
-
-        def sync(self) -> None:
-            self.committed = self._bcast_object(self.committed)
-            self.pending = True
-
-        def load_if_pending(self) -> None:
-            """Where every rank of the new world is, newcomers included (the start of the
-            wrapped function), so collectives are safe: rebuild the run for this world from
-            the committed state and start the log there."""
-            if not self.pending:
-                return
-            self.pending = False
-            trainer = self.trainer
-            before = trainer.dp_size
-            trainer.strategy.adopt_world()
-            trainer.adopt_world()
-            ckpt.restore_training_state(trainer, copy.deepcopy(self.committed))
-            trainer.optimizer.zero_grad()  # a failed step's local or half-reduced gradients
-            trainer.start_log(resumed=True)
-            if trainer.watchdog is not None:
-                trainer.watchdog.beat(trainer.step)
-            if trainer.dp_size != before:
-                trainer.say(f"elastic: {trainer.dp_size} workers from step {trainer.step} (were {before}); "
-                            f"{trainer.stage.batch_size} samples per rank, lr {trainer.stage.lr:.3g}")
-
-    return TrainerState()
-
-
 def run_elastic(trainer) -> int:
     """The Trainer's steps under ``hvd.elastic.run``: committing every
     ``parallel.elastic_commit_every`` steps, rebuilt for each new world."""
@@ -112,7 +46,9 @@ def run_elastic(trainer) -> int:
         return trainer.train()  # a finished run resumed: nothing to commit
     if trainer.stage is None:
         trainer.enter_stage(trainer.stage_at(trainer.step))  # a commit holds a data position
-    state = trainer_state(trainer)
+    from hvdllm.train.elastic_state import TrainerState  # imports Horovod: only here
+
+    state = TrainerState(trainer)
     every = trainer.cfg.parallel.elastic_commit_every
     trainer.step_callbacks.append(lambda: state.commit() if trainer.step % every == 0 else None)
 

@@ -125,18 +125,24 @@ def end_job(proc):
     proc.wait()
 
 
-@pytest.mark.parametrize("victim", [1, 2], ids=["worker", "server"])
-def test_a_killed_worker_or_server_ends_the_job_naming_it(data, tmp_path, victim):
-    proc = start_long_run(data, tmp_path / "run")
-    ranks = rank_pids(proc)
-    assert len(ranks) == 3
-    start = time.time()
-    os.kill(ranks[victim], signal.SIGKILL)  # ranks 0, 1 (workers), 2 (server)
+def signal_rank_and_wait(proc, rank, sig) -> tuple[str, float]:
+    """Send ``sig`` to one rank of the job, wait (120 s at most) for mpirun to end, and leave
+    nothing behind: (mpirun's stderr, seconds from the signal to the end)."""
     try:
+        os.kill(rank_pids(proc)[rank], sig)
+        start = time.time()
         _, stderr = proc.communicate(timeout=120)
     finally:
         end_job(proc)
-    assert proc.returncode != 0 and time.time() - start < 60
+    return stderr, time.time() - start
+
+
+@pytest.mark.parametrize("victim", [1, 2], ids=["worker", "server"])
+def test_a_killed_worker_or_server_ends_the_job_naming_it(data, tmp_path, victim):
+    proc = start_long_run(data, tmp_path / "run")
+    assert len(rank_pids(proc)) == 3  # ranks 0, 1 (workers), 2 (server)
+    stderr, seconds = signal_rank_and_wait(proc, victim, signal.SIGKILL)
+    assert proc.returncode != 0 and seconds < 60
     assert f"process rank {victim} with PID" in stderr and "signal 9" in stderr, stderr  # mpirun names it
 
 
@@ -175,13 +181,8 @@ def test_without_worker_0_the_job_ends_even_under_recovery(data, tmp_path):
     ends only the caller (--enable-recovery): the server tells the other workers to exit."""
     proc = start_long_run(data, tmp_path / "run", TIMEOUT, "--parallel.continue_without_dead=true", np=4,
                           recovery=True)
-    try:
-        os.kill(rank_pids(proc)[0], signal.SIGKILL)
-        start = time.time()
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        end_job(proc)
-    assert time.time() - start < 60
+    stderr, seconds = signal_rank_and_wait(proc, 0, signal.SIGKILL)
+    assert seconds < 60
     assert "error: server 0: worker rank 0 sent nothing for 5 s (parallel.worker_timeout_s): dead or stopped; " \
            "ending the job (worker 0 writes the log and checkpoints)" in stderr, stderr
     assert stderr.count("a parameter server ended the job") == 2, stderr
@@ -191,13 +192,8 @@ def test_a_stopped_worker_ends_the_job_naming_it(data, tmp_path):
     """A SIGSTOPped worker does not die, so mpirun does not notice; it is silent, and the
     server ends the job after parallel.worker_timeout_s (not the 600 s stall watchdog)."""
     proc = start_long_run(data, tmp_path / "run", TIMEOUT)
-    try:
-        os.kill(rank_pids(proc)[1], signal.SIGSTOP)
-        start = time.time()
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        end_job(proc)
-    assert proc.returncode != 0 and time.time() - start < 60
+    stderr, seconds = signal_rank_and_wait(proc, 1, signal.SIGSTOP)
+    assert proc.returncode != 0 and seconds < 60
     assert "error: server 0: worker rank 1 sent nothing for 5 s (parallel.worker_timeout_s): dead or stopped; " \
            "ending the job" in stderr, stderr
 

@@ -40,6 +40,12 @@ def on_host(hosts_env, host: str, command: list[str], timeout: int = 240, **kwar
                           env=hosts_env, timeout=timeout, **kwargs)
 
 
+def start_on_host(hosts_env, command: list[str], limit_s: int, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """``command`` started on hostA in the background, killed by ``timeout`` after ``limit_s``."""
+    return subprocess.Popen(["bash", str(HOSTS_SH), "run", "hostA", "timeout", "-k", "5", str(limit_s), *command],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, env=hosts_env)
+
+
 def mpirun_across(*args: str) -> list[str]:
     exports = [flag for name in ROOT_VARIABLES for flag in ("-x", name)]
     return ["mpirun", "-np", "2", "-H", ACROSS, "--bind-to", "none", *exports, sys.executable, *args]
@@ -93,9 +99,7 @@ def test_a_host_whose_link_goes_down_ends_the_job_within_a_bounded_time(hosts, d
     run_dir = tmp_path / "run"
     args = ["-m", "hvdllm", *train_args(data, run_dir, "--train.steps=100000", "--log.every=100000",
                                         "--checkpoint.every=0")]
-    proc = subprocess.Popen(["bash", str(HOSTS_SH), "run", "hostA", "timeout", "-k", "5", "200",
-                             *mpirun_across(*args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=hosts)
+    proc = start_on_host(hosts, mpirun_across(*args), limit_s=200)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (run_dir / "config.toml").exists():
@@ -115,9 +119,7 @@ def test_a_host_whose_link_goes_down_ends_the_job_within_a_bounded_time(hosts, d
 def test_killed_processes_on_a_host_end_the_job_naming_the_host(hosts, data, tmp_path):
     run_dir = tmp_path / "run"
     args = ["-m", "hvdllm", *train_args(data, run_dir, "--train.steps=100000", "--checkpoint.every=0")]
-    proc = subprocess.Popen(["bash", str(HOSTS_SH), "run", "hostA", "timeout", "-k", "5", "200",
-                             *mpirun_across(*args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=hosts)
+    proc = start_on_host(hosts, mpirun_across(*args), limit_s=200)
     try:
         wait_for_step(run_dir, 3)
         on_b = subprocess.run(["bash", str(HOSTS_SH), "pids", "hostB"], capture_output=True, text=True,
@@ -147,8 +149,7 @@ def start_elastic(hosts, data, tmp_path, steps, *overrides):
     horovodrun = str(Path(sys.executable).parent / "horovodrun")
     command = [horovodrun, "-np", "3", "--min-np", "2", "--max-np", "3", "--host-discovery-script", str(discover),
                "--network-interface", "mh0", "--disable-cache", sys.executable, "-m", "hvdllm", *args]
-    proc = subprocess.Popen(["bash", str(HOSTS_SH), "run", "hostA", "timeout", "-k", "5", "280", *command],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=hosts)
+    proc = start_on_host(hosts, command, limit_s=280, stderr=subprocess.STDOUT)
     return proc, listed
 
 
