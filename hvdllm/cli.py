@@ -56,6 +56,10 @@ def _cmd_tune(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = _resolve_config(args, overrides)
     if cfg is None:
         return 0
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise UserError("hvdllm tune needs Optuna: make install, or pip install 'hvdllm[tune]'")
     from hvdllm.tune.run import run_tune
 
     return run_tune(cfg, args.config, overrides)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from hvdllm.errors import UserError
+from hvdllm.data.tokenizer import load_tokenizer
+from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPTConfig
 from hvdllm.train.checkpoint import full_model_state, load_checkpoint, model_config_from_checkpoint
 
@@ -32,7 +33,7 @@ BLOCK_NAMES = {"ln_1": ("ln_1", False), "attn.qkv": ("attn.c_attn", True), "attn
                "ln_2": ("ln_2", False), "mlp.fc": ("mlp.c_fc", True), "mlp.proj": ("mlp.c_proj", True)}
 
 
-def gpt2_config(cfg) -> dict:
+def gpt2_config(cfg: GPTConfig) -> dict:
     """transformers' GPT2Config, as its config.json, for an hvdllm GPTConfig."""
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
             "n_positions": cfg.block_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
@@ -41,7 +42,7 @@ def gpt2_config(cfg) -> dict:
             "tie_word_embeddings": cfg.tie_weights, "torch_dtype": "float32"}
 
 
-def gpt2_state_dict(model_state: dict, cfg) -> dict[str, torch.Tensor]:
+def gpt2_state_dict(model_state: dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """hvdllm's parameter names and layouts -> GPT2LMHeadModel's (contiguous fp32 copies, as
     safetensors stores no shared or strided tensors)."""
     out = {"transformer.wte.weight": model_state["wte.weight"], "transformer.wpe.weight": model_state["wpe.weight"],
@@ -77,9 +78,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(gpt2_config(cfg), indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(state["tokenizer_json"])
-        if out.exists():
-            shutil.rmtree(out)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():  # moved aside, not deleted, until the new folder has its name
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -148,5 +151,10 @@ def load_hf(folder: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, str
         cfg = gpt_config_from_gpt2(config, where)
     except (ValueError, KeyError, TypeError) as err:  # bad JSON, a missing field, a shape GPTConfig refuses
         raise UserError(f"{where}: not a GPT-2 config the model can be built from ({err})") from None
-    return state_dict_from_gpt2(load_file(str(folder / "model.safetensors")), cfg, str(folder)), cfg, \
-        (folder / "tokenizer.json").read_text()
+    load_tokenizer(folder / "tokenizer.json")  # a UserError naming it when it is none
+    try:
+        tensors = load_file(str(folder / "model.safetensors"))
+    except Exception as err:  # safetensors raises its own SafetensorError, or an OSError
+        reason = first_line(err)
+        raise UserError(f"{folder / 'model.safetensors'}: not a readable safetensors file ({reason})") from None
+    return state_dict_from_gpt2(tensors, cfg, str(folder)), cfg, (folder / "tokenizer.json").read_text()

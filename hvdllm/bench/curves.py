@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from hvdllm.atomic import atomic_path
+from hvdllm.comm.launch import job_error_line
 
 
 def run_for_curve(command: list[str], run_dir: Path, timeout: int, env: dict[str, str] | None = None) -> list[dict]:
@@ -16,8 +17,8 @@ def run_for_curve(command: list[str], run_dir: Path, timeout: int, env: dict[str
     start-up costs are left out. A failed job raises with its own error line."""
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:  # the CLI prints only the first line of an error: make it the job's own
-        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")] or done.stderr.splitlines()
-        raise RuntimeError(f"benchmark run {run_dir.name} failed: {errors[-1] if errors else done.returncode}")
+        raise RuntimeError(f"benchmark run {run_dir.name} failed (exit status {done.returncode}): "
+                           f"{job_error_line(done.stderr)}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     return [{"step": r["step"], "elapsed_s": r["elapsed_s"], "val_loss": r["val_loss"]}
             for r in records if r.get("val_loss") is not None]

@@ -3,11 +3,11 @@ from scratch, in one run (issue: warm start from a smaller model, seed §7.3).
 
 Three ``hvdllm train`` jobs on the same config and data: the small model (the config's
 ``[model]`` with ``--small`` applied) for ``--small-steps``; the config's model started from
-the small one's last checkpoint (``train.init_from``, grown on the fly) for ``--steps``; and
-the same model from scratch for ``--steps``. Reported: the wall time and tokens each large
-run needs to first reach a validation loss (by default what the scratch run reaches three
-quarters into its run), and the grown run's ratios to scratch, both for the large run alone
-and with the small model's training time added (the cost of the whole path).
+the small run's best checkpoint (``train.init_from`` of its run folder, grown on the fly) for
+``--steps``; and the same model from scratch for ``--steps``. Reported: the wall time and
+tokens each large run needs to first reach a validation loss (by default what the scratch run
+reaches three quarters into its run), and the grown run's ratios to scratch, both for the
+large run alone and with the small model's training time added (the cost of the whole path).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 from hvdllm.bench.curves import first_reaching, loss_at_fraction, plot_loss_curves, run_for_curve, tokens_per_step
+from hvdllm.bench.options import GrowBenchOptions
+from hvdllm.errors import UserError
 
 
 def _train(options, overrides: list[str], run_dir: Path, steps: int, *extra: str) -> list[dict]:
@@ -26,11 +28,19 @@ def _train(options, overrides: list[str], run_dir: Path, steps: int, *extra: str
     return run_for_curve(command, run_dir, options.timeout)
 
 
-def bench_grow(options, overrides: list[str]) -> dict:
+def bench_grow(options: GrowBenchOptions, overrides: list[str]) -> dict:
     from hvdllm.config import load_config
+    from hvdllm.data.shards import read_manifest
+    from hvdllm.model import gpt_config_from
+    from hvdllm.model.growth import growth_problem
 
     small_settings = [f"--{setting}" for setting in options.small]
-    load_config(options.config, [*overrides, *small_settings])  # a bad --small setting: one line, before any run
+    # A bad --small setting, or a small model that cannot grow into the large one: one line, before any run.
+    small_cfg, large_cfg = (load_config(options.config, extra) for extra in ([*overrides, *small_settings], overrides))
+    vocab = read_manifest(large_cfg.data.path)["vocab_size"]
+    problem = growth_problem(gpt_config_from(small_cfg.model, vocab), gpt_config_from(large_cfg.model, vocab))
+    if problem:
+        raise UserError(f"--small {','.join(options.small)}: {problem}")
     per_step = tokens_per_step(options.config, overrides, ranks=1)  # every job is one process
     with tempfile.TemporaryDirectory(prefix="hvdllm-grow-") as tmp:
         folder = Path(tmp)

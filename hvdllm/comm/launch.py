@@ -66,3 +66,11 @@ def mpirun_command(np: int, argv: Sequence[str], hosts: str = "", export: Sequen
     for name in export:
         cmd += ["-x", name]
     return cmd + [sys.executable, *argv]
+
+
+def job_error_line(output: str) -> str:
+    """What a failed hvdllm job said went wrong: its last ``error:`` line (the CLI's one line
+    per rank), else its last line of output."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return errors[-1] if errors else (lines[-1] if lines else "no output")

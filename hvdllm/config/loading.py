@@ -69,7 +69,6 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
 _REPLACED = {
     "[bench]": "the flags of `hvdllm bench NAME`, each benchmark's own (see `hvdllm bench NAME --help`)",
     "parallel.data_parallel": "parallel.data (data-parallel degree; the layout is data x pipeline + servers)",
-    "[init]": "train.init_from (an hvdllm checkpoint or run folder, or hf:DIR)",
 }
 
 

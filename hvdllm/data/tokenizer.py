@@ -81,5 +81,17 @@ def tokenizer_sha256(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()
 
 
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two tokenizer.json texts are the same tokenizer: compared as tokenizers writes
+    them, so a file re-saved by ``hvdllm prepare --tokenizer FILE`` (or re-indented) still
+    matches. A text that is no tokenizer is a UserError."""
+    if a == b:
+        return True
+    try:
+        return Tokenizer.from_str(a).to_str() == Tokenizer.from_str(b).to_str()
+    except Exception as err:  # tokenizers raises a bare Exception for malformed JSON
+        raise UserError(f"not a tokenizers JSON text: {err}") from None
+
+
 def eos_id(tok: Tokenizer) -> int:
     return tok.token_to_id(EOS)

@@ -65,7 +65,7 @@ def grow_state_dict(state: dict[str, torch.Tensor], small: GPTConfig, big: GPTCo
     problem = growth_problem(small, big)
     if problem:
         raise ValueError(problem)
-    widen = _Widening(big.d_model // small.d_model, generator, small.d_model)
+    widen = _Widening(big.d_model // small.d_model, generator)
     grown = {"wte.weight": widen.tile_columns(state["wte.weight"])}
     if small.position == "learned":
         rows = widen.tile_columns(state["wpe.weight"])
@@ -89,8 +89,8 @@ def grow_state_dict(state: dict[str, torch.Tensor], small: GPTConfig, big: GPTCo
 class _Widening:
     """The width map of one growth: ``m`` copies of each feature of the residual stream."""
 
-    def __init__(self, m: int, generator: torch.Generator, d_model: int) -> None:
-        self.m, self.generator, self.d_model = m, generator, d_model
+    def __init__(self, m: int, generator: torch.Generator) -> None:
+        self.m, self.generator = m, generator
 
     def tile(self, vector: torch.Tensor) -> torch.Tensor:
         """A per-feature vector (LayerNorm gain or bias, a bias of the residual stream)."""

@@ -55,7 +55,9 @@ class ParameterServer:
         gpt_cfg = self.gpt_cfg = gpt_config_from(cfg.model, vocab_size=manifest["vocab_size"])
         stage = plan_stages(cfg, layout.data, manifest["seq_len"], gpt_cfg.block_size)[0]
         tokenizer_json = (Path(cfg.data.path) / manifest["tokenizer"]["file"]).read_text()
-        model = initial_model(cfg, gpt_cfg, tokenizer_json)  # as the Trainer does: the same initial weights
+        path, _ = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.train.run_dir)
+        # As the Trainer does: the same initial weights (none to read when a shard is resumed).
+        model = initial_model(cfg, gpt_cfg, tokenizer_json, warm_start=path is None)
         params = [p for p in model.parameters() if p.requires_grad]
         start, end = shard_ranges([p.numel() for p in params], layout.servers)[self.index]
         shard = params[start:end]
@@ -105,7 +107,6 @@ class ParameterServer:
         self.idle_s = self.queue_s = self.queue_max_s = 0.0
         self.replies = 0
         self.checkpoint_due: int | None = None  # the step worker 0 asked to checkpoint
-        path, _ = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir)
         if path is not None:
             self._load(ckpt.load_checkpoint(ckpt.shard_path(path, SERVER_SHARD + self.index)))
 

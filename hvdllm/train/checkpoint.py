@@ -22,7 +22,8 @@ import torch
 
 from hvdllm.atomic import atomic_path, atomic_write, write_text_atomic
 from hvdllm.config import config_to_toml
-from hvdllm.errors import UserError
+from hvdllm.data.tokenizer import same_tokenizer
+from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPTConfig
 
 _STEP_FILE = re.compile(r"^step-(\d+)(?:\.stage-(\d+))?\.pt$")
@@ -146,7 +147,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors, zip errors...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise UserError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
@@ -203,7 +204,7 @@ def resume_state(cfg, run_dir: Path, model_config: dict, tokenizer_json: str,
     if state is not None and state["model_config"] != model_config:
         raise UserError(f"{path}: checkpoint was trained with a different model "
                         f"({state['model_config']}), not {model_config}")
-    if state is not None and state["tokenizer_json"] != tokenizer_json:
+    if state is not None and not same_tokenizer(state["tokenizer_json"], tokenizer_json):
         raise UserError(f"{path}: checkpoint was trained with tokenizer sha256 {_text_sha(state['tokenizer_json'])}, "
                         f"but {cfg.data.path} was made with tokenizer sha256 {_text_sha(tokenizer_json)}: "
                         f"token ids would mean other text")

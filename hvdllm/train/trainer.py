@@ -14,8 +14,6 @@ acted on by all ranks at the same step.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.evaluate import evaluate
 from hvdllm.train.metrics import banner_lines, peak_flops, print_line, start_run_log, step_record
 from hvdllm.train.stages import Stage, plan_stages
-from hvdllm.train.warm_start import initial_model
+from hvdllm.train.warm_start import check_cpu_compiler, initial_model
 from hvdllm.train.watchdog import StallWatchdog
 
 
@@ -63,10 +61,8 @@ class Trainer:
         # --- checks of user input: identical on every rank, before any collective -------
         if cfg.train.precision == "fp16" and device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA device (use bf16 on the CPU)")
-        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
-        if cfg.train.compile and device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
-            raise UserError("train.compile on the CPU needs a C++ compiler (g++, clang++, or the one $CXX names) "
-                            "for Inductor's kernels: install one, or set train.compile=false")
+        if cfg.train.compile and device.type == "cpu":
+            check_cpu_compiler()
         manifest = read_manifest(cfg.data.path)
         data_vocab = manifest["vocab_size"]
         if cfg.model.vocab_size and cfg.model.vocab_size < data_vocab:
@@ -91,7 +87,7 @@ class Trainer:
         # --- build ----------------------------------------------------------------------
         self.precision = Precision(cfg.train.precision, device)
         # Whole, before a strategy cuts it: every layout starts alike.
-        model = initial_model(cfg, self.gpt_cfg, self.tokenizer_json, self.say)
+        model = initial_model(cfg, self.gpt_cfg, self.tokenizer_json, self.say, warm_start=state is None)
         if cfg.train.compile:
             model.compile_blocks()
         self.num_params, n_dense = model.num_params(), model.num_params(non_embedding=True)

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-from tokenizers import Tokenizer
 
-from hvdllm.errors import UserError
+from hvdllm.config import Config
+from hvdllm.data.tokenizer import same_tokenizer
+from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPT, GPTConfig
 from hvdllm.model.growth import grow_state_dict, growth_problem
 
@@ -43,12 +44,15 @@ def read_source(spec: str) -> Source:
     from hvdllm.train.checkpoint import full_model_state, load_checkpoint, model_config_from_checkpoint
     from hvdllm.train.generate import resolve_checkpoint
 
+    if (Path(spec) / "config.json").is_file():
+        raise UserError(f"{spec} is a transformers folder: name it hf:{spec}")
     path = resolve_checkpoint(spec)
     state = load_checkpoint(path)
     return Source(full_model_state(path, state), model_config_from_checkpoint(state), state["tokenizer_json"])
 
 
 def describe(cfg: GPTConfig) -> str:
+    """The fields that make a model's shape, as name=value."""
     return ", ".join(f"{name}={getattr(cfg, name)}" for name in _SHAPE)
 
 
@@ -63,33 +67,46 @@ def grow_into(spec: str, source: Source, fresh: GPT, seed: int) -> dict[str, tor
     return grow_state_dict(source.state, source.cfg, target, fresh.state_dict(), torch.Generator().manual_seed(seed))
 
 
-def same_tokenizer(a: str, b: str) -> bool:
-    """Whether two tokenizer.json texts are the same tokenizer (compared as tokenizers writes
-    them, so a file re-saved by ``hvdllm prepare --tokenizer FILE`` still matches)."""
-    return a == b or Tokenizer.from_str(a).to_str() == Tokenizer.from_str(b).to_str()
-
-
-def initial_model(cfg, gpt_cfg: GPTConfig, tokenizer_json: str, say: Callable[[str], None] | None = None) -> GPT:
+def initial_model(cfg: Config, gpt_cfg: GPTConfig, tokenizer_json: str, say: Callable[[str], None] | None = None,
+                  warm_start: bool = True) -> GPT:
     """The whole model every layout starts from (before a strategy cuts it): seeded with
-    ``train.seed``, then loaded from ``train.init_from`` if set. ``tokenizer_json`` is the
-    data's: a source trained on other token ids is refused."""
+    ``train.seed``, then loaded from ``train.init_from`` if set and ``warm_start`` (False when
+    a checkpoint is resumed: its weights win, and the source need not be there any more).
+    ``tokenizer_json`` is the data's: a source trained on other token ids is refused."""
     torch.manual_seed(cfg.train.seed)
     model = GPT(gpt_cfg)
     spec = cfg.train.init_from
-    if not spec:
+    if not spec or not warm_start:
         return model
     source = read_source(spec)
     if not same_tokenizer(source.tokenizer_json, tokenizer_json):
         raise UserError(f"train.init_from={spec}: its tokenizer is not the one {cfg.data.path} was made with, so "
                         f"token ids would mean other text (prepare the data with --tokenizer and its tokenizer.json)")
-    model.load_state_dict(grow_into(spec, source, model, cfg.train.seed))
+    try:
+        model.load_state_dict(grow_into(spec, source, model, cfg.train.seed))
+    except RuntimeError as err:  # a tensor whose shape its own config contradicts
+        raise UserError(f"train.init_from={spec}: its tensors do not fit its model config "
+                        f"({str(err).strip().splitlines()[-1].strip()})") from None
     if say is not None:
         grown = "" if describe(source.cfg) == describe(gpt_cfg) else f", grown from {describe(source.cfg)}"
         say(f"initial weights from {spec}{grown}")
     return model
 
 
-def grow_checkpoint(spec: str, cfg, out: Path, overwrite: bool) -> tuple[GPTConfig, GPTConfig]:
+def check_cpu_compiler() -> None:
+    """``train.compile`` on the CPU: Inductor's C++ compiler is there, found as Inductor finds
+    it ($CXX, else g++), or one line says what is missing."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # Inductor raises its own InvalidCxxCompiler (a RuntimeError)
+        reason = first_line(err)
+        raise UserError(f"train.compile on the CPU needs the C++ compiler Inductor uses ($CXX, else g++): "
+                        f"{reason}; install one, or set train.compile=false") from None
+
+
+def grow_checkpoint(spec: str, cfg: Config, out: Path, overwrite: bool) -> tuple[GPTConfig, GPTConfig]:
     """``hvdllm grow``: write the source grown into the config's model as a checkpoint at
     ``out`` (weights only, step 0), for ``train.init_from``; (source, grown) configs."""
     from hvdllm.config import config_to_toml

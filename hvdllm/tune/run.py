@@ -50,16 +50,16 @@ def run_one_trial(study: optuna.Study, space: list[Dimension], folder: Path, ran
     inside it once the grid is done, which only works there)."""
 
     def objective(trial: optuna.Trial) -> float:
-        params = {d.key: d.suggest(trial) for d in space}
-        run_dir = trial_dir(folder, trial.number)
-        try:
+        try:  # wherever a Ctrl-C lands in the trial, it is run again on the next start
+            params = {d.key: d.suggest(trial) for d in space}
+            run_dir = trial_dir(folder, trial.number)
             result = run_trial(trial, train_command(ranks, config, overrides, params, run_dir), run_dir)
+            for key, value in ((VAL_CURVE, result.val_losses), (STEPS, result.steps), (WALL_S, result.wall_s),
+                               (ERROR, result.error)):
+                trial.set_user_attr(key, value)
         except KeyboardInterrupt:  # Optuna marks the trial failed and raises it again
             trial.set_user_attr(INTERRUPTED, True)
             raise
-        for key, value in ((VAL_CURVE, result.val_losses), (STEPS, result.steps), (WALL_S, result.wall_s),
-                           (ERROR, result.error)):
-            trial.set_user_attr(key, value)
         shown = " ".join(f"{key}={value!r}" for key, value in params.items())
         if result.state == "complete":
             _say(f"trial {trial.number}: complete, val_loss {result.best_val_loss:.4f} ({result.steps} steps, "

@@ -64,7 +64,8 @@ class Dimension:
         if self.integer:
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         count = int((self.high - self.low) / self.step + 1e-9) + 1  # the high bound counts when a step reaches it
-        return [self.low + i * self.step for i in range(count)]
+        # Rounded: 0.1 * 3 is 0.30000000000000004, past a high bound of 0.3 (a field's limit, maybe).
+        return [min(self.high, round(self.low + i * self.step, 12)) for i in range(count)]
 
 
 def _name(key: str) -> str:

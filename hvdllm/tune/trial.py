@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvdllm.comm.launch import mpi_environment, mpirun_command
+from hvdllm.comm.launch import job_error_line, mpi_environment, mpirun_command
 from hvdllm.tune.space import override
 
 LOG_NAME = "train.log"  # the job's stdout and stderr, in its run folder
@@ -120,10 +120,7 @@ def _end_with_the_tuner() -> None:
 
 
 def _error_line(log: Path, returncode: int) -> str:
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    line = errors[-1] if errors else (lines[-1] if lines else "no output")
-    return f"exit status {returncode}: {line}"
+    return f"exit status {returncode}: {job_error_line(log.read_text(errors='replace'))}"
 
 
 def run_trial(trial, command: list[str], run_dir: Path, poll_s: float = 0.2) -> TrialResult:

@@ -3,6 +3,7 @@ grown on the fly or not, or ``hf:DIR``: our own export, or a GPT-2 made by trans
 The strongest check is equivalence: the first step's loss of a run started from a source is
 the loss of the source's own weights on that batch, whatever shape the run grew it into."""
 
+import json
 import shutil
 
 import pytest
@@ -51,15 +52,42 @@ def test_a_run_grown_on_the_fly_starts_at_the_small_models_loss(data, small, sma
 
 def test_every_rank_starts_from_the_grown_model_sync_and_async(data, small, tmp_path):
     """Two data-parallel ranks, and two workers with a parameter server (which builds the
-    model on its own): the same grown start, so s = 0 gives sync's losses step for step."""
+    model on its own): the grown start has the small model's first loss on 2 ranks too, and
+    s = 0 gives sync's losses step for step."""
     losses = {}
-    for name, np, layout in (("sync", 2, []), ("async", 3, ["--parallel.strategy=async", "--parallel.servers=1"])):
+    async_layout = ["--parallel.strategy=async", "--parallel.servers=1"]
+    for name, np, shape in (("small", 2, []), ("sync", 2, WIDER_AND_DEEPER), ("async", 3, WIDER_AND_DEEPER)):
         run_dir = tmp_path / name
         result = hvdllm_mpi(np, *train_args(data, run_dir, "--train.steps=4", "--checkpoint.every=0",
-                                            f"--train.init_from={small}", *WIDER_AND_DEEPER, *layout), timeout=240)
+                                            f"--train.init_from={small}", *shape,
+                                            *(async_layout if name == "async" else [])), timeout=240)
         assert result.returncode == 0, result.stderr
         losses[name] = [r["loss"] for r in read_metrics(run_dir)]
+    assert abs(losses["sync"][0] - losses["small"][0]) < 1e-5
     assert len(losses["sync"]) == 4 and max(abs(a - b) for a, b in zip(losses["sync"], losses["async"])) < 1e-5
+
+
+def test_a_resumed_run_needs_no_source(data, small, tmp_path):
+    """checkpoint.resume wins over train.init_from: the source may be gone by then."""
+    source = tmp_path / "source.pt"
+    for suffix in ("", ".sha256"):
+        shutil.copy(f"{small}{suffix}", f"{source}{suffix}")
+    run_dir = tmp_path / "run"
+    args = train_args(data, run_dir, f"--train.init_from={source}", *WIDER_AND_DEEPER, "--checkpoint.every=2")
+    assert hvdllm(*args, "--train.steps=2").returncode == 0
+    source.unlink()
+    resumed = hvdllm(*args, "--train.steps=4", "--checkpoint.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_tokenizer_written_differently_is_the_same_tokenizer(data, small, small_loss, tmp_path):
+    """The same tokenizer re-saved with other formatting (as a user's tool might) is accepted."""
+    folder = tmp_path / "hf"
+    assert hvdllm("export", "--checkpoint", str(small), "--out", str(folder)).returncode == 0
+    tokenizer = folder / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=4))
+    assert abs(first_loss(data, tmp_path / "run", f"--train.init_from=hf:{folder}") - small_loss) < 1e-5
 
 
 def test_grow_writes_a_checkpoint_that_init_from_reads(data, small, small_loss, tmp_path):
@@ -126,6 +154,12 @@ def test_bad_sources_are_one_line(data, small, tmp_path):
     assert "no config.json" in refused(f"--train.init_from=hf:{tmp_path}")
     folder = tmp_path / "hf"
     assert hvdllm("export", "--checkpoint", str(small), "--out", str(folder)).returncode == 0
+    assert f"name it hf:{folder}" in refused(f"--train.init_from={folder}")
+    weights = folder / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    assert "not a readable safetensors file" in refused(f"--train.init_from=hf:{folder}")
+    weights.write_bytes(intact)
     tokenizer = folder / "tokenizer.json"
     text = tokenizer.read_text()
     tokenizer.unlink()

@@ -80,7 +80,8 @@ def test_overrides_reach_every_run_of_a_training_benchmark(name, tmp_path, capsy
     monkeypatch.setattr(bench_train, "_run", fake_run)
     monkeypatch.setattr(bench_train, "interleaved_ratio", fake_interleaved)
     override = "--optim.lr=1e-3"
-    assert cli.main(["bench", name, "--config", NANO, "--rounds", "1", "--steps", "4", override]) == 0
+    switches = ["--switches", ",".join(SPEED_SWITCHES)] if name == "overhead" else []
+    assert cli.main(["bench", name, "--config", NANO, "--rounds", "1", "--steps", "4", *switches, override]) == 0
     assert len(launched) == (2 + len(SPEED_SWITCHES) if name == "overhead" else 4)
     for cmd in launched:
         assert NANO in cmd and override in cmd, cmd

@@ -19,7 +19,9 @@ def test_each_form_parses_with_the_field_type(tmp_path):
              "optim.weight_decay": [0, 0.1], "optim.name": ["adamw", "lamb"], "data.shuffle": [True, False]}
     dims = {d.key: d for d in parse_space(space, None, [])}
     assert dims["optim.lr"] == Dimension("optim.lr", "log", False, 1e-4, 1e-2)
-    assert dims["model.dropout"].grid_values() == pytest.approx([0.0, 0.1, 0.2])
+    assert dims["model.dropout"].grid_values() == [0.0, 0.1, 0.2]  # exactly: these become overrides
+    stepped = parse_space({"model.dropout": {"uniform": [0, 0.3], "step": 0.1}}, None, [])[0]
+    assert stepped.grid_values() == [0.0, 0.1, 0.2, 0.3]  # not 0.30000000000000004, past the bound
     assert dims["schedule.warmup_steps"].grid_values() == [0, 10, 20, 30, 40, 50]
     assert dims["data.batch_size"].integer and dims["data.batch_size"].kind == "log"
     assert dims["optim.weight_decay"].choices == (0.0, 0.1)  # a float field's choices are floats
