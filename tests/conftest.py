@@ -21,3 +21,12 @@ def inductor_cache_in_the_test_folder(tmp_path_factory):
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
     else:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small byte-level dataset with train and val splits (tests/helpers/corpus.py), one per
+    test module."""
+    from helpers.corpus import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("ds"))

@@ -213,22 +213,30 @@ class PipelineBenchOptions(BenchOptions):
 
 
 @dataclass
-class StragglerBenchOptions(BenchOptions):
-    summary: ClassVar[str] = ("sync, async (parameter server) and local-sgd with and without a slowed worker: "
-                              "wall time and tokens to a fixed validation loss")
+class LossRaceBenchOptions(BenchOptions):
+    """Training runs raced to a validation loss (hvdllm/bench/curves.py): what they all take."""
+
     takes_training_config: ClassVar[bool] = True
 
     config: str = _flag("configs/demo.toml", "training config (TOML)")
+    steps: int = _flag(60, "training steps per run")
+    eval_every: int = _flag(5, "steps between evaluations (the points of each loss curve)")
+    target_loss: float = _flag(0.0, "validation loss to reach; 0: the baseline's at 3/4 of its steps")
+    timeout: int = _flag(1800, "seconds allowed per run")
+    plot: str = _flag("", "PNG of validation loss against wall time; empty: next to --json")
+
+
+@dataclass
+class StragglerBenchOptions(LossRaceBenchOptions):
+    summary: ClassVar[str] = ("sync, async (parameter server) and local-sgd with and without a slowed worker: "
+                              "wall time and tokens to a fixed validation loss")
+
+    target_loss: float = _flag(0.0, "validation loss to reach; 0: what sync without the straggler reaches at "
+                                    "3/4 of its steps")
     cases: tuple[str, ...] = _flag(("sync", "async-0", "async-2", "async-8", "local-sgd-8"),
                                    "sync, async-S (max staleness S, one server), local-sgd-H (H local steps)")
     workers: int = _flag(3, "worker ranks of every case (oversubscribed past the cores)")
-    steps: int = _flag(60, "training steps per run")
-    eval_every: int = _flag(5, "steps between evaluations (the points of each loss curve)")
     slowdown_factor: float = _flag(2.0, "the straggler's step takes this many times its compute time")
-    target_loss: float = _flag(0.0, "validation loss to reach; 0: what sync without the straggler reaches at "
-                                    "3/4 of its steps")
-    timeout: int = _flag(1800, "seconds allowed per run")
-    plot: str = _flag("", "PNG of validation loss against wall time; empty: next to --json")
 
     def __post_init__(self) -> None:
         _check("sync" in self.cases, "--cases", "must include sync (the baseline of every ratio)")
@@ -242,20 +250,16 @@ class StragglerBenchOptions(BenchOptions):
 
 
 @dataclass
-class GrowBenchOptions(BenchOptions):
+class GrowBenchOptions(LossRaceBenchOptions):
     summary: ClassVar[str] = ("a model grown from a smaller trained one against the same model from scratch: "
                               "wall time and tokens to a fixed validation loss")
-    takes_training_config: ClassVar[bool] = True
 
     config: str = _flag("configs/demo.toml", "training config (TOML); its [model] is the large model")
+    steps: int = _flag(60, "training steps of each large run (grown, scratch)")
+    target_loss: float = _flag(0.0, "validation loss to reach; 0: what scratch reaches at 3/4 of its steps")
     small: tuple[str, ...] = _flag(("model.n_layer=2", "model.d_model=64", "model.n_head=2"),
                                    "section.key=value settings that make the small model from the config's")
     small_steps: int = _flag(60, "training steps of the small model")
-    steps: int = _flag(60, "training steps of each large run (grown, scratch)")
-    eval_every: int = _flag(5, "steps between evaluations (the points of each loss curve)")
-    target_loss: float = _flag(0.0, "validation loss to reach; 0: what scratch reaches at 3/4 of its steps")
-    timeout: int = _flag(1800, "seconds allowed per run")
-    plot: str = _flag("", "PNG of validation loss against wall time; empty: next to --json")
 
     def __post_init__(self) -> None:
         for override in self.small:

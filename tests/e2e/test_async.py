@@ -10,16 +10,11 @@ import time
 
 import pytest
 import torch
-from helpers.corpus import clean_env, error_lines, hvdllm_mpi, make_dataset, rank_pids, read_metrics, train_args
+from helpers.corpus import clean_env, error_lines, hvdllm_mpi, rank_pids, read_metrics, train_args
 
 from hvdllm.comm.launch import mpirun_command
 
 ASYNC = ["--parallel.strategy=async"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 def run(np, data, run_dir, *overrides):

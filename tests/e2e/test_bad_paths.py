@@ -1,14 +1,8 @@
 """Paths a user gets wrong end a 2-rank job with the same one line on every rank, saying what
 the path is."""
 
-import pytest
-from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, make_dataset, train_args
+from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, train_args
 from helpers.mounts import tmpfs
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 def assert_one_line_on_every_rank(result, message):

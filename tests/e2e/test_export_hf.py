@@ -3,15 +3,10 @@ a rotary model is refused with one line; an existing folder is kept unless --ove
 
 import pytest
 import torch
-from helpers.corpus import error_lines, hvdllm, make_dataset, train_args
+from helpers.corpus import error_lines, hvdllm, train_args
 
 from hvdllm.model import GPT
 from hvdllm.train.checkpoint import load_checkpoint, model_config_from_checkpoint
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 def trained(data, run_dir, *overrides):

@@ -8,17 +8,12 @@ import subprocess
 import time
 
 import pytest
-from helpers.corpus import (clean_env, error_lines, hvdllm, hvdllm_mpi, make_dataset, rank_pids, read_metrics,
+from helpers.corpus import (clean_env, error_lines, hvdllm, hvdllm_mpi, rank_pids, read_metrics, 
                             train_args)
 
 from hvdllm.comm.launch import mpirun_command
 
 PIPELINE = ["--parallel.pipeline=2", "--parallel.micro_batches=2"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 def losses(run_dir):

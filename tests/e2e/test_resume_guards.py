@@ -5,14 +5,8 @@ import json
 import os
 import zipfile
 
-import pytest
 import torch
-from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, make_dataset, read_metrics, train_args
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
+from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, read_metrics, train_args
 
 
 def _poison_largest_tensor(path):

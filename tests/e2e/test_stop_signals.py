@@ -9,17 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from helpers.corpus import clean_env, make_dataset, train_args
+from helpers.corpus import clean_env, train_args
 
 from hvdllm.comm.launch import mpirun_command
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 def long_run(data, run_dir) -> list[str]:

@@ -10,15 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.corpus import (clean_env, error_lines, hvdllm, hvdllm_mpi, make_dataset, rank_pids, read_metrics,
+from helpers.corpus import (clean_env, error_lines, hvdllm, hvdllm_mpi, rank_pids, read_metrics, 
                             train_args)
 
 from hvdllm.comm.launch import mpirun_command
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 def losses(run_dir):

@@ -9,15 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.corpus import clean_env, error_lines, hvdllm, make_dataset, rank_pids, read_metrics, train_args
+from helpers.corpus import clean_env, error_lines, hvdllm, rank_pids, read_metrics, train_args
 
 from hvdllm.comm.launch import mpirun_command
 from hvdllm.train.checkpoint import load_checkpoint
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 def _launch(ranks: int, args: list[str]) -> tuple[subprocess.Popen, list[int]]:

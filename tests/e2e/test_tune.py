@@ -14,14 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.corpus import NANO, clean_env, error_lines, hvdllm, make_dataset, read_metrics
+from helpers.corpus import NANO, clean_env, error_lines, hvdllm, read_metrics
 
 STEPS = 200
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 def tune_config(folder: Path, tune: str) -> Path:

@@ -8,17 +8,12 @@ import shutil
 
 import pytest
 import torch
-from helpers.corpus import NANO, error_lines, hvdllm, hvdllm_mpi, make_dataset, read_metrics, train_args
+from helpers.corpus import NANO, error_lines, hvdllm, hvdllm_mpi, read_metrics, train_args
 
 from hvdllm.model import GPT
 from hvdllm.train.checkpoint import load_checkpoint, model_config_from_checkpoint
 
 WIDER_AND_DEEPER = ["--model.n_layer=4", "--model.d_model=64", "--model.n_head=4"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.corpus import clean_env, hvdllm_mpi, make_dataset, read_metrics, train_args
+from helpers.corpus import clean_env, hvdllm_mpi, read_metrics, train_args
 
 HOSTS_SH = Path(__file__).parent / "hosts.sh"
 ACROSS = "hostA:1,hostB:1"
@@ -55,11 +55,6 @@ def horovodrun_across(controller: str, *args: str) -> list[str]:
     horovodrun = str(Path(sys.executable).parent / "horovodrun")
     return [horovodrun, "-np", "2", "-H", ACROSS, controller, "--network-interface", "mh0", "--disable-cache",
             sys.executable, *args]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
 
 
 @pytest.fixture(scope="module")
