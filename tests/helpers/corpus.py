@@ -45,9 +45,9 @@ def hvdllm(*args: str, timeout: int = 300, env: dict | None = None) -> subproces
                           timeout=timeout, env=clean_env(env))
 
 
-def hvdllm_mpi(np: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def hvdllm_mpi(np: int, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(mpirun_command(np, ["-m", "hvdllm", *args]), capture_output=True, text=True,
-                          timeout=timeout, env=clean_env())
+                          timeout=timeout, env=clean_env(env))
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
