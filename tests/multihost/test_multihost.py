@@ -19,13 +19,16 @@ from helpers.corpus import clean_env, hvdllm_mpi, read_metrics, train_args
 
 HOSTS_SH = Path(__file__).parent / "hosts.sh"
 ACROSS = "hostA:1,hostB:1"
-ROOT_VARIABLES = ["OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"]
+# What ranks that ssh starts on the other hosts must see too: running as root, and torch's
+# Inductor cache in pytest's folder (tests/conftest.py), or every rank makes one in /tmp.
+FORWARDED_VARIABLES = ["OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "TORCHINDUCTOR_CACHE_DIR"]
 
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
     state = tmp_path_factory.mktemp("hosts")
-    env = clean_env({"MH_STATE": str(state)})
+    # A near-empty environment; Inductor's cache stays in pytest's folder (tests/conftest.py).
+    env = clean_env({"MH_STATE": str(state), "TORCHINDUCTOR_CACHE_DIR": os.environ["TORCHINDUCTOR_CACHE_DIR"]})
     up = subprocess.run(["bash", str(HOSTS_SH), "up", "3"], capture_output=True, text=True, env=env, timeout=300)
     try:
         assert up.returncode == 0, up.stderr
@@ -47,7 +50,7 @@ def start_on_host(hosts_env, command: list[str], limit_s: int, stderr=subprocess
 
 
 def mpirun_across(*args: str) -> list[str]:
-    exports = [flag for name in ROOT_VARIABLES for flag in ("-x", name)]
+    exports = [flag for name in FORWARDED_VARIABLES for flag in ("-x", name)]
     return ["mpirun", "-np", "2", "-H", ACROSS, "--bind-to", "none", *exports, sys.executable, *args]
 
 
