@@ -100,6 +100,11 @@ _TOKENIZER_FIELDS = {"file": str, "sha256": str}
 _SHARD_FIELDS = {"file": str, "split": str, "samples": int, "tokens": int, "sha256": str}
 
 
+def read_tokenizer_json(folder: str | Path, manifest: Mapping[str, Any]) -> str:
+    """The tokenizer.json text a shard folder was made with (named in its manifest)."""
+    return (Path(folder) / manifest["tokenizer"]["file"]).read_text()
+
+
 def _check_fields(record: Any, fields: dict[str, type], where: str) -> None:
     if not isinstance(record, dict):
         raise UserError(f"{where} must be a JSON object, not {type(record).__name__}")

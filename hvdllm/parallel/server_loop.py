@@ -30,7 +30,7 @@ import torch
 
 from hvdllm.atomic import write_text_atomic
 from hvdllm.config import config_to_toml
-from hvdllm.data.shards import read_manifest
+from hvdllm.data.shards import read_manifest, read_tokenizer_json
 from hvdllm.model import gpt_config_from
 from hvdllm.optim import LRSchedule, build_optimizer
 from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EMPTY, END, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD,
@@ -54,7 +54,7 @@ class ParameterServer:
         manifest = read_manifest(cfg.data.path)
         gpt_cfg = self.gpt_cfg = gpt_config_from(cfg.model, vocab_size=manifest["vocab_size"])
         stage = plan_stages(cfg, layout.data, manifest["seq_len"], gpt_cfg.block_size)[0]
-        tokenizer_json = (Path(cfg.data.path) / manifest["tokenizer"]["file"]).read_text()
+        tokenizer_json = read_tokenizer_json(cfg.data.path, manifest)
         path, _ = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.train.run_dir)
         # As the Trainer does: the same initial weights (none to read when a shard is resumed).
         model = initial_model(cfg, gpt_cfg, tokenizer_json, warm_start=path is None)

@@ -23,7 +23,7 @@ import torch
 
 from hvdllm.config import Config, config_to_toml
 from hvdllm.data import DistributedBatches, ShardedSamples
-from hvdllm.data.shards import read_manifest
+from hvdllm.data.shards import read_manifest, read_tokenizer_json
 from hvdllm.errors import UserError
 from hvdllm.model import gpt_config_from
 from hvdllm.model.flops import flops_per_token
@@ -76,7 +76,7 @@ class Trainer:
         self.stages = plan_stages(cfg, self.dp_size, self.shard_seq_len, self.gpt_cfg.block_size)
         self.total_steps = self.stages[-1].start_step + self.stages[-1].steps
         self.run_dir = Path(cfg.train.run_dir)
-        self.tokenizer_json = (Path(cfg.data.path) / manifest["tokenizer"]["file"]).read_text()
+        self.tokenizer_json = read_tokenizer_json(cfg.data.path, manifest)
         self.logger, self.watchdog = None, None
         resume_path, state = ckpt.resume_state(cfg, self.run_dir, vars(self.gpt_cfg), self.tokenizer_json, self.say,
                                                shard=strategy.checkpoint_shard)
