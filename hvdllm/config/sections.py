@@ -158,6 +158,9 @@ class ParallelConfig:
     # async (hvdllm/parallel/param_server.py): parameter servers, bounded staleness (SSP).
     max_staleness: int = 0  # s: a worker's parameters never miss more than s clocks (steps) of updates; 0 = sync
     staleness_lr: bool = False  # divide a push's lr by its staleness (Zhang et al. 2016)
+    # s = 0: server 0 splits each clock's global batch among the workers by their measured
+    # speed (LB-BSP), so a slow worker computes fewer of its samples; the update stays sync's.
+    load_balance: bool = False
     # A worker the servers hear nothing from (heartbeats) for this long is dead; above a push's transfer time.
     worker_timeout_s: float = 30.0
     # Go on without a dead worker instead of ending the job (launch with mpirun --enable-recovery).
@@ -174,6 +177,8 @@ class ParallelConfig:
                  f"must be below 16384, got {self.micro_batches}")
         _at_least(0, self, "parallel", "data", "servers", "max_staleness", "outer_momentum")
         _at_least(1, self, "parallel", "local_steps", "elastic_commit_every")
+        _require(not self.load_balance or self.strategy == "async", "parallel.load_balance",
+                 "needs parallel.strategy=async (server 0 splits the global batches)")
         _require(self.outer_lr > 0, "parallel.outer_lr", f"must be > 0, got {self.outer_lr}")
         _require(self.worker_timeout_s > 0, "parallel.worker_timeout_s", f"must be > 0, got {self.worker_timeout_s}")
         _require(self.outer_momentum < 1, "parallel.outer_momentum", f"must be < 1, got {self.outer_momentum}")

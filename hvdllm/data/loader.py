@@ -33,6 +33,12 @@ class Batch:
     targets: torch.Tensor  # (B, T) int64
     loss_mask: torch.Tensor | None = None  # (B, T) float, 1 where the target is learned
 
+    def rows(self, start: int, count: int) -> "Batch":
+        """Samples ``[start, start + count)`` of this batch."""
+        end = start + count
+        return Batch(self.inputs[start:end], self.targets[start:end],
+                     None if self.loss_mask is None else self.loss_mask[start:end])
+
     def __iter__(self):  # unpacks as (inputs, targets) or (inputs, targets, mask)
         yield self.inputs
         yield self.targets

@@ -50,6 +50,11 @@ class ParallelStrategy(ABC):
         """(rank, size) of this process in its data-parallel group: the loader's slice."""
         return self.coords.data_rank, self.layout.data
 
+    def train_slice(self, batch_size: int) -> tuple[int, int, int]:
+        """(rank, ranks, samples per batch) of the training loader of this rank: by default
+        its own slice of each global batch, as the data-parallel group divides it."""
+        return (*self.data_rank, batch_size)
+
     @property
     def world_size(self) -> int:
         return self.layout.world_size

@@ -77,8 +77,9 @@ from hvdllm.errors import UserError
 from hvdllm.parallel.base import ParallelStrategy
 from hvdllm.parallel.layout import rank_coordinates
 from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EMPTY, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED,
-                                         H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_STOP_AT, H_UPDATES, H_VERSION, PUSH,
-                                         STATS, Heartbeat, header_size, launcher_keeps_survivors, shard_ranges, tag)
+                                         H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_SPAN_COUNT, H_SPAN_START, H_STOP_AT,
+                                         H_UPDATES, H_VERSION, PUSH, STATS, Heartbeat, header_size,
+                                         launcher_keeps_survivors, shard_ranges, tag)
 
 
 def check_async_layout(cfg, layout) -> None:
@@ -94,6 +95,9 @@ def check_async_layout(cfg, layout) -> None:
         raise UserError("parallel.strategy=async follows one LR schedule on the servers: [[stages]] are not supported")
     if cfg.schedule.plateau:
         raise UserError("parallel.strategy=async: schedule.plateau is not supported (the servers own the lr)")
+    if cfg.parallel.load_balance and cfg.parallel.max_staleness > 0:
+        raise UserError("parallel.load_balance splits the global batch of a synchronous clock: it needs "
+                        "parallel.max_staleness=0")
     if cfg.parallel.op != "average" or cfg.parallel.compression != "none":
         raise UserError("parallel.strategy=async pushes float32 gradients: use parallel.op=average and "
                         "parallel.compression=none")
@@ -137,6 +141,8 @@ class ParameterServerWorker(ParallelStrategy):
         self.gathered = 0  # collectives so far (their order is the same on every worker)
         self.started = time.perf_counter()
         self.metrics: dict = {}
+        self.span: tuple[int, int] | None = None  # parallel.load_balance: this clock's samples of the global batch
+        self.share = 1.0  # what its span's mean gradient counts for in the clock's mean over pushes
         self.heartbeat = Heartbeat(self.p2p, self.servers, self.cfg.worker_timeout_s / 5)
 
     @property
@@ -184,6 +190,22 @@ class ParameterServerWorker(ParallelStrategy):
         self.started = time.perf_counter()  # pushes per second count from the first pull
 
     # --- one step --------------------------------------------------------------------------
+    def train_slice(self, batch_size: int) -> tuple[int, int, int]:
+        """With parallel.load_balance every worker reads the whole global batch and computes
+        the span server 0 gives it (see forward_backward)."""
+        if self.cfg.load_balance:
+            return 0, 1, self.layout.data * batch_size
+        return super().train_slice(batch_size)
+
+    def forward_backward(self, model: nn.Module, micro_batches, precision) -> tuple[float, bool]:
+        if self.span is not None:
+            start, count = self.span
+            # Span means weighted by span sizes: the server's mean over the live workers'
+            # pushes is then the mean over the whole global batch.
+            self.share = (self.layout.data - self.dead_workers) * count / len(micro_batches[0].inputs)
+            micro_batches = [batch.rows(start, count) for batch in micro_batches]
+        return super().forward_backward(model, micro_batches, precision)
+
     @torch.no_grad()
     def finish_gradients(self, optimizer, step_stats: torch.Tensor) -> torch.Tensor:
         """Push this clock's gradient (clipped per push when s > 0) with the step statistics,
@@ -192,16 +214,18 @@ class ParameterServerWorker(ParallelStrategy):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])).item()
         stats = step_stats.clone()
+        stats[0] *= self.share
         if not math.isfinite(norm):
             stats[1] = 1.0  # dropped (s > 0) or the clock skipped (s = 0), as a non-finite loss
         clip = self.run_cfg.optim.grad_clip
         scale = min(1.0, clip / (norm + 1e-6)) if clip and self.cfg.max_staleness > 0 and math.isfinite(norm) else 1.0
+        scale *= self.share
         for k in range(len(self.shards)):
             head, flat = self._push_parts(k)
             head.copy_(stats)
             start, end = self.ranges[k]
             torch.cat([g.flatten() for g in grads[start:end]], out=flat)
-            if scale < 1.0:
+            if scale != 1.0:
                 flat.mul_(scale)
         self.grad_norm = norm
         header = self._exchange(stats, clock=self.clock, push=True)
@@ -233,6 +257,8 @@ class ParameterServerWorker(ParallelStrategy):
         s = self.cfg.max_staleness
         elapsed = time.perf_counter() - self.started
         self.dead_workers = int(header[H_DEAD].item())
+        if self.cfg.load_balance:
+            self.span = int(header[H_SPAN_START].item()), int(header[H_SPAN_COUNT].item())
         self.metrics = {"staleness": self.clock - int(header[H_VERSION].item()),
                         "staleness_hist": [int(v) for v in header[H_HIST:H_HIST + s + 1].tolist()],
                         "server_updates": int(header[H_UPDATES].item()),

@@ -34,10 +34,11 @@ STATS = 3  # loss sum, non-finite flag, stop flag (float64, at the front of a pu
 EMPTY = torch.empty(0, dtype=torch.uint8).numpy()
 # The reply header (float64): complete clocks when sent, updates, applied and dropped pushes,
 # clock at which every worker stops (-1: none), the clock's summed statistics and push count,
-# the global gradient norm of the update (s = 0), the workers declared dead, then the
-# staleness histogram (s + 1 bins).
+# the global gradient norm of the update (s = 0), the workers declared dead, the samples of
+# the next clock's global batch this worker computes (start, count; parallel.load_balance),
+# then the staleness histogram (s + 1 bins).
 (H_VERSION, H_UPDATES, H_APPLIED, H_DROPPED, H_STOP_AT, H_LOSS, H_NONFINITE, H_STOP, H_COUNT, H_NORM,
- H_DEAD, H_HIST) = range(12)
+ H_DEAD, H_SPAN_START, H_SPAN_COUNT, H_HIST) = range(14)
 
 
 def header_size(max_staleness: int) -> int:

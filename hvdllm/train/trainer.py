@@ -138,7 +138,7 @@ class Trainer:
         if self.loader is not None:
             self.loader.close()
         self.stage = stage
-        self.loader = DistributedBatches(self.train_samples, self.rank, self.dp_size, stage.batch_size,
+        self.loader = DistributedBatches(self.train_samples, *self.strategy.train_slice(stage.batch_size),
                                          seed=self.cfg.data.seed + stage.index, shuffle=self.cfg.data.shuffle,
                                          seq_len=stage.seq_len, random_offset=self.cfg.data.random_offset,
                                          prefetch=self.cfg.data.prefetch)

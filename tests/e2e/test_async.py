@@ -50,6 +50,22 @@ def test_zero_staleness_gives_the_losses_of_sync(data, tmp_path, servers, optimi
         assert summary["updates"] == 8 and summary["applied_pushes"] == 16 and summary["staleness_hist"] == [16]
 
 
+def test_load_balance_gives_a_slowed_worker_fewer_samples_and_the_losses_of_sync(data, tmp_path):
+    steps = ["--train.steps=8"]
+    sync = run(2, data, tmp_path / "sync", *steps)
+    balanced = run(3, data, tmp_path / "balanced", *ASYNC, "--parallel.servers=1", "--parallel.load_balance=true",
+                   "--train.slowdown_rank=1", "--train.slowdown_factor=4", *steps)
+    a, b = losses(sync), losses(balanced)
+    assert len(a) == len(b) == 8 and a[-1] < a[0]
+    # The same global batches and means; only the order of the float sums differs.
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-4, (a, b)
+    val_a, val_b = val_losses(sync), val_losses(balanced)
+    assert len(val_a) == len(val_b) >= 1 and max(abs(x - y) / abs(x) for x, y in zip(val_a, val_b)) < 1e-4
+    samples = server_summary(balanced)["samples_per_worker"]
+    assert sum(samples) == 8 * 2 * 4  # every sample of every global batch, once
+    assert samples[1] < samples[0] / 2, samples  # the worker 4x slower computed far fewer of them
+
+
 def test_staleness_never_exceeds_the_bound_with_a_slow_worker(data, tmp_path):
     ps = run(3, data, tmp_path / "ps", *ASYNC, "--parallel.servers=1", "--parallel.max_staleness=2",
              "--train.steps=16", "--train.slowdown_rank=1", "--train.slowdown_factor=6", "--train.eval_every=4")

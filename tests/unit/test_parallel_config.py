@@ -19,6 +19,11 @@ def test_one_launched_rank_trains_without_horovod():
     assert isinstance(build_strategy(load_config(), world_size=1), SingleProcess)
 
 
+def test_load_balance_needs_a_parameter_server():
+    with pytest.raises(ConfigError, match=r"^parallel.load_balance needs parallel.strategy=async"):
+        load_config(None, ["--parallel.load_balance=true"])
+
+
 def test_old_data_parallel_key_names_its_replacement():
     with pytest.raises(ConfigError, match=r"^parallel.data_parallel was replaced by parallel.data \("):
         load_config(None, ["--parallel.data_parallel=2"])
@@ -31,6 +36,9 @@ def test_old_data_parallel_key_names_its_replacement():
     (["--parallel.pipeline=2", "--parallel.op=adasum"], 2, "parallel.op=adasum works on Horovod's global process set"),
     (["--parallel.servers=1"], 3, "parallel.servers=1 needs an asynchronous parallel.strategy, not 'sync'"),
     (["--parallel.op=adasum"], 3, "parallel.op=adasum needs a power-of-two number of ranks"),
+    (["--parallel.strategy=async", "--parallel.servers=1", "--parallel.max_staleness=1",
+      "--parallel.load_balance=true"], 3, "parallel.load_balance splits the global batch of a synchronous clock: "
+                                          "it needs parallel.max_staleness=0"),
     (["--parallel.op=adasum", "--train.precision=fp16"], 2, "parallel.op=adasum with train.precision=fp16"),
     (["--parallel.data=3"], 2, "parallel.data=3 x parallel.pipeline=1 + parallel.servers=0 = 3 ranks, "
                                "but the job was launched with 2"),

@@ -1,0 +1,53 @@
+"""``parallel.load_balance``: split each clock's global batch among the workers by speed.
+
+A persistently slow worker (older GPU, busy node) holds every synchronous step back. With a
+parameter server at ``max_staleness = 0`` the update of a clock is the mean gradient over
+its global batch, whoever computed which sample; so server 0 hands each worker a contiguous
+span of the global batch sized by how fast it has been (LB-BSP: Chen et al., "Semi-Dynamic
+Load Balancing", SoCC 2020), and each worker scales its gradient by its share. The update is
+that of ``sync`` (the same samples, the same mean; only the order of float sums differs),
+and all workers finish a clock at about the same time.
+
+Pure functions of timings, so that the split is testable without MPI.
+"""
+
+from __future__ import annotations
+
+import math
+
+SMOOTHING = 0.5  # weight of the newest timing: follows a change within a few clocks, damps noise
+
+
+def even_spans(samples: int, workers: list[int]) -> dict[int, tuple[int, int]]:
+    """The static split: worker ``w`` of the live ones gets its equal slice, in rank order
+    (for ``len(workers)`` dividing ``samples``: exactly the slice sync's loader gives it)."""
+    return split_batch(samples, {w: 1.0 for w in workers})
+
+
+def split_batch(samples: int, seconds_per_sample: dict[int, float]) -> dict[int, tuple[int, int]]:
+    """(start, count) of each worker's span of a global batch of ``samples``: counts in
+    proportion to speed (largest remainders), at least one sample each, spans contiguous in
+    rank order and covering the batch exactly."""
+    workers = sorted(seconds_per_sample)
+    if not 0 < len(workers) <= samples:
+        raise ValueError(f"cannot split {samples} samples among {len(workers)} workers")
+    speed = {w: 1.0 / max(seconds_per_sample[w], 1e-9) for w in workers}
+    total = sum(speed.values())
+    spare = samples - len(workers)  # one sample each first, the rest by speed
+    ideal = {w: spare * speed[w] / total for w in workers}
+    counts = {w: 1 + math.floor(ideal[w]) for w in workers}
+    by_remainder = sorted(workers, key=lambda w: (ideal[w] - math.floor(ideal[w]), -w), reverse=True)
+    for w in by_remainder[:samples - sum(counts.values())]:
+        counts[w] += 1
+    spans, start = {}, 0
+    for w in workers:
+        spans[w] = (start, counts[w])
+        start += counts[w]
+    return spans
+
+
+def smoothed(previous: float | None, seconds: float, count: int) -> float:
+    """The next estimate of a worker's seconds per sample after a clock of ``count`` samples
+    took it ``seconds`` (from the server's reply to its push)."""
+    current = seconds / max(count, 1)
+    return current if previous is None else SMOOTHING * current + (1 - SMOOTHING) * previous

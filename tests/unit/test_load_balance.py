@@ -1,0 +1,49 @@
+"""How server 0 splits a clock's global batch among workers of different speeds
+(parallel.load_balance): contiguous spans in rank order that cover the batch exactly, sized
+by speed, at least one sample each."""
+
+import pytest
+
+from hvdllm.parallel.load_balance import even_spans, smoothed, split_batch
+
+
+def covers(spans, samples):
+    starts = [spans[w] for w in sorted(spans)]
+    position = 0
+    for start, count in starts:
+        assert start == position and count >= 1
+        position += count
+    return position == samples
+
+
+def test_equal_speeds_give_each_worker_its_own_slice_as_sync_reads_it():
+    assert even_spans(24, [0, 1, 2]) == {0: (0, 8), 1: (8, 8), 2: (16, 8)}
+    assert split_batch(24, {0: 0.1, 1: 0.1, 2: 0.1}) == even_spans(24, [0, 1, 2])
+
+
+def test_a_worker_twice_as_slow_gets_half_the_samples_of_each_other():
+    spans = split_batch(25, {0: 0.01, 1: 0.02, 2: 0.01})
+    assert covers(spans, 25)
+    assert spans[1][1] == 5 and spans[0][1] == spans[2][1] == 10
+
+
+@pytest.mark.parametrize("samples, times", [
+    (7, {0: 1.0, 1: 1e6}), (3, {0: 0.5, 1: 0.5, 2: 100.0}), (64, {0: 0.3, 3: 0.1, 5: 0.7}), (5, {4: 2.0}),
+])
+def test_spans_cover_the_batch_exactly_and_no_live_worker_is_left_without_one(samples, times):
+    spans = split_batch(samples, times)
+    assert sorted(spans) == sorted(times) and covers(spans, samples)
+
+
+def test_a_dead_worker_s_share_goes_to_the_live_ones():
+    assert even_spans(24, [0, 2]) == {0: (0, 12), 2: (12, 12)}
+
+
+def test_more_workers_than_samples_cannot_be_split():
+    with pytest.raises(ValueError, match="cannot split 2 samples among 3 workers"):
+        split_batch(2, {0: 1.0, 1: 1.0, 2: 1.0})
+
+
+def test_timings_are_smoothed_per_sample():
+    assert smoothed(None, 2.0, 4) == 0.5
+    assert smoothed(0.5, 4.0, 4) == 0.75
