@@ -233,8 +233,9 @@ class StragglerBenchOptions(LossRaceBenchOptions):
 
     target_loss: float = _flag(0.0, "validation loss to reach; 0: what sync without the straggler reaches at "
                                     "3/4 of its steps")
-    cases: tuple[str, ...] = _flag(("sync", "async-0", "async-2", "async-8", "local-sgd-8"),
-                                   "sync, async-S (max staleness S, one server), local-sgd-H (H local steps)")
+    cases: tuple[str, ...] = _flag(("sync", "async-0", "async-2", "async-8", "async-lb", "local-sgd-8"),
+                                   "sync, async-S (max staleness S, one server), async-lb (S = 0, "
+                                   "parallel.load_balance), local-sgd-H (H local steps)")
     workers: int = _flag(3, "worker ranks of every case (oversubscribed past the cores)")
     slowdown_factor: float = _flag(2.0, "the straggler's step takes this many times its compute time")
 
@@ -242,8 +243,8 @@ class StragglerBenchOptions(LossRaceBenchOptions):
         _check("sync" in self.cases, "--cases", "must include sync (the baseline of every ratio)")
         for case in self.cases:
             number = case.removeprefix("async-").removeprefix("local-sgd-")
-            _check(case == "sync" or (number != case and number.isdigit()), "--cases",
-                   f"has unknown case {case!r} (sync, async-S, local-sgd-H)")
+            _check(case in ("sync", "async-lb") or (number != case and number.isdigit()), "--cases",
+                   f"has unknown case {case!r} (sync, async-S, async-lb, local-sgd-H)")
         _check(self.workers >= 2, "--workers", f"must be >= 2 (one of them is slowed), got {self.workers}")
         _check(self.steps >= 1 and self.eval_every >= 1, "--steps", "and --eval-every must be >= 1")
         _check(self.slowdown_factor >= 1, "--slowdown-factor", f"must be >= 1, got {self.slowdown_factor}")

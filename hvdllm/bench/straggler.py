@@ -1,5 +1,5 @@
 """``hvdllm bench straggler``: ``sync``, ``async`` (parameter server, several staleness
-bounds) and ``local-sgd`` side by side, with and without one slowed worker.
+bounds, and s = 0 with ``parallel.load_balance``) and ``local-sgd`` side by side, with and without one slowed worker.
 
 Every case is its own ``mpirun`` job of ``hvdllm train`` on the same config, data, model and
 per-worker batch (``async`` adds one server rank), so the global batch per step is the same;
@@ -27,9 +27,11 @@ STRAGGLER = 1  # the slowed worker's rank
 
 
 def case_settings(case: str) -> tuple[int, list[str]]:
-    """(extra server ranks, train overrides) of a case name: sync, async-S, local-sgd-H."""
+    """(extra server ranks, train overrides) of a case name: sync, async-S, async-lb, local-sgd-H."""
     if case == "sync":
         return 0, []
+    if case == "async-lb":  # s = 0 with the global batch split by the workers' speeds
+        return 1, ["--parallel.strategy=async", "--parallel.servers=1", "--parallel.load_balance=true"]
     if case.startswith("async-"):
         return 1, ["--parallel.strategy=async", "--parallel.servers=1", f"--parallel.max_staleness={case[6:]}"]
     return 0, ["--parallel.strategy=local-sgd", f"--parallel.local_steps={case[10:]}"]

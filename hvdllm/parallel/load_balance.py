@@ -14,6 +14,7 @@ Pure functions of timings, so that the split is testable without MPI.
 from __future__ import annotations
 
 import math
+import time
 
 SMOOTHING = 0.5  # weight of the newest timing: follows a change within a few clocks, damps noise
 
@@ -51,3 +52,41 @@ def smoothed(previous: float | None, seconds: float, count: int) -> float:
     took it ``seconds`` (from the server's reply to its push)."""
     current = seconds / max(count, 1)
     return current if previous is None else SMOOTHING * current + (1 - SMOOTHING) * previous
+
+
+class BatchSplitter:
+    """Server 0's side of ``parallel.load_balance``: times each worker from the reply that
+    gives it a span to its push of that span, and splits the next clock's global batch.
+    Off (``enabled`` False: other servers, or the option unset), every worker keeps its even
+    slice; the samples computed are counted either way."""
+
+    def __init__(self, global_batch: int, workers: int, enabled: bool) -> None:
+        self.global_batch, self.enabled = global_batch, enabled
+        self.spans = even_spans(global_batch, list(range(workers)))
+        self.seconds_per_sample: dict[int, float] = {}
+        self.replied_at: dict[int, float] = {}
+        self.samples = [0] * workers  # computed by each worker (its spans' sizes)
+
+    def replied(self, worker: int) -> None:
+        self.replied_at[worker] = time.perf_counter()
+
+    def pushed(self, worker: int) -> None:
+        count = self.spans[worker][1]
+        self.samples[worker] += count
+        if self.enabled and worker in self.replied_at:
+            seconds = time.perf_counter() - self.replied_at.pop(worker)
+            self.seconds_per_sample[worker] = smoothed(self.seconds_per_sample.get(worker), seconds, count)
+
+    def rebalance(self, live: set[int]) -> None:
+        """Between two clocks: the next one's spans, by the live workers' speeds (even until
+        every one of them has been timed)."""
+        if not self.enabled or not live:
+            return
+        timed = {w: self.seconds_per_sample.get(w) for w in live}
+        if None in timed.values():
+            self.spans = even_spans(self.global_batch, sorted(live))
+        else:
+            self.spans = split_batch(self.global_batch, timed)
+
+    def span(self, worker: int | None) -> tuple[int, int]:
+        return self.spans.get(worker, (0, 0))

@@ -33,11 +33,11 @@ from hvdllm.config import config_to_toml
 from hvdllm.data.shards import read_manifest, read_tokenizer_json
 from hvdllm.model import gpt_config_from
 from hvdllm.optim import LRSchedule, build_optimizer
-from hvdllm.parallel.load_balance import even_spans, smoothed, split_batch
+from hvdllm.parallel.load_balance import BatchSplitter
 from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EMPTY, END, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD,
                                          H_DROPPED, H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_SPAN_COUNT, H_SPAN_START,
-                                         H_STOP, H_STOP_AT, H_UPDATES, H_VERSION, HEARTBEAT, KINDS, PUSH, SERVER_SHARD, STATS, header_size,
-                                         shard_ranges, silent_workers, tag)
+                                         H_STOP, H_STOP_AT, H_UPDATES, H_VERSION, HEARTBEAT, KINDS, PUSH, SERVER_SHARD,
+                                         STATS, header_size, shard_ranges, silent_workers, tag)
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.stages import plan_stages
 from hvdllm.train.warm_start import initial_model
@@ -108,14 +108,10 @@ class ParameterServer:
         self.idle_s = self.queue_s = self.queue_max_s = 0.0
         self.replies = 0
         self.checkpoint_due: int | None = None  # the step worker 0 asked to checkpoint
-        # parallel.load_balance (server 0 decides; the workers read its header): each live
-        # worker's span of a clock's global batch, and its seconds per sample so far.
-        self.balancing = cfg.parallel.load_balance and self.index == 0
-        self.global_batch = layout.workers * stage.batch_size
-        self.spans = even_spans(self.global_batch, list(range(self.workers)))
-        self.seconds_per_sample: dict[int, float] = {}
-        self.replied_at: dict[int, float] = {}
-        self.samples = [0] * self.workers  # computed by each worker (its spans' sizes)
+        # Each worker's span of a clock's global batch: by speed with parallel.load_balance
+        # (server 0 decides; the workers read its header).
+        self.splitter = BatchSplitter(layout.workers * stage.batch_size, self.workers,
+                                      cfg.parallel.load_balance and self.index == 0)
         if path is not None:
             self._load(ckpt.load_checkpoint(ckpt.shard_path(path, SERVER_SHARD + self.index)))
 
@@ -305,7 +301,7 @@ class ParameterServer:
         stats = self.incoming[:STATS * 8].view(torch.float64).tolist()
         gradient = self.incoming[STATS * 8:].view(torch.float32)
         self.pushed[worker] = clock + 1
-        self.samples[worker] += self.spans[worker][1]
+        self.splitter.pushed(worker)
         totals = self.clock_stats[clock]
         for i, value in enumerate(stats):
             totals[i] += value
@@ -314,10 +310,6 @@ class ParameterServer:
             self.stop_at = max(self.pushed) + 1  # a clock no worker has passed: all can stop there
         finite = stats[1] == 0 and bool(torch.isfinite(gradient).all())
         staleness = clock - self.sent_version[worker]
-        if self.balancing and worker in self.replied_at:  # its compute time for its span
-            self.seconds_per_sample[worker] = smoothed(self.seconds_per_sample.get(worker),
-                                                       time.perf_counter() - self.replied_at.pop(worker),
-                                                       self.spans[worker][1])
         if self.s == 0:  # applied by _progress once every live worker has pushed this clock
             if finite:
                 self.accumulated += gradient
@@ -342,7 +334,7 @@ class ParameterServer:
         from mpi4py import MPI
 
         del self.pushers[clock]
-        self._rebalance()
+        self.splitter.rebalance(self.live)
         totals = self.clock_stats[clock]
         pushes = int(totals[3])
         mean = (self.accumulated / pushes).float()
@@ -362,21 +354,10 @@ class ParameterServer:
         self.applied += pushes
         self.hist[0] += pushes
 
-    def _rebalance(self) -> None:
-        """Server 0, between two clocks: the next clock's spans, by the live workers' speeds
-        (even until every one of them has been timed)."""
-        if not self.balancing or not self.live:
-            return
-        timed = {w: self.seconds_per_sample.get(w) for w in self.live}
-        if None in timed.values():
-            self.spans = even_spans(self.global_batch, sorted(self.live))
-        else:
-            self.spans = split_batch(self.global_batch, timed)
-
     def _fill_header(self, wanted: int, worker: int | None = None) -> None:
         """The reply header for a worker that will compute clock ``wanted`` next."""
         totals = self.clock_stats.get(wanted - 1, [0.0, 0.0, 0.0, 0.0])
-        start, count = self.spans.get(worker, (0, 0))
+        start, count = self.splitter.span(worker)
         fields = {H_VERSION: self.version, H_UPDATES: self.updates, H_APPLIED: self.applied,
                   H_DROPPED: self.dropped, H_STOP_AT: self.stop_at, H_LOSS: totals[0], H_NONFINITE: totals[1],
                   H_STOP: totals[2], H_COUNT: totals[3], H_NORM: self.norms.get(wanted - 1, math.nan),
@@ -393,7 +374,7 @@ class ParameterServer:
                 continue
             self._fill_header(wanted, worker)
             self._send(self.reply.numpy().copy(), worker, tag(wanted, PUSH))  # a copy: the weights move on
-            self.replied_at[worker] = time.perf_counter()
+            self.splitter.replied(worker)
             self.sent_version[worker] = version
             del self.waiting[worker]
             held = time.perf_counter() - since
@@ -418,7 +399,7 @@ class ParameterServer:
                    "dropped_pushes": self.dropped, "staleness_hist": self.hist, "max_staleness": self.s,
                    "dead_workers": self.dead,
                    "pushes_per_worker": self.pushed,
-                   "samples_per_worker": self.samples,
+                   "samples_per_worker": self.splitter.samples,
                    "pushes_per_s_per_worker": [p / elapsed_s for p in self.pushed],
                    "queue_s_mean": self.queue_s / max(1, self.replies), "queue_s_max": self.queue_max_s,
                    "idle_s": self.idle_s, "elapsed_s": elapsed_s}

@@ -9,13 +9,14 @@ from helpers.corpus import NANO, hvdllm, make_dataset
 def test_straggler_bench_compares_each_case_with_sync(tmp_path):
     data = make_dataset(tmp_path / "ds")
     out = tmp_path / "straggler.json"
-    run = hvdllm("bench", "straggler", "--config", NANO, "--cases", "sync,async-1,local-sgd-2", "--workers", "2",
+    names = ("sync", "async-1", "async-lb", "local-sgd-2")
+    run = hvdllm("bench", "straggler", "--config", NANO, "--cases", ",".join(names), "--workers", "2",
                  "--steps", "8", "--eval-every", "4", "--slowdown-factor", "4", "--json", str(out),
                  f"--data.path={data}", timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     cases = {(c["case"], c["straggler"]): c for c in result["cases"]}
-    assert set(cases) == {(name, slow) for name in ("sync", "async-1", "local-sgd-2") for slow in (False, True)}
+    assert set(cases) == {(name, slow) for name in names for slow in (False, True)}
     assert all([p["step"] for p in c["curve"]] == [4, 8] for c in cases.values())
     sync, slowed = cases[("sync", False)], cases[("sync", True)]
     # The default target: sync's loss three quarters into its run (step 6 of 8: its evaluation at 8).
