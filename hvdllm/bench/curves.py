@@ -24,8 +24,14 @@ def run_for_curve(command: list[str], run_dir: Path, timeout: int, env: dict[str
             for r in records if r.get("val_loss") is not None]
 
 
+# Layouts with the same arithmetic differ in the last digits of a loss (the order of float
+# sums): a run that reaches the target's own value that closely has reached it.
+SAME_LOSS_RTOL = 1e-5
+
+
 def first_reaching(curve: list[dict], target: float) -> dict | None:
-    return next((point for point in curve if point["val_loss"] <= target), None)
+    limit = target * (1 + SAME_LOSS_RTOL)
+    return next((point for point in curve if point["val_loss"] <= limit), None)
 
 
 def loss_at_fraction(curve: list[dict], steps: int, fraction: float = 0.75) -> float:

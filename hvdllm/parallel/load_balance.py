@@ -13,7 +13,7 @@ Pure functions of timings, so that the split is testable without MPI.
 
 from __future__ import annotations
 
-import math
+import heapq
 import time
 
 SMOOTHING = 0.5  # weight of the newest timing: follows a change within a few clocks, damps noise
@@ -22,24 +22,26 @@ SMOOTHING = 0.5  # weight of the newest timing: follows a change within a few cl
 def even_spans(samples: int, workers: list[int]) -> dict[int, tuple[int, int]]:
     """The static split: worker ``w`` of the live ones gets its equal slice, in rank order
     (for ``len(workers)`` dividing ``samples``: exactly the slice sync's loader gives it)."""
-    return split_batch(samples, {w: 1.0 for w in workers})
+    return split_batch(samples, {w: 1.0 for w in workers}, most=samples)
 
 
-def split_batch(samples: int, seconds_per_sample: dict[int, float]) -> dict[int, tuple[int, int]]:
-    """(start, count) of each worker's span of a global batch of ``samples``: counts in
-    proportion to speed (largest remainders), at least one sample each, spans contiguous in
-    rank order and covering the batch exactly."""
+def split_batch(samples: int, seconds_per_sample: dict[int, float], most: int) -> dict[int, tuple[int, int]]:
+    """(start, count) of each worker's span of a global batch of ``samples``: each sample in
+    turn goes to the worker that would finish its span soonest with it (so the slowest
+    finish is as early as it can be), at least one and at most ``most`` samples each (a
+    bound on a worker's activation memory); spans contiguous in rank order, covering the
+    batch exactly."""
     workers = sorted(seconds_per_sample)
-    if not 0 < len(workers) <= samples:
-        raise ValueError(f"cannot split {samples} samples among {len(workers)} workers")
-    speed = {w: 1.0 / max(seconds_per_sample[w], 1e-9) for w in workers}
-    total = sum(speed.values())
-    spare = samples - len(workers)  # one sample each first, the rest by speed
-    ideal = {w: spare * speed[w] / total for w in workers}
-    counts = {w: 1 + math.floor(ideal[w]) for w in workers}
-    by_remainder = sorted(workers, key=lambda w: (ideal[w] - math.floor(ideal[w]), -w), reverse=True)
-    for w in by_remainder[:samples - sum(counts.values())]:
+    if not 0 < len(workers) <= samples <= most * len(workers):
+        raise ValueError(f"cannot split {samples} samples among {len(workers)} workers, 1 to {most} each")
+    counts = dict.fromkeys(workers, 1)
+    finish = [(2 * seconds_per_sample[w], w) for w in workers]  # with one more sample each
+    heapq.heapify(finish)
+    for _ in range(samples - len(workers)):
+        _, w = heapq.heappop(finish)
         counts[w] += 1
+        if counts[w] < most:
+            heapq.heappush(finish, ((counts[w] + 1) * seconds_per_sample[w], w))
     spans, start = {}, 0
     for w in workers:
         spans[w] = (start, counts[w])
@@ -61,7 +63,7 @@ class BatchSplitter:
     slice; the samples computed are counted either way."""
 
     def __init__(self, global_batch: int, workers: int, enabled: bool) -> None:
-        self.global_batch, self.enabled = global_batch, enabled
+        self.global_batch, self.workers, self.enabled = global_batch, workers, enabled
         self.spans = even_spans(global_batch, list(range(workers)))
         self.seconds_per_sample: dict[int, float] = {}
         self.replied_at: dict[int, float] = {}
@@ -85,8 +87,9 @@ class BatchSplitter:
         timed = {w: self.seconds_per_sample.get(w) for w in live}
         if None in timed.values():
             self.spans = even_spans(self.global_batch, sorted(live))
-        else:
-            self.spans = split_batch(self.global_batch, timed)
+        else:  # at most twice what the even split of all workers gives (more if many died)
+            most = max(2 * self.global_batch // self.workers, -(-self.global_batch // len(live)))
+            self.spans = split_batch(self.global_batch, timed, most)
 
     def span(self, worker: int | None) -> tuple[int, int]:
         return self.spans.get(worker, (0, 0))

@@ -38,6 +38,13 @@ What an update is (the global order).
   non-finite loss or gradient is dropped and counted, never applied.
 In both, the LR schedule follows the server's count of complete clocks.
 
+Load balancing (``parallel.load_balance``, s = 0 only; load_balance.py). A clock's update is
+the mean over its global batch, whoever computed which sample, so every worker reads the
+whole global batch and computes only the span of it that server 0's last reply named
+(``H_SPAN_START``, ``H_SPAN_COUNT``), weighting its gradient by its share of the samples.
+Server 0 times each worker from that reply to its push and sizes the next clock's spans by
+speed: a persistently slow worker computes fewer samples, and the update stays ``sync``'s.
+
 Evaluation. At an evaluation step every worker asks the servers for the weights to evaluate:
 each server answers every worker with one snapshot of its shard, taken when the first worker
 asked, so all evaluate the same weights, the servers' (for s = 0 exactly those of the

@@ -160,14 +160,17 @@ def test_a_killed_worker_or_server_ends_the_job_naming_it(data, tmp_path, victim
 TIMEOUT = "--parallel.worker_timeout_s=5"
 
 
-@pytest.mark.parametrize("max_staleness", [0, 2])
-def test_continue_without_dead_goes_on_with_the_live_workers(data, tmp_path, max_staleness):
+@pytest.mark.parametrize("settings", [["--parallel.max_staleness=0"], ["--parallel.max_staleness=2"],
+                                      ["--parallel.max_staleness=0", "--parallel.load_balance=true"]],
+                         ids=["s0", "s2", "s0-load-balance"])
+def test_continue_without_dead_goes_on_with_the_live_workers(data, tmp_path, settings):
     """3 workers, 1 server, under mpirun --enable-recovery: worker 2 is killed; the server
     names it after the timeout and the other two train on (the dead one no longer holds the
-    clocks back), then stop on SIGUSR1 with a checkpoint gathered from the two."""
+    clocks back), then stop on SIGUSR1 with a checkpoint gathered from the two. With
+    load_balance the two then compute the whole of each global batch between them."""
     run_dir = tmp_path / "run"
-    proc = start_long_run(data, run_dir, TIMEOUT, "--parallel.continue_without_dead=true",
-                          f"--parallel.max_staleness={max_staleness}", np=4, recovery=True)
+    proc = start_long_run(data, run_dir, TIMEOUT, "--parallel.continue_without_dead=true", *settings, np=4,
+                          recovery=True)
     try:
         os.kill(rank_pids(proc)[2], signal.SIGKILL)
         killed_at = wait_for_steps(run_dir, 0)
@@ -183,6 +186,11 @@ def test_continue_without_dead_goes_on_with_the_live_workers(data, tmp_path, max
     assert summary["dead_workers"] == [2] and last["dead_workers"] == 1
     pushes = summary["pushes_per_worker"]
     assert pushes[0] == pushes[1] == last["step"] and pushes[2] < last["step"] - 15
+    global_batch = 3 * 4
+    # Without balancing the dead worker's slice of every later clock is lost; with it, at
+    # most its span of the clock it died in.
+    lost = last["step"] * global_batch - sum(summary["samples_per_worker"])
+    assert 0 < lost < global_batch if "--parallel.load_balance=true" in settings else lost > 15 * 4
     state = torch.load(run_dir / "checkpoints" / f"step-{last['step']:08d}.pt", weights_only=False)
     assert len(state["rng"]) == 2  # gathered from the live workers only
 
