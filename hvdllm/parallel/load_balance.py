@@ -14,7 +14,6 @@ Pure functions of timings, so that the split is testable without MPI.
 from __future__ import annotations
 
 import heapq
-import time
 
 SMOOTHING = 0.5  # weight of the newest timing: follows a change within a few clocks, damps noise
 
@@ -57,27 +56,22 @@ def smoothed(previous: float | None, seconds: float, count: int) -> float:
 
 
 class BatchSplitter:
-    """Server 0's side of ``parallel.load_balance``: times each worker from the reply that
-    gives it a span to its push of that span, and splits the next clock's global batch.
-    Off (``enabled`` False: other servers, or the option unset), every worker keeps its even
-    slice; the samples computed are counted either way."""
+    """Server 0's side of ``parallel.load_balance``: from each push, the seconds its worker
+    took per sample (its own timing of its forward and backward, so evaluations, checkpoints
+    and start-up do not count), and the next clock's spans. Off (``enabled`` False: other
+    servers, or the option unset), every worker keeps its even slice; the samples each worker
+    computed are counted either way."""
 
     def __init__(self, global_batch: int, workers: int, enabled: bool) -> None:
         self.global_batch, self.workers, self.enabled = global_batch, workers, enabled
         self.spans = even_spans(global_batch, list(range(workers)))
         self.seconds_per_sample: dict[int, float] = {}
-        self.replied_at: dict[int, float] = {}
-        self.samples = [0] * workers  # computed by each worker (its spans' sizes)
+        self.samples = [0] * workers
 
-    def replied(self, worker: int) -> None:
-        self.replied_at[worker] = time.perf_counter()
-
-    def pushed(self, worker: int) -> None:
-        count = self.spans[worker][1]
-        self.samples[worker] += count
-        if self.enabled and worker in self.replied_at:
-            seconds = time.perf_counter() - self.replied_at.pop(worker)
-            self.seconds_per_sample[worker] = smoothed(self.seconds_per_sample.get(worker), seconds, count)
+    def pushed(self, worker: int, samples: int, seconds: float) -> None:
+        self.samples[worker] += samples
+        if self.enabled:
+            self.seconds_per_sample[worker] = smoothed(self.seconds_per_sample.get(worker), seconds, samples)
 
     def rebalance(self, live: set[int]) -> None:
         """Between two clocks: the next one's spans, by the live workers' speeds (even until

@@ -16,10 +16,10 @@ collectives (the evaluation's sums, the checkpoint's RNG states) are gathered by
 from the workers alive, so that no worker ever waits on one that died.
 
 One step of worker ``w`` at clock ``c`` (its own step count): forward and backward on its own
-data slice; then :meth:`finish_gradients` sends one PUSH per server (``[3 x float64 step
-statistics | float32 gradient shard]``, non-blocking sends) and waits for each server's
-reply, ``[header | float32 parameter shard]``, the parameters it computes clock ``c + 1`` on;
-:meth:`update` copies them into the model. The replies are the pulls: a server answers the
+data slice (its span, under load balancing); then :meth:`finish_gradients` sends one PUSH per
+server (``[5 x float64 statistics | float32 gradient shard]``, non-blocking sends) and waits
+for each server's reply, ``[header | float32 parameter shard]``, the parameters it computes
+clock ``c + 1`` on; :meth:`update` copies them into the model. The replies are the pulls: a server answers the
 push of clock ``c`` as soon as every live worker has pushed clock ``c - s`` (``s =
 parallel.max_staleness``), so no worker ever computes on parameters missing more than ``s``
 clocks of the others' updates (Ho et al. 2013). The staleness of a push is the number of
@@ -41,9 +41,12 @@ In both, the LR schedule follows the server's count of complete clocks.
 Load balancing (``parallel.load_balance``, s = 0 only; load_balance.py). A clock's update is
 the mean over its global batch, whoever computed which sample, so every worker reads the
 whole global batch and computes only the span of it that server 0's last reply named
-(``H_SPAN_START``, ``H_SPAN_COUNT``), weighting its gradient by its share of the samples.
-Server 0 times each worker from that reply to its push and sizes the next clock's spans by
-speed: a persistently slow worker computes fewer samples, and the update stays ``sync``'s.
+(``H_SPAN_START``, ``H_SPAN_COUNT``). A push carries the samples it computed and the seconds
+its forward and backward took; the servers weight each gradient by its samples and divide the
+clock's sum by theirs (the mean over every sample computed, also in a clock a worker died
+in), and server 0 sizes the next clock's spans by the seconds per sample: a persistently slow
+worker computes fewer samples, and the update stays ``sync``'s (with loss masks each sample's
+mean counts alike, where ``sync`` weighs each worker's slice alike).
 
 Evaluation. At an evaluation step every worker asks the servers for the weights to evaluate:
 each server answers every worker with one snapshot of its shard, taken when the first worker
@@ -65,7 +68,8 @@ Faults. Each worker's heartbeat thread tells every server it is alive; a worker 
 then ends the job with a line naming it (under a plain ``mpirun`` the launcher has already
 done so). With ``parallel.continue_without_dead`` (launched with ``mpirun --enable-recovery``,
 so that the launcher lets the others live) the servers go on without it: its clocks no longer
-hold anyone back, its data slice is no longer read, and server 0 gathers from the rest. Worker
+hold anyone back, its data slice is no longer read (under load balancing the live workers
+share its samples from the next clock on), and server 0 gathers from the rest. Worker
 0 writes the log and the checkpoints, so its death always ends the job. A dead server ends
 the job through mpirun or, under ``--enable-recovery``, the workers' stall watchdog.
 """
@@ -85,8 +89,8 @@ from hvdllm.parallel.base import ParallelStrategy
 from hvdllm.parallel.layout import rank_coordinates
 from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EMPTY, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED,
                                          H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_SPAN_COUNT, H_SPAN_START, H_STOP_AT,
-                                         H_UPDATES, H_VERSION, PUSH, STATS, Heartbeat, header_size,
-                                         launcher_keeps_survivors, shard_ranges, tag)
+                                         H_UPDATES, H_VERSION, PUSH, S_LOSS, S_NONFINITE, STATS, Heartbeat,
+                                         header_size, launcher_keeps_survivors, shard_ranges, tag)
 
 
 def check_async_layout(cfg, layout) -> None:
@@ -149,7 +153,7 @@ class ParameterServerWorker(ParallelStrategy):
         self.started = time.perf_counter()
         self.metrics: dict = {}
         self.span: tuple[int, int] | None = None  # parallel.load_balance: this clock's samples of the global batch
-        self.share = 1.0  # what its span's mean gradient counts for in the clock's mean over pushes
+        self.computed = (0, 0.0)  # the last step's samples and its forward and backward's seconds
         self.heartbeat = Heartbeat(self.p2p, self.servers, self.cfg.worker_timeout_s / 5)
 
     @property
@@ -206,12 +210,11 @@ class ParameterServerWorker(ParallelStrategy):
 
     def forward_backward(self, model: nn.Module, micro_batches, precision) -> tuple[float, bool]:
         if self.span is not None:
-            start, count = self.span
-            # Span means weighted by span sizes: the server's mean over the live workers'
-            # pushes is then the mean over the whole global batch.
-            self.share = (self.layout.data - self.dead_workers) * count / len(micro_batches[0].inputs)
-            micro_batches = [batch.rows(start, count) for batch in micro_batches]
-        return super().forward_backward(model, micro_batches, precision)
+            micro_batches = [batch.rows(*self.span) for batch in micro_batches]
+        start = time.perf_counter()
+        result = super().forward_backward(model, micro_batches, precision)
+        self.computed = (sum(len(batch.inputs) for batch in micro_batches), time.perf_counter() - start)
+        return result
 
     @torch.no_grad()
     def finish_gradients(self, optimizer, step_stats: torch.Tensor) -> torch.Tensor:
@@ -220,13 +223,17 @@ class ParameterServerWorker(ParallelStrategy):
         the clock's pushes the server has seen, scaled to ``W`` pushes (all of them for s = 0)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])).item()
-        stats = step_stats.clone()
-        stats[0] *= self.share
+        samples, seconds = self.computed
+        # Under load_balance a span's mean gradient counts by its samples: the servers divide
+        # the clock's sum by the summed samples, the mean over every sample computed.
+        weight = samples if self.cfg.load_balance else 1.0
+        stats = torch.cat([step_stats, torch.tensor([samples, seconds], dtype=torch.float64)])
+        stats[S_LOSS] *= weight
         if not math.isfinite(norm):
-            stats[1] = 1.0  # dropped (s > 0) or the clock skipped (s = 0), as a non-finite loss
+            stats[S_NONFINITE] = 1.0  # dropped (s > 0) or the clock skipped (s = 0), as a non-finite loss
         clip = self.run_cfg.optim.grad_clip
         scale = min(1.0, clip / (norm + 1e-6)) if clip and self.cfg.max_staleness > 0 and math.isfinite(norm) else 1.0
-        scale *= self.share
+        scale *= weight
         for k in range(len(self.shards)):
             head, flat = self._push_parts(k)
             head.copy_(stats)

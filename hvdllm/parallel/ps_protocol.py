@@ -29,7 +29,11 @@ from hvdllm.errors import UserError
 PUSH, DONE, CHECKPOINT, GATHER, HEARTBEAT, EVALUATE, END = range(7)
 KINDS = 8
 SERVER_SHARD = 1000  # server k's checkpoint file is shard SERVER_SHARD + k (step-N.stage-100k.pt)
-STATS = 3  # loss sum, non-finite flag, stop flag (float64, at the front of a push)
+# A push's statistics (float64, at its front): the sum of its micro-batches' losses (times its
+# weight in the clock's mean), the non-finite and stop flags, the samples it computed, and the
+# seconds its forward and backward took (what parallel.load_balance splits by).
+S_LOSS, S_NONFINITE, S_STOP, S_SAMPLES, S_SECONDS = range(5)
+STATS = 5
 # The payload of a message that is its tag alone (HEARTBEAT, DONE, END, CHECKPOINT): zero bytes.
 EMPTY = torch.empty(0, dtype=torch.uint8).numpy()
 # The reply header (float64): complete clocks when sent, updates, applied and dropped pushes,

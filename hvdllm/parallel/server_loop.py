@@ -37,7 +37,8 @@ from hvdllm.parallel.load_balance import BatchSplitter
 from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EMPTY, END, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD,
                                          H_DROPPED, H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_SPAN_COUNT, H_SPAN_START,
                                          H_STOP, H_STOP_AT, H_UPDATES, H_VERSION, HEARTBEAT, KINDS, PUSH, SERVER_SHARD,
-                                         STATS, header_size, shard_ranges, silent_workers, tag)
+                                         S_LOSS, S_NONFINITE, S_SAMPLES, S_SECONDS, S_STOP, STATS, header_size,
+                                         shard_ranges, silent_workers, tag)
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.stages import plan_stages
 from hvdllm.train.warm_start import initial_model
@@ -98,7 +99,9 @@ class ParameterServer:
         self.snapshots: dict[int, tuple] = {}  # step -> (reply bytes to evaluate, workers served)
         self.waiting: dict[int, tuple[int, float]] = {}  # worker -> (clock wanted, since)
         self.sent_version = [0] * self.workers
-        self.clock_stats = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])  # loss, non-finite, stop, pushes
+        # Per clock: loss, non-finite, stop (summed), the pushes' weights (their samples under
+        # parallel.load_balance, else 1 each: the mean divides by these) and the pushes.
+        self.clock_stats = defaultdict(lambda: [0.0] * 5)
         self.pushers: dict[int, set[int]] = defaultdict(set)  # s = 0: who pushed the open clock
         self.norms: dict[int, float] = {}
         self.updates = self.applied = self.dropped = 0
@@ -301,14 +304,14 @@ class ParameterServer:
         stats = self.incoming[:STATS * 8].view(torch.float64).tolist()
         gradient = self.incoming[STATS * 8:].view(torch.float32)
         self.pushed[worker] = clock + 1
-        self.splitter.pushed(worker)
+        weight = stats[S_SAMPLES] if self.cfg.parallel.load_balance else 1.0
         totals = self.clock_stats[clock]
-        for i, value in enumerate(stats):
+        for i, value in enumerate((stats[S_LOSS], stats[S_NONFINITE], stats[S_STOP], weight, 1.0)):
             totals[i] += value
-        totals[3] += 1
-        if (stats[2] > 0 or self.stop_signalled) and self.stop_at < 0:
+        self.splitter.pushed(worker, int(stats[S_SAMPLES]), stats[S_SECONDS])
+        if (stats[S_STOP] > 0 or self.stop_signalled) and self.stop_at < 0:
             self.stop_at = max(self.pushed) + 1  # a clock no worker has passed: all can stop there
-        finite = stats[1] == 0 and bool(torch.isfinite(gradient).all())
+        finite = stats[S_NONFINITE] == 0 and bool(torch.isfinite(gradient).all())
         staleness = clock - self.sent_version[worker]
         if self.s == 0:  # applied by _progress once every live worker has pushed this clock
             if finite:
@@ -336,8 +339,8 @@ class ParameterServer:
         del self.pushers[clock]
         self.splitter.rebalance(self.live)
         totals = self.clock_stats[clock]
-        pushes = int(totals[3])
-        mean = (self.accumulated / pushes).float()
+        pushes = int(totals[4])
+        mean = (self.accumulated / totals[3]).float()  # pushes arrive weighted
         self.accumulated.zero_()
         square = self.servers_comm.allreduce(mean.double().square().sum().item(), op=MPI.SUM)
         norm = math.sqrt(square) if math.isfinite(square) else math.inf
@@ -356,7 +359,7 @@ class ParameterServer:
 
     def _fill_header(self, wanted: int, worker: int | None = None) -> None:
         """The reply header for a worker that will compute clock ``wanted`` next."""
-        totals = self.clock_stats.get(wanted - 1, [0.0, 0.0, 0.0, 0.0])
+        totals = self.clock_stats.get(wanted - 1, [0.0] * 5)
         start, count = self.splitter.span(worker)
         fields = {H_VERSION: self.version, H_UPDATES: self.updates, H_APPLIED: self.applied,
                   H_DROPPED: self.dropped, H_STOP_AT: self.stop_at, H_LOSS: totals[0], H_NONFINITE: totals[1],
@@ -374,7 +377,6 @@ class ParameterServer:
                 continue
             self._fill_header(wanted, worker)
             self._send(self.reply.numpy().copy(), worker, tag(wanted, PUSH))  # a copy: the weights move on
-            self.splitter.replied(worker)
             self.sent_version[worker] = version
             del self.waiting[worker]
             held = time.perf_counter() - since

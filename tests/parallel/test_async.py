@@ -147,10 +147,11 @@ def test_a_server_drops_and_counts_non_finite_pushes_and_applies_the_rest(data, 
 
         exchange(0, [0.0] * STATS, None)
         ones = torch.ones(n)
-        exchange(0, [1.0, 0.0, 0.0], ones)
-        exchange(1, [1.0, 0.0, 0.0], torch.full((n,), float("nan")))
-        exchange(2, [math.nan, 1.0, 0.0], ones)
-        header = exchange(3, [1.0, 0.0, 0.0], ones)
+        timing = [4.0, 0.01]  # samples, seconds
+        exchange(0, [1.0, 0.0, 0.0, *timing], ones)
+        exchange(1, [1.0, 0.0, 0.0, *timing], torch.full((n,), float("nan")))
+        exchange(2, [math.nan, 1.0, 0.0, *timing], ones)
+        header = exchange(3, [1.0, 0.0, 0.0, *timing], ones)
         p2p.Send([torch.empty(0, dtype=torch.uint8).numpy(), MPI.BYTE], dest=1, tag=tag(4, DONE))
         assert (header[H_UPDATES].item(), header[H_APPLIED].item(), header[H_DROPPED].item()) == (2, 2, 2)
         assert all(torch.isfinite(w).all() for w in weights)

@@ -4,7 +4,7 @@ so that all finish together, at least one sample each and at most a bound."""
 
 import pytest
 
-from hvdllm.parallel.load_balance import even_spans, smoothed, split_batch
+from hvdllm.parallel.load_balance import BatchSplitter, even_spans, smoothed, split_batch
 
 
 def covers(spans, samples):
@@ -54,3 +54,34 @@ def test_a_batch_that_does_not_fit_cannot_be_split():
 def test_timings_are_smoothed_per_sample():
     assert smoothed(None, 2.0, 4) == 0.5
     assert smoothed(0.5, 4.0, 4) == 0.75
+
+
+def test_server_0_splits_by_the_seconds_the_workers_report_once_all_are_timed():
+    splitter = BatchSplitter(global_batch=24, workers=3, enabled=True)
+    assert splitter.spans == even_spans(24, [0, 1, 2])
+    splitter.pushed(0, 8, 0.8)
+    splitter.pushed(1, 8, 3.2)
+    splitter.rebalance({0, 1, 2})
+    assert splitter.spans == even_spans(24, [0, 1, 2])  # worker 2 not timed yet
+    splitter.pushed(2, 8, 0.8)
+    splitter.rebalance({0, 1, 2})
+    # 4x slower: about a quarter of a fast one's share (10.7 each and 2.7, continuously)
+    assert splitter.spans == {0: (0, 11), 1: (11, 2), 2: (13, 11)}
+    assert splitter.samples == [8, 8, 8]
+
+
+def test_the_live_workers_share_a_dead_one_s_samples_up_to_twice_the_even_share():
+    splitter = BatchSplitter(global_batch=24, workers=3, enabled=True)
+    for worker, seconds in ((0, 0.1), (1, 10.0), (2, 0.1)):
+        splitter.pushed(worker, 8, seconds)
+    splitter.rebalance({0, 1, 2})
+    assert [splitter.span(w)[1] for w in range(3)] == [12, 1, 11]
+    splitter.rebalance({0, 1})  # worker 2 died: the fast one may take 16 (twice 8), the slow one the rest
+    assert splitter.spans == {0: (0, 16), 1: (16, 8)} and splitter.span(2) == (0, 0)
+
+
+def test_off_every_worker_keeps_its_slice_and_its_samples_are_counted():
+    splitter = BatchSplitter(global_batch=24, workers=3, enabled=False)
+    splitter.pushed(1, 8, 99.0)
+    splitter.rebalance({0, 1, 2})
+    assert splitter.spans == even_spans(24, [0, 1, 2]) and splitter.samples == [0, 8, 0]
