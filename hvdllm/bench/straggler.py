@@ -1,5 +1,6 @@
 """``hvdllm bench straggler``: ``sync``, ``async`` (parameter server, several staleness
-bounds, and s = 0 with ``parallel.load_balance``) and ``local-sgd`` side by side, with and without one slowed worker.
+bounds, and s = 0 with ``parallel.load_balance``) and ``local-sgd`` side by side, with and
+without one slowed worker.
 
 Every case is its own ``mpirun`` job of ``hvdllm train`` on the same config, data, model and
 per-worker batch (``async`` adds one server rank), so the global batch per step is the same;

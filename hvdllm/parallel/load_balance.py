@@ -4,11 +4,12 @@ A persistently slow worker (older GPU, busy node) holds every synchronous step b
 parameter server at ``max_staleness = 0`` the update of a clock is the mean gradient over
 its global batch, whoever computed which sample; so server 0 hands each worker a contiguous
 span of the global batch sized by how fast it has been (LB-BSP: Chen et al., "Semi-Dynamic
-Load Balancing", SoCC 2020), and each worker scales its gradient by its share. The update is
-that of ``sync`` (the same samples, the same mean; only the order of float sums differs),
-and all workers finish a clock at about the same time.
+Load Balancing", SoCC 2020), and the servers weight each push by the samples it computed.
+The update is that of ``sync`` (the same samples, the same mean; only the order of float
+sums differs), and all workers finish a clock at about the same time.
 
-Pure functions of timings, so that the split is testable without MPI.
+The split is pure functions of the timings and the state that feeds them, with no MPI, so
+that it is testable in one process (the messages are in server_loop.py and param_server.py).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def split_batch(samples: int, seconds_per_sample: dict[int, float], most: int) -
 
 def smoothed(previous: float | None, seconds: float, count: int) -> float:
     """The next estimate of a worker's seconds per sample after a clock of ``count`` samples
-    took it ``seconds`` (from the server's reply to its push)."""
+    took it ``seconds`` (its own timing of its forward and backward, sent with its push)."""
     current = seconds / max(count, 1)
     return current if previous is None else SMOOTHING * current + (1 - SMOOTHING) * previous
 
