@@ -35,8 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdllm.choices import BALANCE_COSTS, OPTIMIZERS
+from hvdllm.choices import BALANCE_COSTS, OPTIMIZERS, PIPELINE_SCHEDULES
 from hvdllm.model import GPT, get_preset, preset_config
+from hvdllm.model.memory import activation_bytes, optimizer_state_bytes
 from hvdllm.model.flops import flops_per_token
 
 GIB = 1024**3
@@ -58,33 +59,14 @@ class PlanInputs:
     optimizer: str = "adamw"
     pipeline: int = 0  # also show the cut into this many pipeline stages (parallel.pipeline)
     balance: str = "memory"  # what that cut evens out: params | flops | memory
+    schedule: str = "1f1b"  # the pipeline schedule whose table is printed (parallel.schedule)
+    micro_batches: int = 0  # pipeline micro-batches per batch (parallel.micro_batches); 0 = the stages
 
 
 def meta_model(name: str) -> GPT:
     """The trainer's GPT for a preset, on the meta device: shapes only, no storage."""
     with torch.device("meta"):
         return GPT(preset_config(name))
-
-
-def optimizer_state_bytes(model: GPT, optimizer: str) -> int:
-    params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    if optimizer == "adamw":
-        return 12 * total
-    if optimizer == "lamb":  # hvdllm's Lamb also keeps an fp32 workspace for the update
-        return 16 * total
-    if optimizer == "adafactor":
-        factored = sum(p.shape[-2] + p.shape[-1] if p.dim() >= 2 else p.numel() for p in params)
-        return 4 * total + 4 * factored
-    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
-
-
-def activation_bytes(cfg, micro_batch: int, seq_len: int, tp: int, checkpointing: bool) -> int:
-    s, b, h, a, L = seq_len, micro_batch, cfg.d_model, cfg.n_head, cfg.n_layer
-    per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
-    if checkpointing:
-        return int(L * 2 * s * b * h + per_layer)
-    return int(L * per_layer)
 
 
 def split_model(mp: int, cfg) -> tuple[int, int] | None:
@@ -165,16 +147,25 @@ def build_plan(inputs: PlanInputs) -> dict:
 
 
 def pipeline_cut(inputs: PlanInputs, cfg, seq_len: int) -> dict:
-    """The cut ``hvdllm train`` makes with ``parallel.pipeline = inputs.pipeline`` and
-    ``parallel.balance = inputs.balance`` (1F1B, one micro-batch per stage in flight)."""
+    """The cut ``hvdllm train`` makes with ``parallel.pipeline = inputs.pipeline``,
+    ``parallel.balance``, ``parallel.schedule`` and ``parallel.micro_batches`` as given, and
+    that schedule: its per-rank table, bubble and peak of in-flight micro-batches."""
     from hvdllm.config import ParallelConfig
     from hvdllm.parallel.partition import imbalance
+    from hvdllm.parallel.schedules import build_schedule, bubble_fraction, schedule_table, simulate
     from hvdllm.parallel.stage_model import plan_cut
 
-    parallel = ParallelConfig(pipeline=inputs.pipeline, balance=inputs.balance, micro_batches=inputs.pipeline)
+    micro_batches = inputs.micro_batches or inputs.pipeline
+    parallel = ParallelConfig(pipeline=inputs.pipeline, balance=inputs.balance, schedule=inputs.schedule,
+                              micro_batches=micro_batches)
     blocks, costs = plan_cut(cfg, parallel, inputs.pipeline, seq_len, inputs.micro_batch, inputs.optimizer)
+    schedule = build_schedule(inputs.schedule, inputs.pipeline, micro_batches)
     return {"stages": inputs.pipeline, "balance": inputs.balance, "blocks_per_stage": blocks,
-            "stage_costs": costs, "imbalance": imbalance(costs)}
+            "stage_costs": costs, "imbalance": imbalance(costs),
+            "schedule": {"name": inputs.schedule, "micro_batches": micro_batches,
+                         "bubble": bubble_fraction(inputs.pipeline, micro_batches),
+                         "peak_activations": simulate(schedule).peak_activations,
+                         "table": schedule_table(schedule)}}
 
 
 # What hvdllm's own trainer can run today (the planner sizes Megatron-style layouts too):
@@ -275,6 +266,12 @@ def format_plan(plan: dict) -> str:
         rows += [f"  stage {i}: {blocks} blocks{' + embedding' if i == 0 else ''}"
                  f"{' + head' if i == cut['stages'] - 1 else ''}, {cost:.4g} {unit}"
                  for i, (blocks, cost) in enumerate(zip(cut["blocks_per_stage"], cut["stage_costs"]))]
+        sched = cut["schedule"]
+        rows += ["", f"schedule           {sched['name']}, {sched['micro_batches']} micro-batches: bubble "
+                     f"{sched['bubble']:.3f} ((p - 1) / (m + p - 1)), micro-batches held at the peak per rank "
+                     f"{sched['peak_activations']}",
+                 "  (iFj: forward of micro-batch j on stage i, iBj its backward; one slot each, . idle)"]
+        rows += [f"  {row}" for row in sched["table"]]
     return "\n".join(rows)
 
 
@@ -294,6 +291,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", type=int, default=0, help="also print the cut into this many pipeline stages")
     parser.add_argument("--balance", choices=BALANCE_COSTS, default=defaults.balance,
                         help="what the pipeline cut evens out across stages")
+    parser.add_argument("--schedule", choices=PIPELINE_SCHEDULES, default=defaults.schedule,
+                        help="with --pipeline: the schedule printed as a per-rank table")
+    parser.add_argument("--micro-batches", type=int, default=0,
+                        help="with --pipeline: micro-batches per batch (default: the stages)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -303,7 +304,8 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     checks = {"--tokens": inputs.tokens > 0, "--gpus": inputs.gpus >= 1, "--gpu-tflops": inputs.gpu_tflops > 0,
               "--gpu-mem-gb": inputs.gpu_mem_gb > 0, "--mfu": 0 < inputs.mfu <= 1,
               "--micro-batch": inputs.micro_batch >= 1, "--seq-len": inputs.seq_len >= 0,
-              "--model-parallel": inputs.model_parallel >= 0, "--pipeline": inputs.pipeline >= 0}
+              "--model-parallel": inputs.model_parallel >= 0, "--pipeline": inputs.pipeline >= 0,
+              "--micro-batches": 0 <= inputs.micro_batches < 16384}
     for flag, ok in checks.items():
         value = getattr(inputs, flag[2:].replace("-", "_"))
         if not ok or not math.isfinite(value):

@@ -1,4 +1,5 @@
-"""mpi4py helpers for jobs that move Python objects rather than tensors (``hvdllm prepare``).
+"""mpi4py helpers: ending a whole job, and phases of jobs that move Python objects rather than
+tensors (``hvdllm prepare``).
 
 The rule they serve: a user error on one rank must end the job on every rank with one clear
 line, never leave the others waiting in a collective. Each phase of work runs under
@@ -7,6 +8,7 @@ line, never leave the others waiting in a collective. Each phase of work runs un
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -42,3 +44,19 @@ def phase(comm) -> Iterator[None]:
     for rank, message in enumerate(errors):
         if message is not None:
             raise RankFailed(f"rank {rank} failed: {message}")
+
+
+def abort_job(code: int = 1) -> None:
+    """End every rank of the job: MPI_Abort when MPI is running (mpirun then kills all
+    ranks, even a stopped one), else end this process (horovodrun --gloo ends its peers)."""
+    try:
+        import mpi4py
+
+        mpi4py.rc.initialize = False  # join an MPI already running (Horovod's), never start one
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(code)
+    except ImportError:
+        pass
+    os._exit(code)

@@ -11,10 +11,12 @@ communication (``hvdllm plan``, single-rank tests) do not pay for it.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
 
+from hvdllm.comm.groups import Group, Groups, my_groups, process_sets_to_declare
+from hvdllm.comm.launch import launched_world_size
 from hvdllm.errors import UserError
 
 _state: dict[str, Any] = {"hvd": None}
@@ -27,35 +29,59 @@ def horovod():
     return _state["hvd"]
 
 
-def init(comm: Any = None, process_sets: Sequence[Sequence[int]] | None = None,
-         threads: int = 0) -> list:
-    """Initialize Horovod (idempotent) and this rank's torch threads.
+def init(named_groups: dict[Hashable, Sequence[Sequence[int]]] | None = None, threads: int = 0,
+         mpi: bool = False) -> Groups:
+    """Initialize Horovod (once) with a process set for every group a job will use, and this
+    rank's torch threads.
 
     Args:
-        comm: an mpi4py communicator (or a list of ranks) to run Horovod on a subset of
-            MPI_COMM_WORLD; None uses the whole world.
-        process_sets: extra groups of ranks to register as Horovod process sets.
+        named_groups: for each set of grid axes (any hashable key), all its groups of global
+            ranks; every rank passes the same mapping.
         threads: torch intra-op threads; 0 = the node's cores divided by its local ranks.
+        mpi: also give each group an mpi4py communicator (point to point, small collectives).
+            MPI is then started by mpi4py first, with MPI_THREAD_MULTIPLE, and Horovod runs on
+            its COMM_WORLD, which must be the whole job (mpirun, srun, horovodrun --mpi).
 
     Returns:
-        The registered ``hvd.ProcessSet`` objects, in the order of ``process_sets``.
+        This rank's group for each key of ``named_groups``.
     """
     if _state["hvd"] is not None:
-        if process_sets:  # they can only be declared at hvd.init (without dynamic process sets)
-            raise RuntimeError("Horovod is already initialized: process sets must be given to the first init()")
-        return []
+        raise RuntimeError("Horovod is already initialized: its process sets were declared by the first init()")
+    named_groups = named_groups or {}
+    world = None
+    if mpi:
+        from mpi4py import MPI  # before hvd.init, so that MPI runs with THREAD_MULTIPLE
+
+        world = MPI.COMM_WORLD
+        if world.Get_size() != launched_world_size():
+            raise UserError("this layout sends tensors point to point over MPI: launch with mpirun, srun or "
+                            "horovodrun --mpi (not --gloo)")
     import horovod.torch as hvd
 
-    kwargs: dict[str, Any] = {}
-    if comm is not None:
-        kwargs["comm"] = comm
-    sets = [hvd.ProcessSet(list(ranks)) for ranks in process_sets or ()]
-    if sets:
-        kwargs["process_sets"] = sets
+    declared = process_sets_to_declare(_launched_size(world), named_groups)
+    sets = [hvd.ProcessSet(ranks) for ranks in declared]
+    kwargs: dict[str, Any] = {"process_sets": sets} if sets else {}
+    if world is not None:
+        kwargs["comm"] = world
     hvd.init(**kwargs)
     _state["hvd"] = hvd
     set_threads(threads, hvd.local_size())
-    return sets
+    by_ranks = {tuple(ranks): process_set for ranks, process_set in zip(declared, sets)}
+    groups = {}
+    for axes, ranks in my_groups(hvd.rank(), named_groups).items():
+        if len(ranks) == hvd.size():
+            process_set = hvd.global_process_set
+        else:
+            process_set = by_ranks.get(tuple(sorted(ranks)))
+        # Split is collective over the world: every rank splits for every key, in the same order.
+        split = world.Split(color=min(ranks), key=hvd.rank()) if world is not None else None
+        groups[axes] = Group(tuple(ranks), process_set, split)
+    return Groups(groups)
+
+
+def _launched_size(world) -> int:
+    """The job's size before Horovod starts: MPI's world, else what the launcher says."""
+    return world.Get_size() if world is not None else launched_world_size()
 
 
 def set_threads(threads: int, ranks_on_node: int) -> None:

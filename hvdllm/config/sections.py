@@ -127,10 +127,11 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    # The layout (hvdllm/parallel/layout.py): data x pipeline + servers = the launched ranks.
+    # The grid (hvdllm/parallel/grid.py): data x pipeline x tensor + servers = the launched ranks.
     strategy: str = "sync"  # how updates travel: sync (Horovod ring-allreduce every step) | async | local-sgd
     data: int = 0  # data-parallel degree; 0 = the launched ranks left after pipeline and servers
     pipeline: int = 1  # pipeline stages across ranks
+    tensor: int = 1  # ranks splitting each layer (tensor parallelism)
     servers: int = 0  # parameter-server ranks (for asynchronous updates)
     devices: list[str] = field(default_factory=list)  # devices driven by each rank; [] = its own
     stage_layers: list[int] = field(default_factory=list)  # blocks per stage; [] = cut by `balance`
@@ -172,7 +173,7 @@ class ParallelConfig:
         _one_of(self.compression, "parallel.compression", ("none", "fp16"))
         _one_of(self.balance, "parallel.balance", BALANCE_COSTS)
         _one_of(self.schedule, "parallel.schedule", PIPELINE_SCHEDULES)
-        _at_least(1, self, "parallel", "accum_steps", "pipeline", "micro_batches")
+        _at_least(1, self, "parallel", "accum_steps", "pipeline", "tensor", "micro_batches")
         _require(self.micro_batches < 16384, "parallel.micro_batches",  # two MPI tags each, below 32767
                  f"must be below 16384, got {self.micro_batches}")
         _at_least(0, self, "parallel", "data", "servers", "max_staleness", "outer_momentum")

@@ -3,7 +3,7 @@
 from hvdllm.errors import UserError
 from hvdllm.model.presets import gpt_config_from
 from hvdllm.parallel.base import ParallelStrategy
-from hvdllm.parallel.layout import Layout, RankCoords, build_layout, rank_coordinates
+from hvdllm.parallel.grid import Grid, RankCoords, build_grid, rank_coordinates
 from hvdllm.parallel.partition import check_manual_cut
 from hvdllm.parallel.precision import Precision
 from hvdllm.parallel.single import SingleProcess
@@ -18,7 +18,10 @@ def build_strategy(cfg, world_size: int) -> ParallelStrategy:
     (:class:`SingleProcess`). Call ``setup()`` on the result to start communication.
     """
     parallel = cfg.parallel
-    layout = build_layout(parallel, world_size)
+    layout = build_grid(parallel, world_size)
+    if layout.tensor > 1:
+        raise UserError(f"parallel.tensor={layout.tensor}: tensor-parallel layers are not in hvdllm's trainer yet; "
+                        f"use parallel.tensor=1")
     check_model_cut(cfg, layout)
     if parallel.strategy == "local-sgd":
         from hvdllm.parallel.local_sgd import LocalSGD, check_local_sgd_layout
@@ -48,7 +51,7 @@ def build_strategy(cfg, world_size: int) -> ParallelStrategy:
     return HorovodSync(cfg, layout)
 
 
-def check_model_cut(cfg, layout: Layout) -> None:
+def check_model_cut(cfg, layout: Grid) -> None:
     """What a cut into pipeline stages or placed devices needs of the model and the batch,
     checked before any communication: a block per stage, and micro-batches dividing every
     batch size of the run."""
@@ -77,6 +80,6 @@ def check_model_cut(cfg, layout: Layout) -> None:
             raise UserError(f"parallel.micro_batches={parallel.micro_batches} does not divide {name} {size}")
 
 
-__all__ = ["HorovodSync", "Layout", "ParallelStrategy", "Precision", "RankCoords", "SingleProcess",
-           "apply_horovod_environment", "build_layout", "build_strategy", "horovod_environment",
+__all__ = ["HorovodSync", "Grid", "ParallelStrategy", "Precision", "RankCoords", "SingleProcess",
+           "apply_horovod_environment", "build_grid", "build_strategy", "horovod_environment",
            "rank_coordinates"]

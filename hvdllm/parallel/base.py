@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from hvdllm.errors import UserError
-from hvdllm.parallel.layout import Layout, RankCoords
+from hvdllm.parallel.grid import Grid, RankCoords
 from hvdllm.parallel.precision import Precision
 
 
 class ParallelStrategy(ABC):
-    def __init__(self, cfg, layout: Layout) -> None:
+    def __init__(self, cfg, layout: Grid) -> None:
         self.run_cfg = cfg  # the whole Config: a cut is balanced for the run's batch and optimizer
         self.cfg = cfg.parallel
         self.layout = layout

@@ -86,7 +86,7 @@ from torch import nn
 from hvdllm import comm
 from hvdllm.errors import UserError
 from hvdllm.parallel.base import ParallelStrategy
-from hvdllm.parallel.layout import rank_coordinates
+from hvdllm.parallel.grid import rank_coordinates
 from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EMPTY, EVALUATE, GATHER, H_APPLIED, H_COUNT, H_DEAD, H_DROPPED,
                                          H_HIST, H_LOSS, H_NONFINITE, H_NORM, H_SPAN_COUNT, H_SPAN_START, H_STOP_AT,
                                          H_UPDATES, H_VERSION, PUSH, S_LOSS, S_NONFINITE, STATS, Heartbeat,

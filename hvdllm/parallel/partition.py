@@ -15,8 +15,8 @@ Costs, per unit:
   head ``6 d V``.
 - ``memory``: bytes of weights, gradients and optimizer state under mixed precision (as
   ``hvdllm plan``), plus the block's activations times the micro-batches the stage holds at
-  once: all m under GPipe, ``k - stage`` under 1F1B (Narayanan et al. 2021). So under 1F1B
-  the first stages should take fewer blocks.
+  its peak, as the schedule simulator measures it (all m under GPipe, ``k - stage`` under
+  1F1B). So under 1F1B the first stages should take fewer blocks.
 """
 
 from __future__ import annotations
@@ -33,13 +33,6 @@ class UnitCosts:
     blocks: tuple[float, ...]
     head: float
     activations: tuple[float, ...] = ()  # per block and held micro-batch (``memory`` only)
-
-
-def in_flight_micro_batches(schedule: str, stages: int, micro_batches: int, stage: int) -> int:
-    """Micro-batches whose activations ``stage`` holds at its peak."""
-    if schedule == "gpipe":
-        return micro_batches
-    return min(stages - stage, micro_batches)
 
 
 def stage_costs(costs: UnitCosts, blocks_per_stage: Sequence[int], held: Callable[[int], int] = lambda s: 0

@@ -4,7 +4,8 @@ Each rank of a pipeline holds one stage of the model (:mod:`hvdllm.parallel.stag
 cut by ``parallel.stage_layers`` or balanced by ``parallel.balance``. Each loader batch is
 split into ``parallel.micro_batches`` micro-batches, run through the stages in the order of
 ``parallel.schedule`` (GPipe or 1F1B, :mod:`hvdllm.parallel.schedules`), activations and
-their gradients travelling point to point (:mod:`hvdllm.parallel.transport`).
+their gradients travelling point to point over the pipeline group's MPI communicator
+(:mod:`hvdllm.comm.p2p`). :class:`PipelineExecutor` runs a rank's actions over its parts.
 
 With ``parallel.data = d`` pipelines, each stage's gradients are averaged by Horovod in that
 stage's process set. Every rank of a pipeline reads the same data slice (the loader is sliced
@@ -18,29 +19,98 @@ are summed after backward, so the two copies take the same updates and stay equa
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
 
-from hvdllm.errors import UserError
 from hvdllm.model.gpt import language_model_loss
 from hvdllm.parallel.precision import Precision
-from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
-                                       build_schedule)
+from hvdllm.comm.p2p import MpiTransport
+from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action,
+                                       build_schedule, stage_rank)
 from hvdllm.parallel.stage_model import GPTStage, cut_model, plan_cut
 from hvdllm.parallel.sync import HorovodSync
-from hvdllm.parallel.transport import MpiTransport
 
 
-# MPI guarantees tags up to 32767; micro-batch i uses 2i and 2i + 1, below it (config checks).
+# MPI guarantees tags up to 32767: a transfer to stage-part c of micro-batch i uses
+# 2 (i v + c) (activations) and + 1 (gradients), below it (the config bounds m v).
 TIED_GRADIENT_TAG = 32767
 
 
-def split_batch(batch, parts: int) -> list:
-    """A loader batch as ``parts`` micro-batches of equal size (same fields, rows split)."""
+def transfer_tag(kind: str, stage: int, micro: int, ranks: int, virtual_stages: int) -> int:
+    """The tag of a transfer to ``stage`` (``kind`` "act") or from it (``kind`` "grad")."""
+    return 2 * (micro * virtual_stages + stage // ranks) + (1 if kind == "grad" else 0)
+
+
+def split_micro_batches(batch, parts: int) -> list:
+    """A loader batch as ``parts`` pipeline micro-batches of equal size (same fields, rows split)."""
     fields = {name: getattr(batch, name) for name in ("inputs", "targets", "loss_mask")}
     chunks = {name: value.chunk(parts) if value is not None else [None] * parts for name, value in fields.items()}
     return [type(batch)(**{name: chunks[name][i] for name in fields}) for i in range(parts)]
+
+
+class PipelineExecutor:
+    """Runs one rank's actions (schedules.py) over its model parts for one batch.
+
+    ``parts`` maps each stage this rank holds to its module; transfers go to the rank of the
+    neighbouring stage on the pipeline's communicator (``transport``). Activations and their
+    gradients take the shape and dtype the stage says (:meth:`GPTStage.activation_spec`).
+    """
+
+    def __init__(self, parts: dict[int, GPTStage], actions: list[Action], transport, ranks: int, stages: int,
+                 device: torch.device) -> None:
+        self.parts, self.actions, self.transport = parts, actions, transport
+        self.ranks, self.stages, self.device = ranks, stages, device
+        self.virtual_stages = stages // ranks
+
+    def _tag(self, kind: str, stage: int, micro: int) -> int:
+        return transfer_tag(kind, stage, micro, self.ranks, self.virtual_stages)
+
+    def run(self, chunks: list, precision: Precision, loss_weight: float) -> list[float]:
+        """Every action once; returns the micro-batch losses (on the rank of the last stage)."""
+        inputs, outputs, grads, losses = {}, {}, {}, []
+        last = self.stages - 1
+        for action in self.actions:
+            s, i = action.stage, action.micro
+            part, chunk = self.parts[s], chunks[i]
+            shape, dtype = part.activation_spec(tuple(chunk.inputs.shape))
+            if action.op == RECV_ACT:
+                inputs[s, i] = self.transport.recv(shape, dtype, stage_rank(s - 1, self.ranks), self._tag("act", s, i),
+                                                   self.device).requires_grad_()
+            elif action.op == FORWARD:
+                if s == 0:
+                    x = chunk.inputs.to(self.device)
+                elif (s, i) in inputs:
+                    x = inputs[s, i]
+                else:  # the previous stage is on this rank: its output, cut from its graph
+                    x = inputs[s, i] = outputs[s - 1, i].detach().requires_grad_()
+                with precision.autocast():
+                    out = part(x)
+                if s == last:
+                    mask = chunk.loss_mask.to(self.device) if chunk.loss_mask is not None else None
+                    loss = language_model_loss(out, chunk.targets.to(self.device), mask)
+                    losses.append(loss.item())
+                    out = loss * loss_weight
+                outputs[s, i] = out
+            elif action.op == SEND_ACT:
+                self.transport.isend(outputs[s, i], stage_rank(s + 1, self.ranks), self._tag("act", s + 1, i))
+            elif action.op == RECV_GRAD:
+                grads[s, i] = self.transport.recv(shape, dtype, stage_rank(s + 1, self.ranks),
+                                                  self._tag("grad", s + 1, i), self.device)
+            elif action.op == BACKWARD:
+                out = outputs.pop((s, i))
+                if s == last:
+                    precision.backward(out)  # scaled by the fp16 loss scale, which every stage shares
+                else:
+                    grad = grads.pop((s, i), None)
+                    if grad is None:  # the next stage is on this rank
+                        grad = inputs.pop((s + 1, i)).grad
+                    torch.autograd.backward(out, grad)
+            elif action.op == SEND_GRAD:
+                self.transport.isend(inputs.pop((s, i)).grad, stage_rank(s - 1, self.ranks), self._tag("grad", s, i))
+        self.transport.wait_sends()
+        return losses
 
 
 class PipelineParallel(HorovodSync):
@@ -48,18 +118,15 @@ class PipelineParallel(HorovodSync):
         super().__init__(cfg, layout)
         self.stage: GPTStage | None = None
 
-    def setup(self, threads: int) -> None:
-        from mpi4py import MPI  # before hvd.init, so that MPI runs with THREAD_MULTIPLE
+    def named_groups(self) -> dict:
+        return {**super().named_groups(), ("pipeline",): self.layout.groups(("pipeline",))}
 
-        if MPI.COMM_WORLD.Get_size() != self.layout.world_size:
-            raise UserError("parallel.pipeline > 1 sends activations over MPI: launch with mpirun, srun or "
-                            "horovodrun --mpi (not --gloo)")
+    needs_mpi = True  # activations travel point to point
+
+    def setup(self, threads: int) -> None:
         super().setup(threads)
-        self.transport = MpiTransport(MPI.COMM_WORLD)
-        group, stage = self.coords.pipeline_group, self.coords.stage
-        self.previous = group[stage - 1] if stage > 0 else None
-        self.next = group[stage + 1] if stage < len(group) - 1 else None
-        self.actions = build_schedule(self.cfg.schedule, stage, len(group), self.cfg.micro_batches)
+        self.transport = MpiTransport(self.groups.group(("pipeline",)).mpi)
+        self.pipeline_rank = self.coords.stage  # this rank's index in its pipeline's communicator
 
     @property
     def backward_passes_per_step(self) -> int:
@@ -68,10 +135,14 @@ class PipelineParallel(HorovodSync):
     def parallelize(self, model: nn.Module, device: torch.device) -> nn.Module:
         cfg = self.run_cfg
         micro_batch = max(1, cfg.data.batch_size // self.cfg.micro_batches)
-        self.cut, _ = plan_cut(model.cfg, self.cfg, self.layout.pipeline, cfg.data.seq_len or model.cfg.block_size,
+        stages = self.layout.pipeline
+        self.cut, _ = plan_cut(model.cfg, self.cfg, stages, cfg.data.seq_len or model.cfg.block_size,
                                micro_batch, cfg.optim.name)
         self.device = device
         self.stage = cut_model(model, self.cut, self.coords.stage).to(device)
+        schedule = build_schedule(self.cfg.schedule, stages, self.cfg.micro_batches)
+        self.executor = PipelineExecutor({self.coords.stage: self.stage}, schedule[self.pipeline_rank],
+                                         self.transport, stages, stages, device)
         return self.stage
 
     def pipeline_cut(self) -> list[int]:
@@ -94,52 +165,20 @@ class PipelineParallel(HorovodSync):
                 self.hvd.synchronize(handle)
 
     # --- one step ----------------------------------------------------------------------------
-    def forward_backward(self, model: nn.Module, micro_batches, precision: Precision) -> tuple[float, bool]:
-        """Each loader batch through the schedule. Returns, on the last stage, the sum over
-        loader batches of their mean micro-batch loss (0 elsewhere: the loss lives there)."""
+    def forward_backward(self, model: nn.Module, accum_batches, precision: Precision) -> tuple[float, bool]:
+        """Each accumulation batch through the schedule. Returns, on the last stage, the sum over
+        them of their mean micro-batch loss (0 elsewhere: the loss lives there)."""
         m = self.cfg.micro_batches
         loss_sum, finite = 0.0, True
-        for batch in micro_batches:
-            losses = self._run_schedule(split_batch(batch, m), precision, 1.0 / (m * len(micro_batches)))
+        start = time.perf_counter()
+        for batch in accum_batches:
+            losses = self.executor.run(split_micro_batches(batch, m), precision, 1.0 / (m * len(accum_batches)))
             if self.coords.is_last_stage:
                 value = sum(losses) / m
                 finite = finite and math.isfinite(value)
                 loss_sum += value if math.isfinite(value) else 0.0
+        self.inject_slowdown(time.perf_counter() - start)
         return loss_sum, finite
-
-    def _run_schedule(self, chunks: list, precision: Precision, loss_weight: float) -> list[float]:
-        """Run this stage's actions for one batch; returns the micro-batch losses (last stage)."""
-        stage, device = self.stage, self.device
-        inputs, outputs, grads, losses = {}, {}, {}, []
-        for action in self.actions:
-            i, chunk = action.micro, chunks[action.micro]
-            shape = (*chunk.inputs.shape, stage.cfg.d_model)  # (B/m, T, C)
-            if action.op == RECV_ACT:
-                inputs[i] = self.transport.recv(shape, torch.float32, self.previous, 2 * i, device).requires_grad_()
-            elif action.op == FORWARD:
-                x = chunk.inputs.to(device) if stage.is_first else inputs[i]
-                with precision.autocast():
-                    out = stage(x)
-                if stage.is_last:
-                    mask = chunk.loss_mask.to(device) if chunk.loss_mask is not None else None
-                    loss = language_model_loss(out, chunk.targets.to(device), mask)
-                    losses.append(loss.item())
-                    out = loss * loss_weight
-                outputs[i] = out
-            elif action.op == SEND_ACT:
-                self.transport.isend(outputs[i], self.next, 2 * i)
-            elif action.op == RECV_GRAD:
-                grads[i] = self.transport.recv(shape, torch.float32, self.next, 2 * i + 1, device)
-            elif action.op == BACKWARD:
-                out = outputs.pop(i)
-                if stage.is_last:
-                    precision.backward(out)  # scaled by the fp16 loss scale, which every stage shares
-                else:
-                    torch.autograd.backward(out, grads.pop(i))
-            elif action.op == SEND_GRAD:
-                self.transport.isend(inputs.pop(i).grad, self.previous, 2 * i + 1)
-        self.transport.wait_sends()
-        return losses
 
     def finish_gradients(self, optimizer, step_stats: torch.Tensor) -> torch.Tensor:
         stats = self.hvd.allreduce_async(step_stats, op=self.hvd.Sum, name="step_stats")  # over every rank
@@ -162,8 +201,7 @@ class PipelineParallel(HorovodSync):
         param = self._tied_parameter()
         if param is None:
             return
-        first, last = self.coords.pipeline_group[0], self.coords.pipeline_group[-1]
-        peer = last if self.stage.is_first else first
+        peer = self.layout.pipeline - 1 if self.stage.is_first else 0
         mine = param.grad if param.grad is not None else torch.zeros_like(param)
         self.transport.isend(mine, peer, tag=TIED_GRADIENT_TAG)
         theirs = self.transport.recv(tuple(param.shape), param.dtype, peer, TIED_GRADIENT_TAG, param.device)
@@ -214,14 +252,14 @@ class PipelineParallel(HorovodSync):
 
     def forward_only(self, model: nn.Module, inputs: torch.Tensor, precision: Precision) -> torch.Tensor | None:
         """Logits of ``inputs`` (evaluation): on the last stage; None on the others."""
-        shape = (*inputs.shape, self.stage.cfg.d_model)
+        shape, dtype = self.stage.activation_spec(tuple(inputs.shape))
         x = inputs.to(self.device) if self.stage.is_first else \
-            self.transport.recv(shape, torch.float32, self.previous, 0, self.device)
+            self.transport.recv(shape, dtype, self.pipeline_rank - 1, 0, self.device)
         with precision.autocast():
             out = self.stage(x)
         if self.stage.is_last:
             return out
-        self.transport.isend(out, self.next, 0)
+        self.transport.isend(out, self.pipeline_rank + 1, 0)
         self.transport.wait_sends()
         return None
 

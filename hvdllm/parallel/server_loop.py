@@ -42,7 +42,7 @@ from hvdllm.parallel.ps_protocol import (CHECKPOINT, DONE, EMPTY, END, EVALUATE,
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.stages import plan_stages
 from hvdllm.train.warm_start import initial_model
-from hvdllm.train.watchdog import abort_job
+from hvdllm.comm.mpi import abort_job
 
 POLL_S = 2e-4  # the sleep between two probes of an idle server: well below a step's time
 

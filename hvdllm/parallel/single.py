@@ -15,7 +15,7 @@ from torch import nn
 
 from hvdllm import comm
 from hvdllm.parallel.base import ParallelStrategy, step_optimizer
-from hvdllm.parallel.layout import rank_coordinates
+from hvdllm.parallel.grid import rank_coordinates
 
 
 class SingleProcess(ParallelStrategy):

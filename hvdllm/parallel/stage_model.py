@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hvdllm.model import GPT, GPTConfig, language_model_loss
-from hvdllm.parallel.partition import (UnitCosts, balanced_cut, check_manual_cut, in_flight_micro_batches,
-                                       stage_costs)
+from hvdllm.model.memory import activation_bytes, optimizer_state_bytes
+from hvdllm.parallel.partition import UnitCosts, balanced_cut, check_manual_cut, stage_costs
+from hvdllm.parallel.schedules import peak_activations
 
 
 def unit_costs(cfg: GPTConfig, balance: str, seq_len: int, micro_batch: int, optimizer: str = "adamw") -> UnitCosts:
@@ -36,8 +37,6 @@ def unit_costs(cfg: GPTConfig, balance: str, seq_len: int, micro_batch: int, opt
         return UnitCosts(0.0, tuple(6 * n + attention for n in blocks), 6 * cfg.d_model * cfg.vocab_size)
     # As `hvdllm plan` counts them: bf16 weights and gradients, fp32 optimizer state, and one
     # layer's activations per micro-batch (Korthikanti et al. 2022); the head adds its logits.
-    from hvdllm.plan import activation_bytes, optimizer_state_bytes
-
     def static(*modules) -> float:
         return 4 * count(*modules) + sum(optimizer_state_bytes(m, optimizer) for m in modules if m is not None)
 
@@ -52,9 +51,7 @@ def plan_cut(cfg: GPTConfig, parallel_cfg, stages: int, seq_len: int, micro_batc
     """Blocks per stage (``parallel.stage_layers``, else balanced by ``parallel.balance``) and
     each stage's cost."""
     costs = unit_costs(cfg, parallel_cfg.balance, seq_len, micro_batch, optimizer)
-
-    def held(stage: int) -> int:
-        return in_flight_micro_batches(parallel_cfg.schedule, stages, parallel_cfg.micro_batches, stage)
+    held = peak_activations(parallel_cfg.schedule, stages, parallel_cfg.micro_batches).__getitem__
 
     if parallel_cfg.stage_layers:
         cut = check_manual_cut(parallel_cfg.stage_layers, stages, cfg.n_layer)
@@ -87,6 +84,13 @@ class GPTStage(nn.Module):
     @property
     def cfg(self) -> GPTConfig:
         return self.gpt.cfg
+
+    def activation_spec(self, tokens_shape: tuple[int, ...]) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of the activations between stages for a micro-batch of
+        ``tokens_shape`` (B, T): the residual stream (B, T, C), in the weights' dtype (under
+        autocast the blocks' low-precision outputs are added to it and promoted)."""
+        dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
+        return (*tokens_shape, self.cfg.d_model), dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:

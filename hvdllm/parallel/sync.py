@@ -20,7 +20,7 @@ from torch import nn
 
 from hvdllm import comm
 from hvdllm.parallel.base import ParallelStrategy, step_optimizer
-from hvdllm.parallel.layout import build_layout, rank_coordinates
+from hvdllm.parallel.grid import build_grid, rank_coordinates
 
 
 def horovod_environment(parallel_cfg, train_cfg=None) -> dict[str, str]:
@@ -57,21 +57,24 @@ def apply_horovod_environment(cfg) -> None:
 class HorovodSync(ParallelStrategy):
     """Replicas of the model on every rank; gradients averaged by a ring allreduce."""
 
+    needs_mpi = False  # whether the groups need mpi4py communicators (point to point)
+
+    def named_groups(self) -> dict:
+        """The groups this strategy communicates in, for every rank: one data group per model
+        part (its gradient allreduce; the whole world with a single part)."""
+        return {("data",): self.layout.groups(("data",))}
+
     def setup(self, threads: int) -> None:
         apply_horovod_environment(self.run_cfg)  # hvd.init() reads these once
-        # One process set per pipeline stage for its data-parallel allreduce; with a single
-        # stage that group is the whole world (Horovod's global set), with a single replica
-        # there is nothing to reduce.
-        split = self.layout.pipeline > 1 and self.layout.data > 1
-        stage_sets = comm.init(process_sets=self.layout.data_groups() if split else None, threads=threads)
+        self.groups = comm.init(self.named_groups(), threads=threads, mpi=self.needs_mpi)
         self.hvd = comm.horovod()
         self.coords = rank_coordinates(self.layout, self.hvd.rank())
-        self.data_set = stage_sets[self.coords.stage] if split else self.hvd.global_process_set
+        self.data_set = self.groups.group(("data",)).process_set
 
     def adopt_world(self) -> None:
         """After Horovod elastic re-initialized on other hosts: the layout of the ranks there
         are now (``parallel.data = 0``: all of them), and this rank's place in it."""
-        self.layout = build_layout(self.cfg, self.hvd.size())
+        self.layout = build_grid(self.cfg, self.hvd.size())
         self.coords = rank_coordinates(self.layout, self.hvd.rank())
 
     def wrap_optimizer(self, optimizer, model: nn.Module):

@@ -11,7 +11,7 @@ from hvdllm import comm
 from hvdllm.comm.launch import launched_world_size
 from hvdllm.config import Config
 from hvdllm.parallel import build_strategy
-from hvdllm.parallel.layout import SERVER
+from hvdllm.parallel.grid import SERVER
 from hvdllm.paths import require_writable_folder
 from hvdllm.train.elastic import check_elastic, run_elastic
 from hvdllm.train.trainer import Trainer

@@ -12,10 +12,11 @@ launcher kill every rank, the stopped one included.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
+
+from hvdllm.comm.mpi import abort_job
 
 
 class StallWatchdog:
@@ -70,19 +71,3 @@ class StallWatchdog:
         sys.stderr.write(f"{where} {why} (train.stall_timeout_s={self.timeout_s:g}); aborting the job\n")
         sys.stderr.flush()
         abort_job()
-
-
-def abort_job(code: int = 1) -> None:
-    """End every rank of the job: MPI_Abort when MPI is running (mpirun then kills all
-    ranks, even a stopped one), else end this process (horovodrun --gloo ends its peers)."""
-    try:
-        import mpi4py
-
-        mpi4py.rc.initialize = False  # join an MPI already running (Horovod's), never start one
-        from mpi4py import MPI
-
-        if MPI.Is_initialized() and not MPI.Is_finalized():
-            MPI.COMM_WORLD.Abort(code)
-    except ImportError:
-        pass
-    os._exit(code)

@@ -68,10 +68,17 @@ def test_stages_accumulate_checkpoint_activations_and_step_every_optimizer(data,
     assert_same_losses(reference, piped, 8)
 
 
-def test_bf16_stages_train(data, tmp_path):
-    piped = run(2, data, tmp_path / "run", "--train.steps=6", "--train.precision=bf16", *PIPELINE)
-    values = losses(piped)
-    assert len(values) == 6 and values[-1] < values[0]
+# bf16 autocast rounds each matmul's inputs: a pipeline's micro-batches of half the rows give
+# other roundings than one rank's whole batch, so the curves agree to bf16's precision, not fp32's.
+BF16_RELATIVE_TOLERANCE = 1e-2
+
+
+def test_bf16_stages_give_the_losses_of_one_bf16_rank(data, tmp_path):
+    bf16 = ["--train.steps=6", "--train.precision=bf16"]
+    reference = run(1, data, tmp_path / "one", *bf16)
+    piped = run(2, data, tmp_path / "run", *bf16, *PIPELINE)
+    assert losses(piped)[-1] < losses(piped)[0]
+    assert_same_losses(reference, piped, 6, rel=BF16_RELATIVE_TOLERANCE)
 
 
 def test_stages_checkpoint_resume_exactly_and_generate_consolidates(data, tmp_path):

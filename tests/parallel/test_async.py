@@ -117,13 +117,13 @@ def test_a_server_drops_and_counts_non_finite_pushes_and_applies_the_rest(data, 
     finite one. Only the two clean pushes move the weights."""
     from mpi4py import MPI
 
-    from hvdllm.parallel.layout import Layout, rank_coordinates
+    from hvdllm.parallel.grid import Grid, rank_coordinates
     from hvdllm.parallel.ps_protocol import DONE, H_APPLIED, H_DROPPED, H_UPDATES, PUSH, STATS, header_size, tag
     from hvdllm.parallel.server_loop import ParameterServer
 
     cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={shared_dir / 'served'}",
                              "--parallel.strategy=async", "--parallel.servers=1", "--parallel.max_staleness=1"])
-    layout = Layout(data=1, servers=1)
+    layout = Grid(data=1, servers=1)
     p2p = MPI.COMM_WORLD.Dup()
     own = MPI.COMM_WORLD.Split(color=horovod.rank(), key=0)
     if horovod.rank() == 1:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.agreement import parameters_equal_on_every_rank
 from helpers.corpus import NANO, read_metrics
 
 from hvdllm.config import load_config
@@ -39,9 +40,7 @@ def inject_nan(trainer, on_rank, steps):
 
 
 def params_agree(horovod, model):
-    checksum = sum(p.double().sum().item() for p in model.parameters())
-    values = horovod.allgather_object(checksum, name="checksum")
-    return values[0] == values[1]
+    return parameters_equal_on_every_rank(horovod, model)
 
 
 def test_nan_on_one_rank_is_skipped_by_both(data, shared_dir, horovod, capsys):

@@ -70,20 +70,20 @@ ELASTIC = {"HOROVOD_ELASTIC": "1"}
     ([], ELASTIC, "parallel.elastic needs data.global_batch_size"),
 ])
 def test_elastic_refuses_what_it_cannot_follow_in_one_line(overrides, environ, message):
-    from hvdllm.parallel.layout import build_layout
+    from hvdllm.parallel.grid import build_grid
     from hvdllm.train.elastic import check_elastic
 
     cfg = load_config(None, ["--parallel.elastic=true", *overrides])
     with pytest.raises(UserError, match=message):
-        check_elastic(cfg, build_layout(cfg.parallel, 2), environ)
+        check_elastic(cfg, build_grid(cfg.parallel, 2), environ)
 
 
 def test_elastic_takes_a_sync_run_with_a_global_batch():
-    from hvdllm.parallel.layout import build_layout
+    from hvdllm.parallel.grid import build_grid
     from hvdllm.train.elastic import check_elastic
 
     cfg = load_config(None, ["--parallel.elastic=true", "--data.global_batch_size=12"])
-    check_elastic(cfg, build_layout(cfg.parallel, 3), ELASTIC)
+    check_elastic(cfg, build_grid(cfg.parallel, 3), ELASTIC)
 
 
 def test_continue_without_dead_needs_a_launcher_that_keeps_the_survivors():

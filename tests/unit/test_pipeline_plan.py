@@ -7,12 +7,9 @@ from hvdllm.errors import UserError
 from hvdllm.model import preset_config
 from hvdllm.parallel.partition import UnitCosts, balanced_cut, check_manual_cut, imbalance, stage_costs
 from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SCHEDULES, SEND_ACT, SEND_GRAD,
-                                       Action, build_schedule, simulate)
+                                       Action, add_communication, build_schedule, bubble_fraction,
+                                       peak_activations, schedule_table, simulate)
 from hvdllm.parallel.stage_model import plan_cut, unit_costs
-
-
-def all_stages(name, stages, micro):
-    return [build_schedule(name, s, stages, micro) for s in range(stages)]
 
 
 def test_every_schedule_name_is_implemented():
@@ -22,42 +19,74 @@ def test_every_schedule_name_is_implemented():
 @pytest.mark.parametrize("name", PIPELINE_SCHEDULES)
 @pytest.mark.parametrize("stages, micro", [(1, 1), (2, 1), (2, 4), (4, 8), (4, 2), (3, 5)])
 def test_each_stage_forwards_and_backwards_every_micro_batch_once(name, stages, micro):
-    for stage, actions in enumerate(all_stages(name, stages, micro)):
+    for rank, actions in enumerate(build_schedule(name, stages, micro)):
+        assert {a.stage for a in actions} == {rank}
         for op in (FORWARD, BACKWARD):
             assert sorted(a.micro for a in actions if a.op == op) == list(range(micro))
         firsts = {a.micro: i for i, a in reversed(list(enumerate(actions))) if a.op == FORWARD}
         assert all(firsts[a.micro] < i for i, a in enumerate(actions) if a.op == BACKWARD)
-        assert not any(a.op in (RECV_ACT, SEND_GRAD) for a in actions) if stage == 0 else True
-        assert not any(a.op in (SEND_ACT, RECV_GRAD) for a in actions) if stage == stages - 1 else True
+        if rank == 0:
+            assert not any(a.op in (RECV_ACT, SEND_GRAD) for a in actions)
+        if rank == stages - 1:
+            assert not any(a.op in (SEND_ACT, RECV_GRAD) for a in actions)
 
 
 @pytest.mark.parametrize("name", PIPELINE_SCHEDULES)
 @pytest.mark.parametrize("stages, micro", [(2, 1), (2, 4), (4, 8), (4, 2), (3, 5)])
 def test_sends_match_receives_in_order_and_nothing_deadlocks(name, stages, micro):
-    schedules = all_stages(name, stages, micro)
+    schedule = build_schedule(name, stages, micro)
     for s in range(stages - 1):
-        sends = [a.micro for a in schedules[s] if a.op == SEND_ACT]
-        assert sends == [a.micro for a in schedules[s + 1] if a.op == RECV_ACT]
-        grads = [a.micro for a in schedules[s + 1] if a.op == SEND_GRAD]
-        assert grads == [a.micro for a in schedules[s] if a.op == RECV_GRAD]
-    simulate(schedules)  # raises on a deadlock or a rule broken
+        sends = [a.micro for a in schedule[s] if a.op == SEND_ACT]
+        assert sends == [a.micro for a in schedule[s + 1] if a.op == RECV_ACT]
+        grads = [a.micro for a in schedule[s + 1] if a.op == SEND_GRAD]
+        assert grads == [a.micro for a in schedule[s] if a.op == RECV_GRAD]
+    simulate(schedule)  # raises on a deadlock or a rule broken
+
+
+def test_the_communication_pass_adds_transfers_only_between_ranks():
+    compute = [[Action(0, FORWARD, 0), Action(0, BACKWARD, 0)], [Action(1, FORWARD, 0), Action(1, BACKWARD, 0)]]
+    assert [str(a) for a in add_communication(compute, 2)[0]] == ["0F0", "0sa0", "0rg0", "0B0", ]
+    assert [str(a) for a in add_communication(compute, 2)[1]] == ["1ra0", "1F0", "1B0", "1sg0"]
+    # Two stages on each of two ranks (a looped placement): 0 -> 1 and 2 -> 3 cross ranks, and
+    # 1 -> 2 crosses back; nothing travels within a rank.
+    looped = [[Action(0, FORWARD, 0), Action(2, FORWARD, 0), Action(2, BACKWARD, 0), Action(0, BACKWARD, 0)],
+              [Action(1, FORWARD, 0), Action(3, FORWARD, 0), Action(3, BACKWARD, 0), Action(1, BACKWARD, 0)]]
+    full = add_communication(looped, 4)
+    assert [str(a) for a in full[0]] == ["0F0", "0sa0", "2ra0", "2F0", "2sa0", "2rg0", "2B0", "2sg0", "0rg0", "0B0"]
+    assert simulate(full).peak_activations == [2, 2]
+    local = add_communication([[Action(0, FORWARD, 0), Action(1, FORWARD, 0), Action(1, BACKWARD, 0),
+                                 Action(0, BACKWARD, 0)]], 2)
+    assert [a.op for a in local[0]] == [FORWARD, FORWARD, BACKWARD, BACKWARD]  # one rank: no transfer
+    simulate(local)
 
 
 @pytest.mark.parametrize("stages, micro", [(2, 4), (4, 8), (4, 2), (2, 1)])
 def test_peak_activations_gpipe_holds_all_1f1b_at_most_the_stages_left(stages, micro):
-    assert simulate(all_stages("gpipe", stages, micro)).peak_activations == [micro] * stages
-    peaks = simulate(all_stages("1f1b", stages, micro)).peak_activations
+    assert peak_activations("gpipe", stages, micro) == [micro] * stages
+    peaks = peak_activations("1f1b", stages, micro)
     assert peaks == [min(stages - s, micro) for s in range(stages)]
     assert max(peaks) <= stages
 
 
-def test_the_simulator_catches_a_deadlock_and_a_backward_before_its_forward():
-    receive_first = [[Action(RECV_GRAD, 0), Action(FORWARD, 0), Action(SEND_ACT, 0), Action(BACKWARD, 0)],
-                     [Action(RECV_ACT, 0), Action(FORWARD, 0), Action(BACKWARD, 0), Action(SEND_GRAD, 0)]]
+def test_the_simulator_catches_a_deadlock_and_broken_rules():
+    receive_first = [[Action(0, RECV_GRAD, 0), Action(0, FORWARD, 0), Action(0, SEND_ACT, 0), Action(0, BACKWARD, 0)],
+                     [Action(1, RECV_ACT, 0), Action(1, FORWARD, 0), Action(1, BACKWARD, 0), Action(1, SEND_GRAD, 0)]]
     with pytest.raises(RuntimeError, match="deadlock"):
         simulate(receive_first)
     with pytest.raises(RuntimeError, match="before its forward"):
-        simulate([[Action(BACKWARD, 0), Action(FORWARD, 0)]])
+        simulate([[Action(0, BACKWARD, 0), Action(0, FORWARD, 0)]])
+    no_receive = [[Action(0, FORWARD, 0), Action(0, SEND_ACT, 0)], [Action(1, FORWARD, 0)]]
+    with pytest.raises(RuntimeError, match="before receiving its input"):
+        simulate(no_receive)
+    with pytest.raises(RuntimeError, match="lives on rank 1"):
+        simulate([[Action(1, FORWARD, 0)], []])
+
+
+def test_a_schedule_as_a_table_shows_the_bubble():
+    rows = schedule_table(build_schedule("1f1b", 2, 3))
+    assert rows == ["rank 0: 0F0 0F1   . 0B0 0F2 0B1   . 0B2",
+                    "rank 1:   . 1F0 1B0 1F1 1B1 1F2 1B2   ."]
+    assert bubble_fraction(2, 3) == pytest.approx(1 / 4) and bubble_fraction(2, 3, 2) == pytest.approx(1 / 7)
 
 
 def test_balanced_cut_by_hand():

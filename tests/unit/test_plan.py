@@ -80,3 +80,15 @@ def test_plan_prints_the_pipeline_cut():
     assert out.returncode == 0, out.stderr
     assert "pipeline cut       2 stages balanced by flops (parallel.stage_layers = [" in out.stdout
     assert "  stage 0: " in out.stdout and " + head, " in out.stdout
+
+
+def test_plan_prints_the_schedule_as_a_table():
+    out = hvdllm("plan", "--model", "gpt-mini", "--gpus", "2", "--pipeline", "2", "--schedule", "gpipe",
+                 "--micro-batches", "3")
+    assert out.returncode == 0, out.stderr
+    assert "schedule           gpipe, 3 micro-batches: bubble 0.250" in out.stdout
+    assert "held at the peak per rank [3, 3]" in out.stdout
+    assert "  rank 0: 0F0 0F1 0F2   .   . 0B0 0B1 0B2" in out.stdout
+    assert "  rank 1:   . 1F0 1F1 1F2 1B0 1B1 1B2   ." in out.stdout
+    one_f = build_plan(PlanInputs(model="gpt-mini", gpus=2, pipeline=2, micro_batches=3))["pipeline_cut"]["schedule"]
+    assert one_f["name"] == "1f1b" and one_f["peak_activations"] == [2, 1]

@@ -1,13 +1,14 @@
-"""Point-to-point tensors between pipeline stages.
+"""Point-to-point tensors over an mpi4py communicator (pipeline activations and gradients).
 
-Horovod has no point-to-point operation, so activations and their gradients travel over
-mpi4py, on a duplicate of the world communicator so they can never match Horovod's own
-messages. Tensors go as raw bytes of contiguous CPU buffers (never pickled); a CUDA tensor is
-staged through host memory, as CUDA-aware MPI cannot be assumed. A torch.distributed
-transport (NCCL on GPUs) can stand behind the same three methods.
+Horovod has no point-to-point operation, so tensors travel over a communicator of their own
+(the pipeline group's, split from COMM_WORLD, so they can never match any other traffic).
+They go as raw bytes of contiguous CPU buffers (never pickled); a CUDA tensor is staged
+through host memory, as CUDA-aware MPI cannot be assumed. A torch.distributed transport
+(NCCL on GPUs) can stand behind the same three methods.
 
 Sends are non-blocking (the buffer is kept alive until :meth:`wait_sends`), receives block:
 the schedules are built so that this never deadlocks (``hvdllm.parallel.schedules.simulate``).
+Peers are ranks of the communicator given.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import torch
 
 
 class MpiTransport:
-    def __init__(self, world_comm) -> None:
+    def __init__(self, comm) -> None:
         from mpi4py import MPI
 
         self._byte = MPI.BYTE
         self._waitall = MPI.Request.Waitall
-        self.comm = world_comm.Dup()
+        self.comm = comm
         self._pending: list = []  # (request, buffer): a buffer must outlive its send
         self.waiting_s = 0.0  # time blocked in receives and send completions: the pipeline's idle time
 

@@ -1,0 +1,71 @@
+"""The communicators of a job's groups of ranks, keyed by the grid axes they span.
+
+Each group has both kinds of communicator, each for the traffic it suits (measured by
+``hvdllm bench comm``: Horovod's background cycle costs ~0.5 ms per collective here, an
+mpi4py message a microsecond; their bandwidth is alike):
+
+- a Horovod process set, for the large, fusable, overlappable collectives (gradients);
+- an mpi4py communicator of its own (split from COMM_WORLD, so its messages never match any
+  other traffic), for point to point and small latency-bound collectives.
+
+Horovod process sets can only be declared at ``hvd.init``, so every group a job will use is
+given to :func:`hvdllm.comm.init` at once, by every rank, in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+
+@dataclass(frozen=True)
+class Group:
+    """One group of ranks as seen from a member."""
+
+    ranks: tuple[int, ...]  # global ranks, in group order
+    process_set: Any  # horovod.torch ProcessSet (the global set when the group is the world); None without Horovod
+    mpi: Any  # an mpi4py communicator of exactly these ranks; None where MPI does not span the job
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def index(self, rank: int) -> int:
+        """A member's position in the group."""
+        return self.ranks.index(rank)
+
+
+class Groups:
+    """This rank's group along each requested set of axes: ``groups.group(("data",))``."""
+
+    def __init__(self, by_axes: dict[Hashable, Group]) -> None:
+        self._by_axes = by_axes
+
+    def group(self, axes: Hashable) -> Group:
+        try:
+            return self._by_axes[axes]
+        except KeyError:
+            raise KeyError(f"no group over {axes!r} was set up (have: {sorted(self._by_axes)})") from None
+
+
+def process_sets_to_declare(world_size: int, named_groups: dict[Hashable, Sequence[Sequence[int]]]) -> list[list[int]]:
+    """Every distinct group that needs a Horovod process set of its own: the world is
+    Horovod's global set, and a group of one rank has nothing to reduce."""
+    result: list[list[int]] = []
+    for groups in named_groups.values():
+        for ranks in groups:
+            ranks = sorted(ranks)
+            if 1 < len(ranks) < world_size and ranks not in result:
+                result.append(ranks)
+    return result
+
+
+def my_groups(rank: int, named_groups: dict[Hashable, Sequence[Sequence[int]]]) -> dict[Hashable, tuple[int, ...]]:
+    """The group of each axes set that ``rank`` belongs to."""
+    mine = {}
+    for axes, groups in named_groups.items():
+        found = [tuple(g) for g in groups if rank in g]
+        if len(found) != 1:
+            raise ValueError(f"rank {rank} is in {len(found)} groups over {axes!r}; it must be in exactly one")
+        mine[axes] = found[0]
+    return mine

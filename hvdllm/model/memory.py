@@ -1,0 +1,31 @@
+"""Bytes a GPT needs in training: optimizer state and activations (the formulas are
+sourced in hvdllm/plan.py's docstring). Used by the planner and the pipeline partitioner."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from hvdllm.choices import OPTIMIZERS
+
+
+def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
+    """fp32 optimizer state of ``model``'s parameters, the master copy included."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if optimizer == "adamw":
+        return 12 * total
+    if optimizer == "lamb":  # hvdllm's Lamb also keeps an fp32 workspace for the update
+        return 16 * total
+    if optimizer == "adafactor":
+        factored = sum(p.shape[-2] + p.shape[-1] if p.dim() >= 2 else p.numel() for p in params)
+        return 4 * total + 4 * factored
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+
+
+def activation_bytes(cfg, micro_batch: int, seq_len: int, tp: int, checkpointing: bool) -> int:
+    """Activations kept for backward by all layers of one micro-batch (Korthikanti et al. 2022)."""
+    s, b, h, a, L = seq_len, micro_batch, cfg.d_model, cfg.n_head, cfg.n_layer
+    per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+    if checkpointing:
+        return int(L * 2 * s * b * h + per_layer)
+    return int(L * per_layer)
