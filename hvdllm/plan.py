@@ -78,6 +78,22 @@ def split_model(mp: int, cfg) -> tuple[int, int] | None:
     return None
 
 
+def memory_per_gpu(model: GPT, inputs: PlanInputs, seq_len: int, mp: int) -> dict:
+    """Bytes per GPU at model-parallel degree ``mp`` (split as :func:`split_model`), for every optimizer."""
+    cfg, n_total = model.cfg, model.num_params()
+    tp, pp = split_model(mp, cfg)
+    weights, grads = 2 * n_total / mp, 2 * n_total / mp
+    optim = {name: optimizer_state_bytes(model, name) / mp for name in OPTIMIZERS}
+    acts = {"no_checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, False),
+            "checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, True)}
+    chosen_acts = acts["checkpointing" if inputs.checkpointing else "no_checkpointing"]
+    total = {name: int(weights + grads + optim[name] + chosen_acts) for name in OPTIMIZERS}
+    return {"model_parallel": mp, "tensor_parallel": tp, "pipeline_parallel": pp,
+            "data_parallel": inputs.gpus // mp, "weights": int(weights),
+            "gradients": int(grads), "optimizer": {k: int(v) for k, v in optim.items()},
+            "activations": acts, "total": total}
+
+
 def build_plan(inputs: PlanInputs) -> dict:
     preset = get_preset(inputs.model)
     model = meta_model(inputs.model)
@@ -88,17 +104,7 @@ def build_plan(inputs: PlanInputs) -> dict:
     per_token = flops_per_token(n_dense, cfg.n_layer, cfg.n_head, head_dim, seq_len)
 
     def memory(mp: int) -> dict:
-        tp, pp = split_model(mp, cfg)
-        weights, grads = 2 * n_total / mp, 2 * n_total / mp
-        optim = {name: optimizer_state_bytes(model, name) / mp for name in OPTIMIZERS}
-        acts = {"no_checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, False),
-                "checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, True)}
-        chosen_acts = acts["checkpointing" if inputs.checkpointing else "no_checkpointing"]
-        total = {name: int(weights + grads + optim[name] + chosen_acts) for name in OPTIMIZERS}
-        return {"model_parallel": mp, "tensor_parallel": tp, "pipeline_parallel": pp,
-                "data_parallel": inputs.gpus // mp, "weights": int(weights),
-                "gradients": int(grads), "optimizer": {k: int(v) for k, v in optim.items()},
-                "activations": acts, "total": total}
+        return memory_per_gpu(model, inputs, seq_len, mp)
 
     degrees = [d for d in range(1, inputs.gpus + 1) if inputs.gpus % d == 0 and split_model(d, cfg)]
     if not degrees:

@@ -139,37 +139,12 @@ def _launched_by_gloo() -> bool:
     return "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ
 
 
-def run_comm_bench(options: CommBenchOptions) -> int:
-    """The whole benchmark on every rank of the job; rank 0 prints, writes and plots."""
-    wanted = options.backends or COMM_BACKENDS
-    gloo_job = _launched_by_gloo()
-    if not gloo_job and launched_world_size() < 2:
-        raise UserError("hvdllm bench comm needs >= 2 ranks: mpirun -np 2 hvdllm bench comm (or horovodrun -np 2)")
-    cuda = torch.cuda.is_available()
+def measure_backends(wanted, control: Control, options: CommBenchOptions, device: torch.device, gloo_job: bool,
+                     say: Callable[[str], None], skip: Callable[[str, str], None]) -> list[dict]:
+    """Collective: the records of every wanted backend this job can run (the others are skipped,
+    saying why)."""
+    cuda = device.type == "cuda"
     records: list[dict] = []
-    skipped: list[str] = []
-    tuning = None
-
-    if gloo_job:
-        runtime.init()
-        control = Control(hvd=runtime.horovod())
-    else:
-        from mpi4py import MPI
-
-        control = Control(mpi_comm=MPI.COMM_WORLD)
-    local_rank = control.local_rank()  # a collective: every rank asks, with or without CUDA
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-
-    def say(message: str) -> None:
-        if control.rank == 0:
-            print(message, flush=True)
-            if message.startswith("skip "):
-                skipped.append(message[5:])
-
-    def skip(backend: str, why: str) -> None:
-        if backend in wanted:
-            say(f"skip {backend}: {why}")
-
     for name in wanted:
         if name == "mpi4py":
             if gloo_job:
@@ -204,6 +179,40 @@ def run_comm_bench(options: CommBenchOptions) -> int:
                 continue
             hvd = control.hvd if gloo_job else _horovod_on_mpi(control.mpi)
             records += measure(HorovodBackend(name, hvd, device), control, options, device, say)
+    return records
+
+
+def run_comm_bench(options: CommBenchOptions) -> int:
+    """The whole benchmark on every rank of the job; rank 0 prints, writes and plots."""
+    wanted = options.backends or COMM_BACKENDS
+    gloo_job = _launched_by_gloo()
+    if not gloo_job and launched_world_size() < 2:
+        raise UserError("hvdllm bench comm needs >= 2 ranks: mpirun -np 2 hvdllm bench comm (or horovodrun -np 2)")
+    cuda = torch.cuda.is_available()
+    skipped: list[str] = []
+    tuning = None
+
+    if gloo_job:
+        runtime.init()
+        control = Control(hvd=runtime.horovod())
+    else:
+        from mpi4py import MPI
+
+        control = Control(mpi_comm=MPI.COMM_WORLD)
+    local_rank = control.local_rank()  # a collective: every rank asks, with or without CUDA
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+
+    def say(message: str) -> None:
+        if control.rank == 0:
+            print(message, flush=True)
+            if message.startswith("skip "):
+                skipped.append(message[5:])
+
+    def skip(backend: str, why: str) -> None:
+        if backend in wanted:
+            say(f"skip {backend}: {why}")
+
+    records = measure_backends(wanted, control, options, device, gloo_job, say, skip)
 
     if options.tune_preset and not gloo_job:
         from hvdllm.bench.comm_tune import tune_horovod

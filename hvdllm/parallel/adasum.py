@@ -1,24 +1,6 @@
-"""Adasum (Maleki et al. 2020): each rank takes its own optimizer step, and Horovod combines
-the parameter *updates* with the Adasum operator instead of averaging gradients.
-
-Horovod's ``DistributedOptimizer(op=hvd.Adasum)`` steps the inner optimizer inside the
-backward hooks, parameter by parameter, as each gradient is ready. That leaves nothing for
-the loop to act on afterwards: clipping after backward clips gradients already used, a step
-skipped for a non-finite loss leaves its allreduces pending (its ``zero_grad`` then
-asserts), and an fp16 loss scaler's scaled gradients are stepped on before they are
-unscaled. So this strategy does the same exchange after backward instead:
-
-1. the step statistics are reduced first, so every rank knows whether any rank saw a
-   non-finite loss and all skip together;
-2. each rank clips its own gradients (Adasum combines per-rank updates, so the norm that
-   bounds an update is the rank's own, and the logged norm is rank 0's) and steps its
-   inner optimizer, remembering where each parameter started;
-3. the deltas ``new - start`` are allreduced with ``op=hvd.Adasum`` (all enqueued, then
-   waited on, so Horovod fuses them) and every rank sets ``start + combined delta``.
-
-fp16 is refused: a dynamic loss scaler that skips on one rank and not another would let the
-ranks' scales drift apart. Horovod's Adasum runs on its MPI controller only, over a
-power-of-two number of ranks, and on the global process set.
+"""Adasum (Maleki et al. 2020): each rank takes its own optimizer step and Horovod combines the
+parameter updates with the Adasum operator, after backward rather than in Horovod's hooks.
+Why after backward, and what is refused: docs/design/parallel.md (Adasum).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hvdllm.errors import UserError
-from hvdllm.parallel.grid import Grid, RankCoords
+from hvdllm.parallel.grid import Grid, RankCoords, build_grid, rank_coordinates
 from hvdllm.parallel.precision import Precision
 
 
@@ -44,6 +44,12 @@ class ParallelStrategy(ABC):
     def setup(self, threads: int) -> None:
         """Start the communication runtime this layout needs, learn this rank's coordinates,
         and give torch ``threads`` threads (0 = the node's cores over its ranks)."""
+
+    def adopt_world(self, rank: int, size: int) -> None:
+        """After the runtime re-formed with another world (Horovod elastic): the grid of the
+        ``size`` ranks there are now (``parallel.data = 0``: all of them) and this rank's place."""
+        self.layout = build_grid(self.cfg, size)
+        self.coords = rank_coordinates(self.layout, rank)
 
     @property
     def data_rank(self) -> tuple[int, int]:

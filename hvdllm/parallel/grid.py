@@ -1,21 +1,6 @@
-"""The process grid of a job: named axes (tensor, pipeline, data) and the server role.
-
-A grid is checked against the launched world size before any communication runtime starts,
-so a job launched with the wrong ``-np`` ends on every rank with the same line instead of
-hanging in its first collective (torchtitan's ``ParallelDims`` does the same).
-
-Rank order. The workers come first, the parameter servers (if any) last. Among workers the
-axes vary in the order of :data:`AXES`, tensor fastest, then pipeline, then data (Megatron's
-``RankGenerator`` order ``tp-pp-dp``)::
-
-    rank = (data_index * pipeline + pipeline_index) * tensor + tensor_index
-
-so a tensor group (four collectives per block, on the critical path) sits on one node, the
-stages of one pipeline are neighbours (activations travel point to point), and each data group
-strides across nodes: gradients are reduced once per step and fuse into large messages.
-
-:meth:`Grid.groups` gives the groups of any set of axes (the ranks that differ only along
-those axes); :func:`rank_coordinates` is a pure function of the grid and a rank.
+"""The process grid of a job: named axes (tensor, pipeline, data) and the server role, checked
+against the launched world before anything starts; groups of any axes; pure rank coordinates.
+Rank order and why: docs/design/parallel.md (The process grid).
 """
 
 from __future__ import annotations

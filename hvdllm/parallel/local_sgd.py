@@ -1,30 +1,6 @@
-"""Local SGD / DiLoCo (Douillard et al. 2023) on Horovod: H local steps, then one averaging.
-
-Each worker steps its own (inner) optimizer on its own gradients for ``parallel.local_steps``
-= H steps without exchanging them. Then, in one fused Horovod round (every delta enqueued
-with ``allreduce_async``, then all waited on), the workers average their parameter deltas
-``anchor - params`` (anchor = the parameters at the last averaging), and an outer optimizer,
-``torch.optim.SGD`` with Nesterov momentum ``parallel.outer_momentum`` and its own lr
-``parallel.outer_lr``, takes the averaged delta as the gradient of the anchor. Every worker
-then continues from the new anchor. With H = 1, outer lr 1 and no momentum this is the
-average of the inner updates; for a linear inner optimizer (plain SGD) that is ``sync``.
-
-What still travels every step. The step statistics (loss sum, non-finite flag, stop flag:
-24 bytes) are summed over the workers in one small allreduce, so every rank agrees on the
-reported loss, on skipping a step where any rank saw a non-finite loss, and on stopping at a
-SIGTERM at the same step. Skipped steps count towards H on every rank alike, so the
-averaging rounds stay aligned. Clipping uses each worker's own gradient norm (the logged
-norm is rank 0's).
-
-Between averagings the replicas differ: an evaluation at a step that is not a multiple of H
-averages the workers' losses on their own parameters, and every rank writes its own
-checkpoint shard (rank r's beside rank 0's as ``step-N.stage-r.pt``): its parameters and
-inner optimizer state, with the anchor, the outer optimizer's momentum and the position in
-the round (equal on all ranks). A resume loads each rank's own shard and broadcasts nothing,
-so it continues exactly, mid-round too.
-
-fp16 is refused (each worker's loss scaler would skip on its own), and so is gradient
-compression (no gradients travel; the deltas go at full precision).
+"""Local SGD / DiLoCo (Douillard et al. 2023) on Horovod: H local steps, then one averaging of the
+parameter deltas with an outer Nesterov SGD step.
+What still travels every step, evaluation and checkpoints: docs/design/parallel.md (Local SGD).
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
-"""Cutting a GPT into k contiguous pipeline stages, balanced by a chosen cost.
-
-The units are the embedding (always in the first stage), the blocks, and the head (final
-LayerNorm and output projection, always in the last stage). A balanced cut gives every stage
-at least one block (the config checks a manual one so). The cut minimises the cost of the
-most expensive stage exactly, by the linear partition dynamic programme (O(k n^2) for n
-blocks), not greedily: the slowest (or fullest) stage sets the pace (or the memory) of the
-whole pipeline.
-
-Costs, per unit:
-
-- ``params``: parameters held.
-- ``flops``: training FLOPs per token, ``6 N`` for the unit's matmul weights plus attention's
-  ``12 H Q T`` per block (as ``hvdllm.model.flops``); the embedding lookup costs nothing, the
-  head ``6 d V``.
-- ``memory``: bytes of weights, gradients and optimizer state under mixed precision (as
-  ``hvdllm plan``), plus the block's activations times the micro-batches the stage holds at
-  its peak, as the schedule simulator measures it (all m under GPipe, ``k - stage`` under
-  1F1B). So under 1F1B the first stages should take fewer blocks.
+"""Cutting a GPT into k contiguous pipeline stages, exactly balanced (the linear partition
+dynamic programme) by a chosen cost: params, flops or memory.
+The costs and why the cut is exact: docs/design/parallel.md (The pipeline cut).
 """
 
 from __future__ import annotations

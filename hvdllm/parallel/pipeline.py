@@ -1,19 +1,7 @@
-"""Pipeline parallelism across ranks, with Horovod data parallelism inside each stage.
-
-Each rank of a pipeline holds one stage of the model (:mod:`hvdllm.parallel.stage_model`),
-cut by ``parallel.stage_layers`` or balanced by ``parallel.balance``. Each loader batch is
-split into ``parallel.micro_batches`` micro-batches, run through the stages in the order of
-``parallel.schedule`` (GPipe or 1F1B, :mod:`hvdllm.parallel.schedules`), activations and
-their gradients travelling point to point over the pipeline group's MPI communicator
-(:mod:`hvdllm.comm.p2p`). :class:`PipelineExecutor` runs a rank's actions over its parts.
-
-With ``parallel.data = d`` pipelines, each stage's gradients are averaged by Horovod in that
-stage's process set. Every rank of a pipeline reads the same data slice (the loader is sliced
-by data rank only): the first stage uses the tokens, the last the targets. The loss exists on
-the last stage only and reaches the logging rank through the step statistics, which every
-rank reduces globally. The global gradient norm sums each stage's squared norm over all
-ranks. A tied embedding lives on the first stage and, as a copy, on the last: their gradients
-are summed after backward, so the two copies take the same updates and stay equal.
+"""Pipeline parallelism across ranks, with Horovod data parallelism inside each stage:
+:class:`PipelineExecutor` runs a rank's schedule over its model parts, activations travelling
+over the pipeline group's MPI communicator (:mod:`hvdllm.comm.p2p`).
+Data, loss, norms and tied embeddings across stages: docs/design/parallel.md (Pipeline parallelism).
 """
 
 from __future__ import annotations

@@ -1,22 +1,7 @@
-"""Pipeline schedules as data: each rank's ordered actions for one batch of m micro-batches.
-
-As in ``torch.distributed.pipelining`` (its ``_Action``), an action names the pipeline stage
-it runs, its operation and its micro-batch. A schedule is written with compute actions only
-(``FORWARD``, ``BACKWARD``), one list per rank; :func:`add_communication` then adds the
-sends and receives between stages on different ranks, and :func:`simulate` proves, in one
-process, that every forward comes before its backward, that sends match receives and that
-nothing deadlocks, and measures the peak of in-flight activations (which the partitioner
-weighs; see partition.py). The executor (pipeline.py) runs the actions as they are.
-
-Stages are placed on ranks by ``stage % ranks``: one stage per rank, or several ("virtual
-stages", the interleaved schedules' loop placement). Sends are non-blocking and receives
-block, which is how the executor runs them over MPI.
-
-- GPipe (Huang et al. 2019): all m forwards, then all m backwards; a stage holds the
-  activations of all m micro-batches at its peak.
-- 1F1B (PipeDream-Flush, Narayanan et al. 2021): stage s runs ``min(p - s - 1, m)`` warm-up
-  forwards, then alternates one forward and one backward, then drains the backwards; it holds
-  at most ``p - s`` micro-batches. Both have the bubble ``(p - 1) / (m + p - 1)``.
+"""Pipeline schedules as data: each rank's ordered actions ``Action(stage, op, micro)`` for one
+batch, written compute-only; :func:`add_communication` adds the transfers and :func:`simulate`
+proves order, matching sends, no deadlock and the peak of in-flight activations.
+The schedules and their bubbles: docs/design/parallel.md (Pipeline schedules).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from torch import nn
 
 from hvdllm import comm
 from hvdllm.parallel.base import ParallelStrategy, step_optimizer
-from hvdllm.parallel.grid import build_grid, rank_coordinates
+from hvdllm.parallel.grid import rank_coordinates
 
 
 def horovod_environment(parallel_cfg, train_cfg=None) -> dict[str, str]:
@@ -70,12 +70,6 @@ class HorovodSync(ParallelStrategy):
         self.hvd = comm.horovod()
         self.coords = rank_coordinates(self.layout, self.hvd.rank())
         self.data_set = self.groups.group(("data",)).process_set
-
-    def adopt_world(self) -> None:
-        """After Horovod elastic re-initialized on other hosts: the layout of the ranks there
-        are now (``parallel.data = 0``: all of them), and this rank's place in it."""
-        self.layout = build_grid(self.cfg, self.hvd.size())
-        self.coords = rank_coordinates(self.layout, self.hvd.rank())
 
     def wrap_optimizer(self, optimizer, model: nn.Module):
         hvd = self.hvd

@@ -57,7 +57,7 @@ class TrainerState(State):
         self.pending = False
         trainer = self.trainer
         before = trainer.dp_size
-        trainer.strategy.adopt_world()
+        trainer.strategy.adopt_world(comm.rank(), comm.size())
         trainer.adopt_world()
         ckpt.restore_training_state(trainer, copy.deepcopy(self.committed))
         trainer.optimizer.zero_grad()  # a failed step's local or half-reduced gradients
