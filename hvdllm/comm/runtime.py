@@ -19,7 +19,7 @@ from hvdllm.comm.groups import Group, Groups, my_groups, process_sets_to_declare
 from hvdllm.comm.launch import launched_world_size
 from hvdllm.errors import UserError
 
-_state: dict[str, Any] = {"hvd": None}
+_state: dict[str, Any] = {"hvd": None, "sets": {}}  # the module, and its process sets by ranks
 
 
 def horovod():
@@ -45,8 +45,6 @@ def init(named_groups: dict[Hashable, Sequence[Sequence[int]]] | None = None, th
     Returns:
         This rank's group for each key of ``named_groups``.
     """
-    if _state["hvd"] is not None:
-        raise RuntimeError("Horovod is already initialized: its process sets were declared by the first init()")
     named_groups = named_groups or {}
     world = None
     if mpi:
@@ -56,17 +54,12 @@ def init(named_groups: dict[Hashable, Sequence[Sequence[int]]] | None = None, th
         if world.Get_size() != launched_world_size():
             raise UserError("this layout sends tensors point to point over MPI: launch with mpirun, srun or "
                             "horovodrun --mpi (not --gloo)")
-    import horovod.torch as hvd
-
     declared = process_sets_to_declare(_launched_size(world), named_groups)
-    sets = [hvd.ProcessSet(ranks) for ranks in declared]
-    kwargs: dict[str, Any] = {"process_sets": sets} if sets else {}
-    if world is not None:
-        kwargs["comm"] = world
-    hvd.init(**kwargs)
-    _state["hvd"] = hvd
-    set_threads(threads, hvd.local_size())
-    by_ranks = {tuple(ranks): process_set for ranks, process_set in zip(declared, sets)}
+    if _state["hvd"] is None:
+        _start_horovod(declared, world, threads)
+    elif any(tuple(ranks) not in _state["sets"] for ranks in declared):
+        raise RuntimeError("Horovod is already initialized: process sets must be given to the first init()")
+    hvd, by_ranks = _state["hvd"], _state["sets"]
     groups = {}
     for axes, ranks in my_groups(hvd.rank(), named_groups).items():
         if len(ranks) == hvd.size():
@@ -77,6 +70,19 @@ def init(named_groups: dict[Hashable, Sequence[Sequence[int]]] | None = None, th
         split = world.Split(color=min(ranks), key=hvd.rank()) if world is not None else None
         groups[axes] = Group(tuple(ranks), process_set, split)
     return Groups(groups)
+
+
+def _start_horovod(declared: list[list[int]], world, threads: int) -> None:
+    import horovod.torch as hvd
+
+    sets = [hvd.ProcessSet(ranks) for ranks in declared]
+    kwargs: dict[str, Any] = {"process_sets": sets} if sets else {}
+    if world is not None:
+        kwargs["comm"] = world
+    hvd.init(**kwargs)
+    _state["hvd"] = hvd
+    _state["sets"] = {tuple(ranks): process_set for ranks, process_set in zip(declared, sets)}
+    set_threads(threads, hvd.local_size())
 
 
 def _launched_size(world) -> int:

@@ -7,7 +7,8 @@ from hvdllm.parallel.grid import Grid, RankCoords, build_grid, rank_coordinates
 from hvdllm.parallel.partition import check_manual_cut
 from hvdllm.parallel.precision import Precision
 from hvdllm.parallel.single import SingleProcess
-from hvdllm.parallel.sync import HorovodSync, apply_horovod_environment, horovod_environment
+from hvdllm.parallel.sync import HorovodDataParallel, apply_horovod_environment, horovod_environment
+from hvdllm.parallel.update import AllreduceUpdate
 
 
 def build_strategy(cfg, world_size: int) -> ParallelStrategy:
@@ -23,11 +24,6 @@ def build_strategy(cfg, world_size: int) -> ParallelStrategy:
         raise UserError(f"parallel.tensor={layout.tensor}: tensor-parallel layers are not in hvdllm's trainer yet; "
                         f"use parallel.tensor=1")
     check_model_cut(cfg, layout)
-    if parallel.strategy == "local-sgd":
-        from hvdllm.parallel.local_sgd import LocalSGD, check_local_sgd_layout
-
-        check_local_sgd_layout(cfg, layout)
-        return LocalSGD(cfg, layout)  # on one rank too: the outer optimizer still acts
     if parallel.strategy == "async":
         from hvdllm.parallel.param_server import ParameterServerWorker, check_async_layout
 
@@ -36,19 +32,32 @@ def build_strategy(cfg, world_size: int) -> ParallelStrategy:
     if layout.servers:
         raise UserError(f"parallel.servers={layout.servers} needs an asynchronous parallel.strategy, "
                         f"not {parallel.strategy!r}")
-    if parallel.op == "adasum":
-        from hvdllm.parallel.adasum import HorovodAdasum, check_adasum_layout
-
-        check_adasum_layout(layout, cfg.train.precision)
-        if world_size > 1:
-            return HorovodAdasum(cfg, layout)
+    rule = choose_update_rule(cfg, layout)
+    if rule is None:
+        return SingleProcess(cfg, layout)
     if layout.pipeline > 1:
         from hvdllm.parallel.pipeline import PipelineParallel
 
-        return PipelineParallel(cfg, layout)
-    if world_size == 1:
-        return SingleProcess(cfg, layout)
-    return HorovodSync(cfg, layout)
+        return PipelineParallel(cfg, layout, rule)
+    return HorovodDataParallel(cfg, layout, rule)
+
+
+def choose_update_rule(cfg, layout: Grid):
+    """The update rule ``[parallel]`` asks for, checked against the grid before any init; None
+    for a single process that has nothing to agree on with anyone."""
+    parallel = cfg.parallel
+    if parallel.strategy == "local-sgd":
+        from hvdllm.parallel.local_sgd import LocalSGDUpdate, check_local_sgd_layout
+
+        check_local_sgd_layout(cfg, layout)
+        return LocalSGDUpdate  # on one rank too: the outer optimizer still acts
+    if parallel.op == "adasum":
+        from hvdllm.parallel.adasum import AdasumUpdate, check_adasum_layout
+
+        check_adasum_layout(layout, cfg.train.precision)
+        if layout.world_size > 1:
+            return AdasumUpdate
+    return AllreduceUpdate if layout.world_size > 1 else None
 
 
 def check_model_cut(cfg, layout: Grid) -> None:
@@ -80,6 +89,6 @@ def check_model_cut(cfg, layout: Grid) -> None:
             raise UserError(f"parallel.micro_batches={parallel.micro_batches} does not divide {name} {size}")
 
 
-__all__ = ["HorovodSync", "Grid", "ParallelStrategy", "Precision", "RankCoords", "SingleProcess",
+__all__ = ["HorovodDataParallel", "Grid", "ParallelStrategy", "Precision", "RankCoords", "SingleProcess",
            "apply_horovod_environment", "build_grid", "build_strategy", "horovod_environment",
            "rank_coordinates"]

@@ -8,16 +8,16 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from hvdllm.errors import UserError
-from hvdllm.parallel.sync import HorovodSync
+from hvdllm.parallel.update import UpdateRule
 
 
 def check_adasum_layout(layout, precision: str) -> None:
     """Refuse, with one line, what Adasum cannot do: checked before Horovod starts."""
     if layout.pipeline > 1:
-        raise UserError("parallel.op=adasum works on Horovod's global process set only: use parallel.pipeline=1")
+        raise UserError("parallel.op=adasum works on Horovod's global process set only, not per pipeline stage: "
+                        "use parallel.pipeline=1")
     if layout.data & (layout.data - 1):
         raise UserError(f"parallel.op=adasum needs a power-of-two number of ranks (Horovod's Adasum); "
                         f"the layout has {layout.data}")
@@ -26,37 +26,30 @@ def check_adasum_layout(layout, precision: str) -> None:
                         "use bf16 or fp32")
 
 
-class HorovodAdasum(HorovodSync):
-    def setup(self, threads: int) -> None:
-        super().setup(threads)
+class AdasumUpdate(UpdateRule):
+    def check_runtime(self) -> None:
         if not self.hvd.mpi_enabled():  # every rank sees the same controller: all stop together
             raise UserError("parallel.op=adasum needs Horovod's MPI controller: launch with mpirun or "
                             "horovodrun --mpi, not --gloo")
 
-    def wrap_optimizer(self, optimizer, model: nn.Module):
-        return optimizer  # the exchange happens in apply_update, not in hooks
-
-    def finish_gradients(self, optimizer, step_stats: torch.Tensor) -> torch.Tensor:
-        return self.hvd.allreduce(step_stats, op=self.hvd.Sum, name="step_stats")
-
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+    def agree_norm(self, norm: float) -> float:
         """This rank's own norm (it bounds this rank's update); infinite on every rank when
         any rank's is not finite, so all skip the step together: one rank stepping while
         another skips would leave the Adasum allreduces unmatched."""
-        norm = super().clip_grad_norm_(model, max_norm)
         flag = torch.tensor([0.0 if math.isfinite(norm) else 1.0])
         any_bad = self.hvd.allreduce(flag, op=self.hvd.Sum, name="adasum_nonfinite").item() > 0
         return math.inf if any_bad else norm
 
     @torch.no_grad()
-    def apply_update(self, optimizer, scaler) -> None:
+    def step(self, optimizer, scaler) -> None:
+        hvd = self.hvd
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         starts = [p.detach().clone() for p in params]
         optimizer.step()
         handles = []
         for index, (param, start) in enumerate(zip(params, starts)):
             param.sub_(start)  # the delta, reduced in place
-            handles.append(self.hvd.allreduce_async_(param, op=self.hvd.Adasum, name=f"adasum.{index}"))
+            handles.append(hvd.allreduce_async_(param, op=hvd.Adasum, name=f"adasum.{index}"))
         for param, start, handle in zip(params, starts, handles):
-            self.hvd.synchronize(handle)
+            hvd.synchronize(handle)
             param.add_(start)

@@ -223,12 +223,3 @@ class ParallelStrategy(ABC):
     def pipeline_cut(self) -> list[int] | None:
         """Blocks per pipeline stage, as recorded in checkpoints (None without a pipeline)."""
         return None
-
-
-def step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    """``optimizer.step()``, through the loss scaler when there is one (it skips the step when
-    the unscaled gradients hold an inf or NaN)."""
-    if scaler is not None:
-        scaler.step(optimizer)
-    else:
-        optimizer.step()

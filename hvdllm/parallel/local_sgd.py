@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from hvdllm.errors import UserError
-from hvdllm.parallel.base import step_optimizer
-from hvdllm.parallel.sync import HorovodSync
+from hvdllm.parallel.update import UpdateRule
 
 STATS_BYTES = 3 * 8  # the float64 step statistics, allreduced every step
 
@@ -18,9 +17,8 @@ STATS_BYTES = 3 * 8  # the float64 step statistics, allreduced every step
 def check_local_sgd_layout(cfg, layout) -> None:
     """Refuse, with one line, what local SGD does not do: checked before Horovod starts."""
     parallel = cfg.parallel
-    if layout.pipeline > 1 or layout.servers:
-        raise UserError("parallel.strategy=local-sgd averages whole replicas: use parallel.pipeline=1 and "
-                        "parallel.servers=0")
+    if layout.servers:
+        raise UserError("parallel.strategy=local-sgd averages the workers' own replicas: use parallel.servers=0")
     if parallel.op != "average" or parallel.compression != "none":
         raise UserError("parallel.strategy=local-sgd averages parameter deltas at full precision: "
                         "use parallel.op=average and parallel.compression=none")
@@ -29,7 +27,12 @@ def check_local_sgd_layout(cfg, layout) -> None:
                         "drift apart; use bf16 or fp32")
 
 
-class LocalSGD(HorovodSync):
+class LocalSGDUpdate(UpdateRule):
+    """Each replica steps on its own; every H steps its data group averages the deltas from the
+    anchor and takes the outer step (per pipeline stage under a pipeline)."""
+
+    replicas_differ = True  # between averagings each replica's parameters and inner moments are its own
+
     def wrap_optimizer(self, optimizer, model: nn.Module):
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The anchor is the outer optimizer's parameter: the global model at the last averaging.
@@ -43,70 +46,56 @@ class LocalSGD(HorovodSync):
         return optimizer  # the inner optimizer: nothing is exchanged in backward hooks
 
     @property
-    def writes_checkpoint(self) -> bool:
-        return True  # between averagings each replica's parameters and inner moments are its own
+    def needs_broadcast(self) -> bool:
+        return not self.restored  # each rank loaded its own shard; the anchors and outer state are alike
 
-    @property
-    def checkpoint_shard(self) -> int:
-        return self.coords.rank
+    @torch.no_grad()
+    def after_broadcast(self) -> None:
+        for anchor, param in zip(self.anchors, self.params):
+            anchor.copy_(param)
 
-    def broadcast_state(self, model: nn.Module, optimizer) -> None:
-        if self.restored:
-            return  # each rank loaded its own shard; the anchors and outer state are alike
-        super().broadcast_state(model, optimizer)
-        with torch.no_grad():
-            for anchor, param in zip(self.anchors, self.params):
-                anchor.copy_(param)
+    def reduce_gradients(self, optimizer) -> None:
+        self.comm_bytes += STATS_BYTES  # only the step statistics travel
 
-    def finish_gradients(self, optimizer, step_stats: torch.Tensor) -> torch.Tensor:
-        self.comm_bytes += STATS_BYTES
-        return self.hvd.allreduce(step_stats, op=self.hvd.Sum, name="step_stats")
-
-    def apply_update(self, optimizer, scaler) -> None:
-        step_optimizer(optimizer, scaler)
-
-    def update(self, optimizer, model: nn.Module, precision, max_norm: float, nonfinite: bool) -> tuple[float, bool]:
-        grad_norm, skipped = super().update(optimizer, model, precision, max_norm, nonfinite)
+    def after_update(self) -> None:
         self.inner_steps += 1
         if self.inner_steps % self.cfg.local_steps == 0:
             self.average()
-        return grad_norm, skipped
 
     @torch.no_grad()
     def average(self) -> None:
-        """Collective: the outer step on the workers' mean delta; every replica takes its result."""
+        """Collective in the data group: the outer step on the replicas' mean delta; every
+        replica takes its result. A data group of one replica (a single pipeline) is its mean."""
+        hvd, process_set = self.hvd, self.data_group.process_set
         deltas = [anchor - param for anchor, param in zip(self.anchors, self.params)]
-        handles = [self.hvd.allreduce_async_(delta, op=self.hvd.Average, name=f"local_sgd.delta.{i}")
-                   for i, delta in enumerate(deltas)]  # all enqueued first: Horovod fuses them
-        for anchor, delta, handle in zip(self.anchors, deltas, handles):
-            self.hvd.synchronize(handle)
+        if process_set is not None:
+            handles = [hvd.allreduce_async_(delta, op=hvd.Average, name=f"local_sgd.delta.{i}", process_set=process_set)
+                       for i, delta in enumerate(deltas)]  # all enqueued first: Horovod fuses them
+            for handle in handles:
+                hvd.synchronize(handle)
+            self.comm_bytes += sum(d.numel() * d.element_size() for d in deltas)
+        for anchor, delta in zip(self.anchors, deltas):
             anchor.grad = delta  # the pseudo-gradient: descending it moves towards the mean replica
         self.outer.step()
         for anchor, param in zip(self.anchors, self.params):
             param.copy_(anchor)
-        self.comm_bytes += sum(d.numel() * d.element_size() for d in deltas)
         self.rounds += 1
 
     def step_metrics(self) -> dict:
         return {"comm_bytes": self.comm_bytes, "local_sgd_rounds": self.rounds}
 
-    def state_dict(self, model: nn.Module, optimizer) -> dict:
-        state = super().state_dict(model, optimizer)
-        state["local_sgd"] = {"anchors": [a.detach().clone() for a in self.anchors],
-                              "outer": self.outer.state_dict(), "inner_steps": self.inner_steps,
-                              "rounds": self.rounds, "comm_bytes": self.comm_bytes}
-        return state
+    def state_dict(self) -> dict:
+        return {"anchors": [a.detach().clone() for a in self.anchors], "outer": self.outer.state_dict(),
+                "inner_steps": self.inner_steps, "rounds": self.rounds, "comm_bytes": self.comm_bytes}
 
-    def load_state_dict(self, model: nn.Module, optimizer, state: dict) -> None:
-        super().load_state_dict(model, optimizer, state)
-        saved = state.get("local_sgd")
-        if saved is None:
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
             raise UserError("the checkpoint was not written by parallel.strategy=local-sgd (no outer optimizer "
                             "state): resume it with its own strategy")
         with torch.no_grad():
-            for anchor, value in zip(self.anchors, saved["anchors"]):
+            for anchor, value in zip(self.anchors, state["anchors"]):
                 anchor.copy_(value)
-        self.outer.load_state_dict(saved["outer"])
-        self.inner_steps, self.rounds = int(saved["inner_steps"]), int(saved["rounds"])
-        self.comm_bytes = int(saved["comm_bytes"])
+        self.outer.load_state_dict(state["outer"])
+        self.inner_steps, self.rounds = int(state["inner_steps"]), int(state["rounds"])
+        self.comm_bytes = int(state["comm_bytes"])
         self.restored = True

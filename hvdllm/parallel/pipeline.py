@@ -18,7 +18,7 @@ from hvdllm.comm.p2p import MpiTransport
 from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action,
                                        build_schedule, stage_rank)
 from hvdllm.parallel.stage_model import GPTStage, cut_model, plan_cut
-from hvdllm.parallel.sync import HorovodSync
+from hvdllm.parallel.sync import HorovodDataParallel
 
 
 # MPI guarantees tags up to 32767: a transfer to stage-part c of micro-batch i uses
@@ -101,9 +101,11 @@ class PipelineExecutor:
         return losses
 
 
-class PipelineParallel(HorovodSync):
-    def __init__(self, cfg, layout) -> None:
-        super().__init__(cfg, layout)
+class PipelineParallel(HorovodDataParallel):
+    """Each rank one pipeline stage; each stage's replicas a data group, updated by the rule."""
+
+    def __init__(self, cfg, layout, rule) -> None:
+        super().__init__(cfg, layout, rule)
         self.stage: GPTStage | None = None
 
     def named_groups(self) -> dict:
@@ -136,18 +138,14 @@ class PipelineParallel(HorovodSync):
     def pipeline_cut(self) -> list[int]:
         return list(self.cut)
 
-    def wrap_optimizer(self, optimizer, model: nn.Module):
-        if self.layout.data == 1:
-            return optimizer  # one replica per stage: nothing to average
-        return super().wrap_optimizer(optimizer, model)
-
-    def broadcast_state(self, model: nn.Module, optimizer) -> None:
+    def broadcast_replica(self, model: nn.Module, optimizer) -> None:
         # Every replica is built from the same seed, or loads the same shard on resume; the
         # broadcast inside the stage's process set is a guarantee, not a necessity.
         if self.layout.data > 1:
             root = self.coords.data_group[0]  # a global rank, a member of the process set
+            data_set = self.groups.group(("data",)).process_set
             handles = [self.hvd.broadcast_async_(tensor, root_rank=root, name=f"stage_state.{name}",
-                                                 process_set=self.data_set)
+                                                 process_set=data_set)
                        for name, tensor in model.state_dict().items()]
             for handle in handles:
                 self.hvd.synchronize(handle)
@@ -168,12 +166,8 @@ class PipelineParallel(HorovodSync):
         self.inject_slowdown(time.perf_counter() - start)
         return loss_sum, finite
 
-    def finish_gradients(self, optimizer, step_stats: torch.Tensor) -> torch.Tensor:
-        stats = self.hvd.allreduce_async(step_stats, op=self.hvd.Sum, name="step_stats")  # over every rank
-        if self.layout.data > 1:
-            optimizer.synchronize()
+    def after_gradients(self) -> None:
         self._sum_tied_embedding_gradients()
-        return self.hvd.synchronize(stats)
 
     def _tied_parameter(self) -> nn.Parameter | None:
         """This stage's copy of a tied embedding, when the first and last stages differ."""
@@ -197,20 +191,20 @@ class PipelineParallel(HorovodSync):
         param.grad = mine + theirs if self.stage.is_first else theirs + mine
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
-        """The global norm: each stage's squared norm summed over every rank, divided by the
-        replicas (which hold equal, averaged gradients); a tied copy counts once."""
+        """The norm of this replica's gradients: each stage's squared norm summed over the
+        pipeline (a small collective on its MPI communicator; with averaged gradients every
+        replica's is the global norm); a tied copy counts once."""
         tied_copy = self._tied_parameter() if self.stage.is_last else None
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         counted = [p.grad for p in model.parameters() if p.grad is not None and p is not tied_copy]
-        local = torch.stack([g.detach().double().square().sum() for g in counted]).sum() if counted else \
-            torch.zeros((), dtype=torch.float64)
-        total = self.hvd.allreduce(local.cpu(), op=self.hvd.Sum, name="grad_norm_sq") / self.layout.data
-        norm = math.sqrt(total.item())  # inf or nan when a gradient is: the step is then skipped
+        local = torch.stack([g.detach().double().square().sum() for g in counted]).sum().item() if counted else 0.0
+        total = self.groups.group(("pipeline",)).sum(local)
+        norm = math.sqrt(total)  # inf or nan when a gradient is: the step is then skipped
         coefficient = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
         if coefficient < 1.0:
             for grad in grads:
                 grad.mul_(coefficient)
-        return norm
+        return self.update_rule.agree_norm(norm)
 
     def update(self, optimizer, model: nn.Module, precision: Precision, max_norm: float,
                nonfinite: bool) -> tuple[float, bool]:
@@ -230,13 +224,8 @@ class PipelineParallel(HorovodSync):
             scaler.update()  # no stage found an inf: the same growth everywhere
         else:
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())  # skipped, backed off on every stage
+        self.update_rule.after_update()
         return grad_norm, False  # as with one model: an overflow is the scaler's to handle, not a bad step
-
-    def apply_update(self, optimizer, scaler) -> None:
-        if self.layout.data > 1:
-            super().apply_update(optimizer, scaler)
-        else:
-            optimizer.step()
 
     def forward_only(self, model: nn.Module, inputs: torch.Tensor, precision: Precision) -> torch.Tensor | None:
         """Logits of ``inputs`` (evaluation): on the last stage; None on the others."""

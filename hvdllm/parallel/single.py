@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from hvdllm import comm
-from hvdllm.parallel.base import ParallelStrategy, step_optimizer
+from hvdllm.parallel.base import ParallelStrategy
+from hvdllm.parallel.update import step_optimizer
 from hvdllm.parallel.grid import rank_coordinates
 
 

@@ -1,26 +1,20 @@
-"""Synchronous data parallelism with Horovod: ring-allreduce of gradients every step.
-
-- ``hvd.DistributedOptimizer`` with ``named_parameters`` starts each gradient's allreduce
-  from a backward hook as soon as it is ready, overlapping communication with the rest of
-  backward; ``backward_passes_per_step`` accumulates k micro-batches locally and reduces once.
-- Clipping needs the reduced gradients, so the loop calls :meth:`finish_gradients`
-  (``synchronize()``; the step's loss and flags are reduced in the same cycle), clips (and
-  unscales fp16 gradients), then :meth:`apply_update` steps under ``skip_synchronize()`` so
-  the allreduce is not issued twice.
-- ``op = "adasum"`` is another strategy (:mod:`hvdllm.parallel.adasum`): it combines
-  updates, not gradients.
+"""Data parallelism over Horovod: replicas of the model (or of each pipeline stage, pipeline.py)
+in data groups, agreeing on updates by an update rule (update.py): a gradient allreduce,
+Adasum or local SGD. The step's statistics travel in the same Horovod cycle as the gradients.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 from torch import nn
 
 from hvdllm import comm
-from hvdllm.parallel.base import ParallelStrategy, step_optimizer
+from hvdllm.parallel.base import ParallelStrategy
 from hvdllm.parallel.grid import rank_coordinates
+from hvdllm.parallel.update import UpdateRule
 
 
 def horovod_environment(parallel_cfg, train_cfg=None) -> dict[str, str]:
@@ -54,10 +48,17 @@ def apply_horovod_environment(cfg) -> None:
     os.environ.update(horovod_environment(cfg.parallel, cfg.train))
 
 
-class HorovodSync(ParallelStrategy):
-    """Replicas of the model on every rank; gradients averaged by a ring allreduce."""
+RuleFactory = Callable[..., UpdateRule]
+
+
+class HorovodDataParallel(ParallelStrategy):
+    """Replicas of the model in one data group (the world), updated by ``rule``."""
 
     needs_mpi = False  # whether the groups need mpi4py communicators (point to point)
+
+    def __init__(self, cfg, layout, rule: RuleFactory) -> None:
+        super().__init__(cfg, layout)
+        self.make_rule = rule
 
     def named_groups(self) -> dict:
         """The groups this strategy communicates in, for every rank: one data group per model
@@ -69,22 +70,36 @@ class HorovodSync(ParallelStrategy):
         self.groups = comm.init(self.named_groups(), threads=threads, mpi=self.needs_mpi)
         self.hvd = comm.horovod()
         self.coords = rank_coordinates(self.layout, self.hvd.rank())
-        self.data_set = self.groups.group(("data",)).process_set
-
-    def wrap_optimizer(self, optimizer, model: nn.Module):
-        hvd = self.hvd
-        compression = hvd.Compression.fp16 if self.cfg.compression == "fp16" else hvd.Compression.none
-        return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                        compression=compression, op=hvd.Average,
-                                        backward_passes_per_step=self.backward_passes_per_step,
-                                        process_set=self.data_set)
+        self.update_rule = self.make_rule(self.cfg, self.hvd, self.groups.group(("data",)),
+                                          self.backward_passes_per_step)
+        self.update_rule.check_runtime()
 
     @property
     def backward_passes_per_step(self) -> int:
         """Backward passes over each parameter per optimizer step: Horovod reduces after the last."""
         return self.cfg.accum_steps
 
+    @property
+    def writes_checkpoint(self) -> bool:
+        return self.update_rule.replicas_differ or super().writes_checkpoint
+
+    @property
+    def checkpoint_shard(self) -> int:
+        # Replicas that differ write a shard each, by rank: ranks 0 .. p - 1 are the first
+        # replica's pipeline stages, so they still consolidate as stages 0 .. p - 1.
+        return self.coords.rank if self.update_rule.replicas_differ else super().checkpoint_shard
+
+    def wrap_optimizer(self, optimizer, model: nn.Module):
+        return self.update_rule.wrap_optimizer(optimizer, model)
+
     def broadcast_state(self, model: nn.Module, optimizer) -> None:
+        if not self.update_rule.needs_broadcast:
+            return
+        self.broadcast_replica(model, optimizer)
+        self.update_rule.after_broadcast()
+
+    def broadcast_replica(self, model: nn.Module, optimizer) -> None:
+        """Collective: rank 0's parameters (and optimizer state, if any) on every replica."""
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         # A fresh optimizer has no state on any rank, so there is nothing to send. (Horovod's
         # broadcast_optimizer_state would first create it with a zero-gradient step, which for
@@ -96,12 +111,38 @@ class HorovodSync(ParallelStrategy):
         # Enqueued first, so Horovod negotiates the statistics in the same cycle as the last
         # gradients instead of one cycle (HOROVOD_CYCLE_TIME) later.
         stats = self.hvd.allreduce_async(step_stats, op=self.hvd.Sum, name="step_stats")
-        optimizer.synchronize()
+        self.update_rule.reduce_gradients(optimizer)
+        self.after_gradients()
         return self.hvd.synchronize(stats)
 
+    def after_gradients(self) -> None:
+        """Once the data group's gradients are complete (a pipeline sums its tied copies here)."""
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+        return self.update_rule.agree_norm(super().clip_grad_norm_(model, max_norm))
+
     def apply_update(self, optimizer, scaler) -> None:
-        with optimizer.skip_synchronize():  # the allreduce was finished in finish_gradients
-            step_optimizer(optimizer, scaler)
+        self.update_rule.step(optimizer, scaler)
+
+    def update(self, optimizer, model: nn.Module, precision, max_norm: float, nonfinite: bool) -> tuple[float, bool]:
+        result = super().update(optimizer, model, precision, max_norm, nonfinite)
+        self.update_rule.after_update()
+        return result
+
+    def step_metrics(self) -> dict:
+        return self.update_rule.step_metrics()
+
+    def state_dict(self, model: nn.Module, optimizer) -> dict:
+        state = super().state_dict(model, optimizer)
+        rule_state = self.update_rule.state_dict()
+        if rule_state is not None:
+            state["update_rule"] = rule_state
+        return state
+
+    def load_state_dict(self, model: nn.Module, optimizer, state: dict) -> None:
+        super().load_state_dict(model, optimizer, state)
+        if self.update_rule.replicas_differ or "update_rule" in state:
+            self.update_rule.load_state_dict(state.get("update_rule", state.get("local_sgd")))
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name)

@@ -53,6 +53,27 @@ def test_data_by_pipeline_on_four_ranks_gives_the_losses_of_one_rank(data, tmp_p
     assert_same_losses(reference, hybrid, 10)
 
 
+LOCAL_SGD = ["--parallel.strategy=local-sgd", "--parallel.local_steps=3", "--parallel.outer_lr=0.7",
+             "--parallel.outer_momentum=0.9"]
+
+
+def test_local_sgd_per_stage_gives_the_losses_of_local_sgd_on_whole_replicas(data, tmp_path):
+    """Averaging each stage's deltas over its data group is averaging the whole replicas':
+    data 2 x pipeline 2 with local SGD (H = 3, Nesterov outer step) trains like data 2."""
+    replicas = run(2, data, tmp_path / "replicas", "--train.steps=8", *LOCAL_SGD)
+    piped = run(4, data, tmp_path / "piped", "--parallel.data=2", *PIPELINE, "--train.steps=8", *LOCAL_SGD)
+    assert_same_losses(replicas, piped, 8)
+
+
+def test_pipeline_with_local_sgd_at_one_step_and_a_plain_outer_step_is_pipeline_sync(data, tmp_path):
+    plain = ["--parallel.strategy=local-sgd", "--parallel.local_steps=1", "--parallel.outer_lr=1",
+             "--parallel.outer_momentum=0"]
+    synced = run(2, data, tmp_path / "sync", *PIPELINE, "--train.steps=6")
+    local = run(2, data, tmp_path / "local", *PIPELINE, "--train.steps=6", *plain)
+    assert_same_losses(synced, local, 6)
+    assert read_metrics(local)[-1]["local_sgd_rounds"] == 6
+
+
 def test_devices_in_one_process_give_the_losses_of_the_unplaced_model(data, tmp_path, one_rank):
     placed = run(1, data, tmp_path / "run", "--parallel.devices=['cpu', 'cpu']", "--parallel.micro_batches=2")
     assert_same_losses(one_rank, placed, 20)

@@ -67,7 +67,7 @@ def test_local_steps_are_taken_without_communication_then_averaged(horovod):
 
     train_tiny(strategy, horovod.rank(), 6, after_step=record)
     assert agree == {1: False, 2: False, 3: True, 4: False, 5: False, 6: True}
-    assert strategy.rounds == 2
+    assert strategy.update_rule.rounds == 2
 
 
 def test_outer_nesterov_momentum_acts_on_the_averaged_delta(horovod):
@@ -75,13 +75,14 @@ def test_outer_nesterov_momentum_acts_on_the_averaged_delta(horovod):
     strategy = strategy_for("--parallel.strategy=local-sgd", "--parallel.local_steps=2",
                             "--parallel.outer_lr=0.5", "--parallel.outer_momentum=0.9")
     before, after = [], {}
-    average = strategy.average
+    rule = strategy.update_rule
+    average = rule.average
 
     def recording_average():
-        before.append(torch.cat([p.detach().flatten() for p in strategy.params]).clone())
+        before.append(torch.cat([p.detach().flatten() for p in rule.params]).clone())
         average()
 
-    strategy.average = recording_average
+    rule.average = recording_average
     train_tiny(strategy, horovod.rank(), 4, after_step=lambda step, model: after.setdefault(step, flat(model)))
     anchor, buffer = flat(tiny_model()), None
     for index, round_end in enumerate((2, 4)):
