@@ -9,6 +9,9 @@ and seeded before it is cut, so every layout starts from the weights one process
 
 from __future__ import annotations
 
+import copy
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,6 +113,23 @@ def cut_model(model: GPT, blocks_per_stage: list[int], stage: int) -> GPTStage:
     """Stage ``stage`` of ``model`` (consumed: its other parts are dropped)."""
     start = sum(blocks_per_stage[:stage])
     return GPTStage(model, start, start + blocks_per_stage[stage])
+
+
+def build_model_parts(model: GPT, blocks_per_stage: list[int], stages: Sequence[int]) -> list[GPTStage]:
+    """The parts a rank holds: stages ``stages`` of ``model`` (one, or several under an
+    interleaved schedule), in that order. ``model`` is consumed. The parts share the model's
+    parameter tensors (nothing is copied), so an embedding tied to the head stays one tensor
+    when its stages are on the same rank."""
+    return [cut_model(_shell(model), blocks_per_stage, stage) for stage in stages]
+
+
+def _shell(model: GPT) -> GPT:
+    """A new GPT module over the same submodules: cutting it drops modules from the shell,
+    not from ``model`` or its other shells."""
+    shell = copy.copy(model)
+    shell._modules = dict(model._modules)
+    shell.blocks = nn.ModuleList(list(model.blocks))
+    return shell
 
 
 class PlacedGPT(nn.Module):
