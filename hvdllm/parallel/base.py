@@ -45,6 +45,11 @@ class ParallelStrategy(ABC):
         """Start the communication runtime this layout needs, learn this rank's coordinates,
         and give torch ``threads`` threads (0 = the node's cores over its ranks)."""
 
+    def run(self, train: Callable[[], int]) -> int:
+        """Run this rank's part of the job: ``train()`` on a worker; a parameter-server
+        strategy's server ranks serve instead. Returns the exit status."""
+        return train()
+
     @property
     def data_rank(self) -> tuple[int, int]:
         """(rank, size) of this process in its data-parallel group: the loader's slice."""
