@@ -19,9 +19,10 @@ from torch import nn
 from hvdllm import comm
 from hvdllm.errors import UserError
 from hvdllm.parallel.base import ParallelStrategy
-from hvdllm.parallel.layout import SERVER, rank_coordinates
+from hvdllm.parallel.layout import SERVER, Layout, rank_coordinates
 from hvdllm.parallel.ps_protocol import (PUSH_HEADER, STEP_HEADER, Kind, body_view, encode, header_view,
                                          launcher_keeps_survivors, reply_header, shard_ranges)
+from hvdllm.parallel.ps_shard import ServerSetupFactory
 
 
 def check_async_layout(cfg, layout) -> None:
@@ -58,7 +59,7 @@ class ParameterServerWorker(ParallelStrategy):
     """The worker side. ``server_setup(cfg, layout, index)`` builds what server ``index``
     needs from the layers above this one (hvdllm.train.server_setup)."""
 
-    def __init__(self, cfg, layout, server_setup: Callable | None = None) -> None:
+    def __init__(self, cfg, layout: Layout, server_setup: ServerSetupFactory | None = None) -> None:
         super().__init__(cfg, layout)
         self.server_setup = server_setup
 

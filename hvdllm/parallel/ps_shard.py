@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hvdllm.optim import LRSchedule, build_optimizer
+from hvdllm.parallel.layout import Layout
 from hvdllm.parallel.ps_protocol import shard_ranges
 
 
@@ -30,6 +31,10 @@ class ServerSetup:
     resumed: dict | None  # this server's shard of the checkpoint resumed from, or None
     save: Callable[[int, dict], None]  # write this server's shard of step N
     end_job: Callable[[], None]  # end every rank of the job (MPI_Abort); never returns
+
+
+# How build_strategy is told to make server k's setup: (the run's Config, layout, k) -> ServerSetup.
+ServerSetupFactory = Callable[[object, Layout, int], ServerSetup]
 
 
 class ServerShard:
