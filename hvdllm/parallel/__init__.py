@@ -1,5 +1,7 @@
 """How work and updates are spread over ranks: the layout, and the strategy that runs it."""
 
+from typing import Callable
+
 from hvdllm.errors import UserError
 from hvdllm.model.presets import gpt_config_from
 from hvdllm.parallel.base import ParallelStrategy
@@ -11,12 +13,14 @@ from hvdllm.parallel.sync import HorovodDataParallel, apply_horovod_environment,
 from hvdllm.parallel.update import AllreduceUpdate
 
 
-def build_strategy(cfg, world_size: int) -> ParallelStrategy:
+def build_strategy(cfg, world_size: int, server_setup: Callable | None = None) -> ParallelStrategy:
     """The strategy for ``cfg.parallel`` on ``world_size`` launched ranks, checked before any
     communication starts (each rank runs this on the same input and fails the same way).
 
     A job of one process needs no communication runtime, so it runs without Horovod
     (:class:`SingleProcess`). Call ``setup()`` on the result to start communication.
+    ``server_setup`` builds what a parameter server needs from the training layer
+    (``hvdllm.train.server_setup.server_setup``; only parallel.strategy=async's servers use it).
     """
     parallel = cfg.parallel
     layout = build_grid(parallel, world_size)
@@ -28,7 +32,7 @@ def build_strategy(cfg, world_size: int) -> ParallelStrategy:
         from hvdllm.parallel.param_server import ParameterServerWorker, check_async_layout
 
         check_async_layout(cfg, layout)
-        return ParameterServerWorker(cfg, layout)
+        return ParameterServerWorker(cfg, layout, server_setup)
     if layout.servers:
         raise UserError(f"parallel.servers={layout.servers} needs an asynchronous parallel.strategy, "
                         f"not {parallel.strategy!r}")

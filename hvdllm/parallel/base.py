@@ -51,6 +51,11 @@ class ParallelStrategy(ABC):
         self.layout = build_grid(self.cfg, size)
         self.coords = rank_coordinates(self.layout, rank)
 
+    def run(self, train: Callable[[], int]) -> int:
+        """Run this rank's part of the job: ``train()`` on a worker; a parameter-server
+        strategy's server ranks serve instead. Returns the exit status."""
+        return train()
+
     @property
     def data_rank(self) -> tuple[int, int]:
         """(rank, size) of this process in its data-parallel group: the loader's slice."""

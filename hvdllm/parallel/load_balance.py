@@ -9,7 +9,7 @@ The update is that of ``sync`` (the same samples, the same mean; only the order 
 sums differs), and all workers finish a clock at about the same time.
 
 The split is pure functions of the timings and the state that feeds them, with no MPI, so
-that it is testable in one process (the messages are in server_loop.py and param_server.py).
+that it is testable in one process (the server's state machine, ps_state.py, calls it).
 """
 
 from __future__ import annotations

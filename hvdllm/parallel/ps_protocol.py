@@ -1,56 +1,93 @@
 """The parameter server's wire protocol, shared by its workers (param_server.py) and its
-servers (server_loop.py): message kinds and tags, the reply header, how parameters are cut
-into server shards, and the workers' heartbeats.
+servers (server_loop.py): message kinds, typed headers, how parameters are cut into server
+shards. No MPI here: docs/design/parameter-server.md describes the exchange.
 
-Every message travels on a duplicate of COMM_WORLD as raw bytes (gradients and parameters as
-flat buffers, never pickled; only the workers' small gathered objects are); its tag is
-``clock * KINDS + kind``, where the clock is the sender's step count (a gather's round).
+A message is ``[header | body]`` as raw bytes on a duplicate of COMM_WORLD: the header a numpy
+structured record (named fields), the body a flat float32 buffer (a gradient or a parameter
+shard) or, for the workers' gathered objects only, pickled bytes. Its MPI tag is its kind:
+the clock travels in the header, so tags stay small whatever the run's length.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import threading
 import time
+from enum import IntEnum
 
+import numpy as np
 import torch
 
 from hvdllm.errors import UserError
 
-# Message kinds, the low bits of a tag. PUSH: a gradient (or, with none, the first pull).
-# DONE: a worker's last message. CHECKPOINT: worker 0 asks for the servers' shards.
-# GATHER: a worker's part of one of the workers' collectives, gathered by server 0.
-# HEARTBEAT: a worker is alive (sent by a thread, whatever the training loop is doing).
-# EVALUATE: a worker asks for the weights to evaluate at a step (one snapshot per step).
-# END: leave (read by the worker's heartbeat thread, which exits the process): a server ends
-# the job (under mpirun --enable-recovery MPI_Abort ends only the caller), or went on
-# without this worker (declared dead while it was stopped or slow).
-PUSH, DONE, CHECKPOINT, GATHER, HEARTBEAT, EVALUATE, END = range(7)
-KINDS = 8
+
+class Kind(IntEnum):
+    """A message's kind, which is its MPI tag. Replies go the other way under the kind they
+    answer (a rank is either a worker or a server, so the two directions never match)."""
+
+    PULL = 1  # worker: the parameters to start from (a PUSH_HEADER, no gradient); answered by PARAMS
+    PUSH = 2  # worker: a clock's gradient (PUSH_HEADER, float32 shard); answered by PARAMS
+    PARAMS = 3  # server: the parameters for the worker's next clock (REPLY header, float32 shard)
+    DONE = 4  # worker: its last message (STEP_HEADER: its clock)
+    HEARTBEAT = 5  # worker: alive (no bytes), sent by a thread whatever the training loop is doing
+    CHECKPOINT = 6  # worker 0: write your shard of a step (STEP_HEADER); answered, once written, with no bytes
+    EVALUATE = 7  # worker: the weights to evaluate at a step (STEP_HEADER); answered by a snapshot (REPLY, shard)
+    GATHER = 8  # worker: its part of one of the workers' collectives (STEP_HEADER: the round, pickled bytes);
+    #             server 0 answers with every live worker's part (pickled)
+    END = 9  # server: leave (no bytes): the job ends, or went on without this worker
+
+
+MAX_TAG = max(Kind)
 SERVER_SHARD = 1000  # server k's checkpoint file is shard SERVER_SHARD + k (step-N.stage-100k.pt)
-# A push's statistics (float64, at its front): the sum of its micro-batches' losses (times its
-# weight in the clock's mean), the non-finite and stop flags, the samples it computed, and the
-# seconds its forward and backward took (what parallel.load_balance splits by).
-S_LOSS, S_NONFINITE, S_STOP, S_SAMPLES, S_SECONDS = range(5)
-STATS = 5
-# The payload of a message that is its tag alone (HEARTBEAT, DONE, END, CHECKPOINT): zero bytes.
-EMPTY = torch.empty(0, dtype=torch.uint8).numpy()
-# The reply header (float64): complete clocks when sent, updates, applied and dropped pushes,
-# clock at which every worker stops (-1: none), the clock's summed statistics and push count,
-# the global gradient norm of the update (s = 0), the workers declared dead, the samples of
-# the next clock's global batch this worker computes (start, count; parallel.load_balance),
-# then the staleness histogram (s + 1 bins).
-(H_VERSION, H_UPDATES, H_APPLIED, H_DROPPED, H_STOP_AT, H_LOSS, H_NONFINITE, H_STOP, H_COUNT, H_NORM,
- H_DEAD, H_SPAN_START, H_SPAN_COUNT, H_HIST) = range(14)
+
+# A PULL's or PUSH's header: the clock it is for, then the step statistics: the sum of its
+# micro-batches' losses (times its weight in the clock's mean), the non-finite and stop flags,
+# the samples it computed and the seconds its forward and backward took (load_balance.py).
+PUSH_HEADER = np.dtype([("clock", "<i8"), ("loss", "<f8"), ("nonfinite", "<f8"), ("stop", "<f8"),
+                        ("samples", "<f8"), ("seconds", "<f8")])
+# DONE, CHECKPOINT, EVALUATE, GATHER: the step (a clock, or a gather's round) it is about.
+STEP_HEADER = np.dtype([("step", "<i8")])
+HEADERS = {Kind.PULL: PUSH_HEADER, Kind.PUSH: PUSH_HEADER, Kind.DONE: STEP_HEADER, Kind.CHECKPOINT: STEP_HEADER,
+           Kind.EVALUATE: STEP_HEADER, Kind.GATHER: STEP_HEADER}  # what a worker's message starts with
 
 
-def header_size(max_staleness: int) -> int:
-    return H_HIST + max_staleness + 1
+def reply_header(max_staleness: int) -> np.dtype:
+    """A PARAMS or EVALUATE reply's header: clocks complete when sent (version), the server's
+    updates and applied and dropped pushes, the clock at which every worker stops (-1: none),
+    the previous clock's summed statistics and pushes' weight, the global gradient norm of
+    its update (s = 0), the workers declared dead, the span of the next global batch this
+    worker computes (load_balance), and the staleness histogram (s + 1 bins)."""
+    return np.dtype([("version", "<i8"), ("updates", "<i8"), ("applied", "<i8"), ("dropped", "<i8"),
+                     ("stop_at", "<i8"), ("loss", "<f8"), ("nonfinite", "<f8"), ("stop", "<f8"), ("weight", "<f8"),
+                     ("norm", "<f8"), ("dead", "<i8"), ("span_start", "<i8"), ("span_count", "<i8"),
+                     ("hist", "<i8", (max_staleness + 1,))])
 
 
-def tag(clock: int, kind: int) -> int:
-    return clock * KINDS + kind
+def header_view(buffer: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """The header at the front of a uint8 message buffer, as a writable record (``h["clock"]``)."""
+    return buffer[:dtype.itemsize].numpy().view(dtype)[0]
+
+
+def body_view(buffer: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
+    """The float32 body after a header of ``dtype`` (a view: writing it writes the message)."""
+    return buffer[dtype.itemsize:].view(torch.float32)
+
+
+def encode(header: np.ndarray | None, body: torch.Tensor | bytes | None = None) -> np.ndarray:
+    """One contiguous message: the header's bytes, then the body's (copied: the message
+    outlives the tensors it was made of)."""
+    parts = [] if header is None else [np.frombuffer(header.tobytes(), dtype=np.uint8)]
+    if isinstance(body, torch.Tensor):
+        parts.append(body.detach().contiguous().view(torch.uint8).numpy())
+    elif body is not None:
+        parts.append(np.frombuffer(body, dtype=np.uint8))
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint8)
+
+
+def check_tag_bound(tag_ub: int) -> None:
+    """The MPI standard guarantees tags up to 32767 only; refuse a library that offers fewer
+    than the protocol uses (checked at setup, on every rank, before any message)."""
+    if tag_ub < MAX_TAG:
+        raise UserError(f"parallel.strategy=async needs MPI tags up to {MAX_TAG}; this MPI's MPI_TAG_UB is {tag_ub}")
 
 
 def shard_ranges(numels: list[int], servers: int) -> list[tuple[int, int]]:
@@ -78,35 +115,6 @@ def launcher_keeps_survivors(environ: dict[str, str] | None = None) -> bool:
     if "OMPI_COMM_WORLD_SIZE" not in env:
         return True
     return env.get("OMPI_MCA_orte_enable_recovery", "0").lower() in ("1", "true", "yes")
-
-
-class Heartbeat:
-    """A worker's thread that sends an empty HEARTBEAT to every server each ``interval_s``, so
-    that the servers tell a dead or stopped worker (silent) from a busy one (writing a large
-    checkpoint, evaluating): only the whole process stopping silences it. It also ends the
-    process when a server says END."""
-
-    def __init__(self, p2p, servers: list[int], interval_s: float) -> None:
-        self.p2p, self.servers, self.interval_s = p2p, servers, interval_s
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="hvdllm-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        from mpi4py import MPI
-
-        while not self._stopped.wait(self.interval_s):
-            MPI.Request.Waitall([self.p2p.Isend([EMPTY, MPI.BYTE], dest=server, tag=tag(0, HEARTBEAT))
-                                 for server in self.servers])
-            if self.p2p.Iprobe(source=MPI.ANY_SOURCE, tag=tag(0, END)):
-                print(f"error: rank {self.p2p.Get_rank()}: a parameter server ended the job or went on without "
-                      f"this worker (its line says why)", file=sys.stderr, flush=True)
-                os._exit(1)
-
-    def stop(self) -> None:
-        """Before the worker's DONE: no heartbeat may follow it."""
-        self._stopped.set()
-        self._thread.join()
 
 
 def silent_workers(last_heard: dict[int, float], timeout_s: float, now: float | None = None) -> list[int]:

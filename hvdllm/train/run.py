@@ -11,15 +11,16 @@ from hvdllm import comm
 from hvdllm.comm.launch import launched_world_size
 from hvdllm.config import Config
 from hvdllm.parallel import build_strategy
-from hvdllm.parallel.grid import SERVER
 from hvdllm.paths import require_writable_folder
 from hvdllm.train.elastic import check_elastic, run_elastic
+from hvdllm.train.server_setup import server_setup
 from hvdllm.train.trainer import Trainer
 
 
 def run_training(cfg: Config) -> int:
     ranks = launched_world_size()
-    strategy = build_strategy(cfg, ranks)  # a bad layout fails here, on every rank, before any init
+    # A bad layout fails here, on every rank, before any init.
+    strategy = build_strategy(cfg, ranks, server_setup=server_setup)
     if cfg.parallel.elastic:
         check_elastic(cfg, strategy.layout)
     require_writable_folder(cfg.train.run_dir, "train.run_dir")  # so does a run folder it cannot write
@@ -27,8 +28,7 @@ def run_training(cfg: Config) -> int:
         print("note: one process, so Horovod is not started and parallel.timeline is not written",
               file=sys.stderr, flush=True)
     strategy.setup(cfg.train.threads)
-    # A parameter server never enters the training loop.
-    status = strategy.serve() if strategy.coords.role == SERVER else train_here(cfg, strategy)
+    status = strategy.run(lambda: train_here(cfg, strategy))  # a parameter server serves instead
     if strategy.peers_died:
         # MPI_Finalize waits for every rank the launcher started, a dead one too: leave without it.
         sys.stdout.flush()

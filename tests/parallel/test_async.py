@@ -6,6 +6,7 @@ import json
 import math
 
 import torch
+from helpers.agreement import parameters_equal_on_every_rank
 from helpers.corpus import NANO, read_metrics
 
 from hvdllm.config import load_config
@@ -100,8 +101,7 @@ def test_local_sgd_trainer_trains_with_adamw_on_a_quarter_of_the_bytes(data, sha
     strategy.setup(threads=1)
     trainer = Trainer(cfg, strategy, torch.device("cpu"))
     assert trainer.train() == 0
-    checksums = horovod.allgather_object(flat(trainer.model).double().sum().item(), name="checksum")
-    assert checksums[0] == checksums[1]  # step 16 ended a round
+    assert parameters_equal_on_every_rank(horovod, trainer.model)  # step 16 ended a round
     if horovod.rank() == 0:
         records = read_metrics(shared_dir / "local")
         losses = [r["loss"] for r in records]
@@ -116,11 +116,15 @@ def test_a_server_drops_and_counts_non_finite_pushes_and_applies_the_rest(data, 
     """Rank 1 serves one shard; rank 0 speaks the protocol by hand: a pull, then pushes of a
     finite gradient, a NaN gradient, a finite gradient flagged with a non-finite loss, and a
     finite one. Only the two clean pushes move the weights."""
+    import numpy as np
     from mpi4py import MPI
 
-    from hvdllm.parallel.grid import Grid, rank_coordinates
-    from hvdllm.parallel.ps_protocol import DONE, H_APPLIED, H_DROPPED, H_UPDATES, PUSH, STATS, header_size, tag
+    from hvdllm.comm.messages import Messages
+    from hvdllm.parallel.grid import Grid
+    from hvdllm.parallel.ps_protocol import (PUSH_HEADER, STEP_HEADER, Kind, body_view, encode, header_view,
+                                             reply_header)
     from hvdllm.parallel.server_loop import ParameterServer
+    from hvdllm.train.server_setup import server_setup
 
     cfg = load_config(NANO, [f"--data.path={data}", f"--train.run_dir={shared_dir / 'served'}",
                              "--parallel.strategy=async", "--parallel.servers=1", "--parallel.max_staleness=1"])
@@ -128,33 +132,38 @@ def test_a_server_drops_and_counts_non_finite_pushes_and_applies_the_rest(data, 
     p2p = MPI.COMM_WORLD.Dup()
     own = MPI.COMM_WORLD.Split(color=horovod.rank(), key=0)
     if horovod.rank() == 1:
-        assert ParameterServer(cfg, layout, rank_coordinates(layout, 1), p2p, own).serve() == 0
+        server = ParameterServer(cfg, server_setup(cfg, layout, 0), index=0, workers=1, servers=1,
+                                 p2p=Messages(p2p), servers_comm=Messages(own))
+        assert server.serve() == 0
     else:
         n = sum(p.numel() for p in tiny_gpt_params(cfg))
-        head = header_size(1)
-        reply = torch.empty(head * 8 + 4 * n, dtype=torch.uint8)
+        dtype = reply_header(1)
+        reply = torch.empty(dtype.itemsize + 4 * n, dtype=torch.uint8)
         weights = []
 
         def exchange(clock, stats, gradient):
-            push = torch.cat([torch.tensor(stats, dtype=torch.float64).view(torch.uint8),
-                              gradient.view(torch.uint8)]) if gradient is not None else \
-                torch.tensor(stats, dtype=torch.float64).view(torch.uint8)
-            wanted = clock + (gradient is not None)
-            receive = p2p.Irecv([reply.numpy(), MPI.BYTE], source=1, tag=tag(wanted, PUSH))
-            p2p.Send([push.numpy(), MPI.BYTE], dest=1, tag=tag(clock, PUSH))
+            header = np.zeros(1, dtype=PUSH_HEADER)[0]
+            header["clock"] = clock
+            header["loss"], header["nonfinite"], header["stop"], header["samples"], header["seconds"] = stats
+            kind = Kind.PULL if gradient is None else Kind.PUSH
+            receive = p2p.Irecv([reply.numpy(), MPI.BYTE], source=1, tag=Kind.PARAMS)
+            p2p.Send([encode(header, gradient), MPI.BYTE], dest=1, tag=kind)
             receive.Wait()
-            weights.append(reply[head * 8:].view(torch.float32).clone())
-            return reply[:head * 8].view(torch.float64).clone()
+            weights.append(body_view(reply, dtype).clone())
+            return header_view(reply[:dtype.itemsize].clone(), dtype)
 
-        exchange(0, [0.0] * STATS, None)
+        exchange(0, [0.0] * 5, None)
         ones = torch.ones(n)
         timing = [4.0, 0.01]  # samples, seconds
         exchange(0, [1.0, 0.0, 0.0, *timing], ones)
         exchange(1, [1.0, 0.0, 0.0, *timing], torch.full((n,), float("nan")))
         exchange(2, [math.nan, 1.0, 0.0, *timing], ones)
         header = exchange(3, [1.0, 0.0, 0.0, *timing], ones)
-        p2p.Send([torch.empty(0, dtype=torch.uint8).numpy(), MPI.BYTE], dest=1, tag=tag(4, DONE))
-        assert (header[H_UPDATES].item(), header[H_APPLIED].item(), header[H_DROPPED].item()) == (2, 2, 2)
+        done = np.zeros(1, dtype=STEP_HEADER)[0]
+        done["step"] = 4
+        p2p.Send([encode(done), MPI.BYTE], dest=1, tag=Kind.DONE)
+        assert (header["updates"], header["applied"], header["dropped"]) == (2, 2, 2)
+        assert header["version"] == 4 and list(header["hist"]) == [2, 0]
         assert all(torch.isfinite(w).all() for w in weights)
         assert not torch.equal(weights[0], weights[1])  # a clean push moved them
         assert torch.equal(weights[1], weights[2]) and torch.equal(weights[2], weights[3])  # two dropped ones did not
