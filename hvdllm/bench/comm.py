@@ -106,9 +106,10 @@ def measure(backend, control: Control, options: CommBenchOptions, device: torch.
     return records
 
 
-def _horovod_on_mpi(mpi_comm):
-    """Horovod on the MPI job, initialized once (by the runtime): a second init after shutdown crashes."""
-    runtime.init(comm=mpi_comm)
+def _horovod_on_mpi():
+    """Horovod on the MPI job's COMM_WORLD, initialized once (by the runtime): a second init
+    after shutdown crashes."""
+    runtime.init(mpi=True)
     return runtime.horovod()
 
 
@@ -162,7 +163,7 @@ def measure_backends(wanted, control: Control, options: CommBenchOptions, device
             if gloo_job:
                 skip(name, "launched by horovodrun --gloo: no MPI job")
                 continue
-            hvd = _horovod_on_mpi(control.mpi)
+            hvd = _horovod_on_mpi()
             records += measure(HorovodBackend(name, hvd, torch.device("cpu")), control, options, torch.device("cpu"),
                                say)
         elif name == "horovod-gloo":
@@ -177,7 +178,7 @@ def measure_backends(wanted, control: Control, options: CommBenchOptions, device
             if not cuda or not hvd_module.nccl_built():
                 skip(name, "no CUDA device" if not cuda else "this Horovod build has no NCCL operations")
                 continue
-            hvd = control.hvd if gloo_job else _horovod_on_mpi(control.mpi)
+            hvd = control.hvd if gloo_job else _horovod_on_mpi()
             records += measure(HorovodBackend(name, hvd, device), control, options, device, say)
     return records
 
