@@ -36,7 +36,7 @@ from hvdllm.parallel.transport import MpiTransport
 TIED_GRADIENT_TAG = 32767
 
 
-def split_batch(batch, parts: int) -> list:
+def split_into_micro_batches(batch, parts: int) -> list:
     """A loader batch as ``parts`` micro-batches of equal size (same fields, rows split)."""
     fields = {name: getattr(batch, name) for name in ("inputs", "targets", "loss_mask")}
     chunks = {name: value.chunk(parts) if value is not None else [None] * parts for name, value in fields.items()}
@@ -94,13 +94,13 @@ class PipelineParallel(HorovodSync):
                 self.hvd.synchronize(handle)
 
     # --- one step ----------------------------------------------------------------------------
-    def forward_backward(self, model: nn.Module, micro_batches, precision: Precision) -> tuple[float, bool]:
+    def forward_backward(self, model: nn.Module, accum_batches, precision: Precision) -> tuple[float, bool]:
         """Each loader batch through the schedule. Returns, on the last stage, the sum over
         loader batches of their mean micro-batch loss (0 elsewhere: the loss lives there)."""
         m = self.cfg.micro_batches
         loss_sum, finite = 0.0, True
-        for batch in micro_batches:
-            losses = self._run_schedule(split_batch(batch, m), precision, 1.0 / (m * len(micro_batches)))
+        for batch in accum_batches:
+            losses = self._run_schedule(split_into_micro_batches(batch, m), precision, 1.0 / (m * len(accum_batches)))
             if self.coords.is_last_stage:
                 value = sum(losses) / m
                 finite = finite and math.isfinite(value)
