@@ -1,4 +1,4 @@
-"""The ``hvdllm`` command: one verb per stage of the job.
+"""The ``hvdllm`` command: one verb per step of the job.
 
 Each verb's module is imported only when that verb runs, so ``hvdllm plan`` does not load
 Horovod and ``hvdllm doctor`` still runs when Horovod is broken.
@@ -137,9 +137,11 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     from hvdllm.hf_gpt2 import export_hf
+    from hvdllm.train.checkpoint import checkpoint_weights
     from hvdllm.train.generate import resolve_checkpoint
 
-    out = export_hf(resolve_checkpoint(args.checkpoint), args.out, overwrite=args.overwrite)
+    path = resolve_checkpoint(args.checkpoint)
+    out = export_hf(*checkpoint_weights(path), source=path, out=args.out, overwrite=args.overwrite)
     print(f"wrote {out} (transformers GPT-2: model.safetensors, config.json, tokenizer.json)")
     return 0
 

@@ -26,7 +26,6 @@ import torch
 from hvdllm.data.tokenizer import load_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPTConfig
-from hvdllm.train.checkpoint import full_model_state, load_checkpoint, model_config_from_checkpoint
 
 # hvdllm's block names -> GPT-2's, and whether the weight is a Linear's (transposed for Conv1D).
 BLOCK_NAMES = {"ln_1": ("ln_1", False), "attn.qkv": ("attn.c_attn", True), "attn.proj": ("attn.c_proj", True),
@@ -57,27 +56,27 @@ def gpt2_state_dict(model_state: dict, cfg: GPTConfig) -> dict[str, torch.Tensor
     return {name: tensor.detach().float().contiguous().clone() for name, tensor in out.items()}
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the checkpoint as a transformers folder at ``out``: built beside it under a
-    temporary name and renamed into place, so an existing folder is replaced whole or not at all."""
+def export_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_json: str, source: str | Path,
+              out: str | Path, overwrite: bool = False) -> Path:
+    """Write a model (``source`` names it in messages) as a transformers folder at ``out``: built
+    beside it under a temporary name and renamed into place, so an existing folder is replaced
+    whole or not at all."""
     from safetensors.torch import save_file
 
-    path, out = Path(checkpoint), Path(out)
+    out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists: choose another --out, or add --overwrite to replace it")
-    state = load_checkpoint(path)
-    cfg = model_config_from_checkpoint(state)
     if cfg.position != "learned" or not cfg.bias:
-        raise UserError(f"{path}: export --format hf writes GPT-2, which has learned positions and biases; this "
+        raise UserError(f"{source}: export --format hf writes GPT-2, which has learned positions and biases; this "
                         f"model has model.position={cfg.position!r} and model.bias={cfg.bias}")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_file(gpt2_state_dict(full_model_state(path, state), cfg), str(tmp / "model.safetensors"),
+        save_file(gpt2_state_dict(model_state, cfg), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(gpt2_config(cfg), indent=2) + "\n")
-        (tmp / "tokenizer.json").write_text(state["tokenizer_json"])
+        (tmp / "tokenizer.json").write_text(tokenizer_json)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():  # moved aside, not deleted, until the new folder has its name
             os.replace(out, old)

@@ -3,8 +3,8 @@ and overridden from the CLI (:mod:`hvdllm.config.loading`). CLI > TOML > default
 
 from hvdllm.config.loading import config_from_dict, config_to_toml, load_config, parse_override
 from hvdllm.config.sections import (CheckpointConfig, Config, ConfigError, DataConfig, LogConfig, ModelConfig,
-                                    OptimConfig, ParallelConfig, ScheduleConfig, StageConfig, TrainConfig, TuneConfig)
+                                    OptimConfig, ParallelConfig, PhaseConfig, ScheduleConfig, TrainConfig, TuneConfig)
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "OptimConfig",
-           "ParallelConfig", "ScheduleConfig", "StageConfig", "TrainConfig", "TuneConfig", "config_from_dict", "config_to_toml",
-           "load_config", "parse_override"]
+           "ParallelConfig", "PhaseConfig", "ScheduleConfig", "TrainConfig", "TuneConfig", "config_from_dict",
+           "config_to_toml", "load_config", "parse_override"]

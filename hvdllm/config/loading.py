@@ -7,7 +7,7 @@ Precedence is CLI > TOML > defaults. A config file looks like::
     [optim]
     name = "lamb"
     lr = 2e-3
-    [[stages]]            # optional multi-stage training (seed 7.3)
+    [[phases]]            # optional: a run in phases, e.g. short sequences first
     steps = 100
     seq_len = 128
 
@@ -22,18 +22,21 @@ import dataclasses
 import difflib
 import json
 import math
+import sys
 import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
-from hvdllm.config.sections import Config, ConfigError, StageConfig, _require
+from hvdllm.config.sections import Config, ConfigError, PhaseConfig, _require
 from hvdllm.errors import UserError
 from hvdllm.paths import require_file
 
 _SECTIONS: dict[str, type] = {
-    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "stages"
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "phases"
 }
+# The key of multi-phase runs before "stage" came to mean a pipeline stage only; still read.
+_OLD_PHASES_KEY = "stages"
 
 
 def _closest(name: str, choices: list[str]) -> str:
@@ -110,19 +113,30 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build a validated :class:`Config` from nested plain values (as TOML parses them)."""
     sections = {}
     for section, values in raw.items():
-        if section == "stages":
-            _require(isinstance(values, list), "stages", "must be an array of tables ([[stages]])")
+        if section in ("phases", _OLD_PHASES_KEY):
+            _require(isinstance(values, list), section, f"must be an array of tables ([[{section}]])")
             continue
         _refuse_replaced(f"[{section}]")
         if section not in _SECTIONS:
-            raise ConfigError(f"unknown section [{section}]{_closest(section, [*_SECTIONS, 'stages'])}")
+            raise ConfigError(f"unknown section [{section}]{_closest(section, [*_SECTIONS, 'phases'])}")
         _require(isinstance(values, dict), f"[{section}]", "must be a table")
         sections[section] = _build_section(_SECTIONS[section], section, values)
-    stages = []
-    for i, stage in enumerate(raw.get("stages", [])):
-        _require(isinstance(stage, dict), f"stages[{i}]", "must be a table")
-        stages.append(_build_section(StageConfig, "stages", stage))
-    return Config(**sections, stages=stages)
+    phases = []
+    for i, phase in enumerate(_phase_tables(raw)):
+        _require(isinstance(phase, dict), f"phases[{i}]", "must be a table")
+        phases.append(_build_section(PhaseConfig, "phases", phase))
+    return Config(**sections, phases=phases)
+
+
+def _phase_tables(raw: dict[str, Any]) -> list:
+    """The ``[[phases]]`` tables, or those of a config written with the old ``[[stages]]`` key."""
+    if _OLD_PHASES_KEY not in raw:
+        return raw.get("phases", [])
+    if "phases" in raw:
+        raise ConfigError("[[stages]] and [[phases]] in one config: [[stages]] is the old name of [[phases]]; "
+                          "keep only [[phases]]")
+    print("note: [[stages]] is now [[phases]]; read as phases", file=sys.stderr, flush=True)
+    return raw[_OLD_PHASES_KEY]
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -159,8 +173,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(str(err)) from None
     for text in overrides:
         section, key, value = parse_override(text)
-        if section == "stages":
-            raise ConfigError(f"{text!r}: stages can only be set in the config file")
+        if section in ("phases", _OLD_PHASES_KEY):
+            raise ConfigError(f"{text!r}: phases can only be set in the config file")
         _refuse_replaced(f"[{section}]", where=f"{text!r}: ")
         if section not in _SECTIONS:
             raise ConfigError(f"unknown section in {text!r}{_closest(section, list(_SECTIONS))}")
@@ -204,9 +218,9 @@ def config_to_toml(cfg: Config) -> str:
             lines += ["", f"[{section}.{key}]"]
             lines += [f"{_toml_key(name)} = {_toml_value(value)}" for name, value in table.items()]
         lines.append("")
-    for stage in cfg.stages:
-        lines.append("[[stages]]")
-        for key, value in dataclasses.asdict(stage).items():
+    for phase in cfg.phases:
+        lines.append("[[phases]]")
+        for key, value in dataclasses.asdict(phase).items():
             lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)

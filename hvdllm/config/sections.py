@@ -193,7 +193,7 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200  # optimizer steps (when no [[stages]] are given)
+    steps: int = 200  # optimizer steps (when no [[phases]] are given)
     seed: int = 1337
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
     device: str = "auto"  # auto | cpu | cuda
@@ -246,8 +246,8 @@ class LogConfig:
 
 
 @dataclass
-class StageConfig:
-    """One stage of multi-stage training; 0 or empty fields keep the run's own value."""
+class PhaseConfig:
+    """One phase of a multi-phase run; 0 or empty fields keep the run's own value."""
 
     steps: int = 0
     batch_size: int = 0
@@ -257,10 +257,10 @@ class StageConfig:
     warmup_steps: int = -1
 
     def __post_init__(self) -> None:
-        _at_least(1, self, "stages", "steps")
-        _at_least(0, self, "stages", "batch_size", "seq_len", "lr")
+        _at_least(1, self, "phases", "steps")
+        _at_least(0, self, "phases", "batch_size", "seq_len", "lr")
         if self.schedule:
-            _one_of(self.schedule, "stages.schedule", SCHEDULES)
+            _one_of(self.schedule, "phases.schedule", SCHEDULES)
 
 
 TUNE_SAMPLERS = ("tpe", "random", "grid")
@@ -310,4 +310,4 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
-    stages: list[StageConfig] = field(default_factory=list)
+    phases: list[PhaseConfig] = field(default_factory=list)

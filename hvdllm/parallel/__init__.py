@@ -87,7 +87,7 @@ def check_model_cut(cfg, layout: Grid) -> None:
     if cfg.data.global_batch_size:
         batches = {"data.global_batch_size / (data x accum_steps)":
                    cfg.data.global_batch_size // (layout.data * parallel.accum_steps)}
-    batches.update({f"stages[{i}].batch_size": s.batch_size for i, s in enumerate(cfg.stages) if s.batch_size})
+    batches.update({f"phases[{i}].batch_size": p.batch_size for i, p in enumerate(cfg.phases) if p.batch_size})
     for name, size in batches.items():
         if size % parallel.micro_batches:
             raise UserError(f"parallel.micro_batches={parallel.micro_batches} does not divide {name} {size}")

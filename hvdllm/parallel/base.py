@@ -110,7 +110,7 @@ class ParallelStrategy(ABC):
         """Collective: make the replicas' parameters and optimizer state equal."""
 
     # --- one optimizer step -------------------------------------------------------------------
-    def forward_backward(self, model: nn.Module, micro_batches: Sequence, precision: Precision) -> tuple[float, bool]:
+    def forward_backward(self, model: nn.Module, accum_batches: Sequence, precision: Precision) -> tuple[float, bool]:
         """Forward and backward of every micro-batch of one step, gradients accumulating.
 
         Returns the sum of the micro-batches' finite losses and whether all were finite.
@@ -119,13 +119,13 @@ class ParallelStrategy(ABC):
         """
         loss_sum, finite = 0.0, True
         start = time.perf_counter()
-        for batch in micro_batches:
+        for batch in accum_batches:
             inputs = batch.inputs.to(self.device, non_blocking=True)
             targets = batch.targets.to(self.device, non_blocking=True)
             mask = batch.loss_mask.to(self.device, non_blocking=True) if batch.loss_mask is not None else None
             with precision.autocast():
                 _, loss = model(inputs, targets, mask)
-            precision.backward(loss / len(micro_batches))
+            precision.backward(loss / len(accum_batches))
             value = loss.item()
             finite = finite and math.isfinite(value)
             loss_sum += value if math.isfinite(value) else 0.0

@@ -22,10 +22,10 @@ SMOOTHING = 0.5  # weight of the newest timing: follows a change within a few cl
 def even_spans(samples: int, workers: list[int]) -> dict[int, tuple[int, int]]:
     """The static split: worker ``w`` of the live ones gets its equal slice, in rank order
     (for ``len(workers)`` dividing ``samples``: exactly the slice sync's loader gives it)."""
-    return split_batch(samples, {w: 1.0 for w in workers}, most=samples)
+    return spans_by_speed(samples, {w: 1.0 for w in workers}, most=samples)
 
 
-def split_batch(samples: int, seconds_per_sample: dict[int, float], most: int) -> dict[int, tuple[int, int]]:
+def spans_by_speed(samples: int, seconds_per_sample: dict[int, float], most: int) -> dict[int, tuple[int, int]]:
     """(start, count) of each worker's span of a global batch of ``samples``: each sample in
     turn goes to the worker that would finish its span soonest with it (so the slowest
     finish is as early as it can be), at least one and at most ``most`` samples each (a
@@ -84,7 +84,7 @@ class BatchSplitter:
             self.spans = even_spans(self.global_batch, sorted(live))
         else:  # at most twice what the even split of all workers gives (more if many died)
             most = max(2 * self.global_batch // self.workers, -(-self.global_batch // len(live)))
-            self.spans = split_batch(self.global_batch, timed, most)
+            self.spans = spans_by_speed(self.global_batch, timed, most)
 
     def span(self, worker: int | None) -> tuple[int, int]:
         return self.spans.get(worker, (0, 0))

@@ -34,8 +34,8 @@ def check_async_layout(cfg, layout) -> None:
         raise UserError("parallel.strategy=async pushes whole-model gradients: use parallel.pipeline=1 and one device")
     if cfg.train.precision == "fp16":
         raise UserError("parallel.strategy=async with train.precision=fp16 is not supported; use bf16 or fp32")
-    if cfg.stages:
-        raise UserError("parallel.strategy=async follows one LR schedule on the servers: [[stages]] are not supported")
+    if cfg.phases:
+        raise UserError("parallel.strategy=async follows one LR schedule on the servers: [[phases]] are not supported")
     if cfg.schedule.plateau:
         raise UserError("parallel.strategy=async: schedule.plateau is not supported (the servers own the lr)")
     if cfg.parallel.load_balance and cfg.parallel.max_staleness > 0:
@@ -132,12 +132,12 @@ class ParameterServerWorker(ParallelStrategy):
             return 0, 1, self.layout.data * batch_size
         return super().train_slice(batch_size)
 
-    def forward_backward(self, model: nn.Module, micro_batches, precision) -> tuple[float, bool]:
+    def forward_backward(self, model: nn.Module, accum_batches, precision) -> tuple[float, bool]:
         if self.span is not None:
-            micro_batches = [batch.rows(*self.span) for batch in micro_batches]
+            accum_batches = [batch.rows(*self.span) for batch in accum_batches]
         start = time.perf_counter()
-        result = super().forward_backward(model, micro_batches, precision)
-        self.computed = (sum(len(batch.inputs) for batch in micro_batches), time.perf_counter() - start)
+        result = super().forward_backward(model, accum_batches, precision)
+        self.computed = (sum(len(batch.inputs) for batch in accum_batches), time.perf_counter() - start)
         return result
 
     @torch.no_grad()

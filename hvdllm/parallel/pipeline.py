@@ -31,7 +31,7 @@ def transfer_tag(kind: str, stage: int, micro: int, ranks: int, virtual_stages: 
     return 2 * (micro * virtual_stages + stage // ranks) + (1 if kind == "grad" else 0)
 
 
-def split_micro_batches(batch, parts: int) -> list:
+def split_into_micro_batches(batch, parts: int) -> list:
     """A loader batch as ``parts`` pipeline micro-batches of equal size (same fields, rows split)."""
     fields = {name: getattr(batch, name) for name in ("inputs", "targets", "loss_mask")}
     chunks = {name: value.chunk(parts) if value is not None else [None] * parts for name, value in fields.items()}
@@ -159,7 +159,7 @@ class PipelineParallel(HorovodDataParallel):
         loss_sum, finite = 0.0, True
         start = time.perf_counter()
         for batch in accum_batches:
-            losses = self.executor.run(split_micro_batches(batch, m), precision, 1.0 / (m * len(accum_batches)))
+            losses = self.executor.run(split_into_micro_batches(batch, m), precision, 1.0 / (m * len(accum_batches)))
             if self.coords.is_last_stage:
                 value = sum(losses) / m
                 finite = finite and math.isfinite(value)

@@ -24,7 +24,7 @@ class ServerSetup:
     hvdllm.train.server_setup, so that this layer imports nothing of train)."""
 
     model: nn.Module  # the whole initial model, as every worker builds it (seeded, warm-started)
-    lr: float  # the run's peak lr (one stage: async refuses [[stages]])
+    lr: float  # the run's peak lr (one phase: async refuses [[phases]])
     steps: int  # the schedule's length
     schedule: object  # a ScheduleConfig
     batch_size: int  # samples per worker per clock (load_balance splits workers x this)

@@ -1,12 +1,6 @@
-"""Checkpoints: what a training state is, how it is written atomically (temp file, fsync,
-rename) by the ranks that hold it, pruned, checked and resumed from.
-
-Files live in ``RUN_DIR/checkpoints/``: ``step-00000100.pt`` for the last K steps and
-``best.pt`` (a hard link to the step with the best validation loss). Everything in them is
-tensors, numbers, strings, lists and dicts, so they load with ``torch.load(weights_only=True)``.
-Each has a ``NAME.sha256`` beside it: the sha256 of the file's bytes, computed while they
-were written and put in place before the checkpoint itself, so flipped bits on disk are
-caught on load instead of training on from garbage weights.
+"""Checkpoint files in ``RUN_DIR/checkpoints/``: written atomically with a sha256 beside them,
+published (best.pt, pruning), checked and chosen for a resume. What a training state holds is
+hvdllm/train/training_state.py's; docs/design/training-loop.md describes the files.
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ from typing import Callable
 import torch
 
 from hvdllm.atomic import atomic_path, atomic_write, write_text_atomic
-from hvdllm.config import config_to_toml
 from hvdllm.data.tokenizer import same_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPTConfig
@@ -215,20 +208,6 @@ def _text_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def map_data_position(data_state: dict, global_batch: int) -> dict:
-    """The loader state ``data_state`` (epoch, batch in units of its global batch) in units
-    of ``global_batch`` samples, e.g. after a change in the number of data-parallel ranks:
-    the same sample of the same epoch comes next. Raises UserError when no whole batch
-    starts there."""
-    old_global = int(data_state.get("global_batch", global_batch))  # older checkpoints: assume unchanged
-    sample = int(data_state["batch"]) * old_global  # position in the epoch's permutation
-    if sample % global_batch:
-        raise UserError(f"cannot resume the data exactly: the checkpoint stopped at sample {sample} of epoch "
-                        f"{data_state['epoch']} (global batch {old_global}), which is not a multiple of this "
-                        f"run's global batch {global_batch} (data-parallel ranks x data.batch_size)")
-    return {"epoch": int(data_state["epoch"]), "batch": sample // global_batch}
-
-
 def full_model_state(path: Path, state: dict) -> dict:
     """The whole model's state dict from the checkpoint at ``path``: a pipeline run's stages
     each wrote their blocks beside it, under the full model's keys, so they merge as they are."""
@@ -252,90 +231,7 @@ def model_config_from_checkpoint(state: dict) -> GPTConfig:
     return GPTConfig(**state["model_config"])
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def training_state(trainer, rng_states: list | None) -> dict:
-    """What this rank holds of a run, as a checkpoint stores it (``rng_states``: every rank's,
-    or None where dropout need not replay, as in an elastic commit)."""
-    strategy, cfg = trainer.strategy, trainer.cfg
-    return {
-        **strategy.state_dict(trainer.model, trainer.optimizer),
-        "schedule": trainer.schedule.state_dict(),
-        "scaler": trainer.precision.scaler.state_dict() if trainer.precision.scaler is not None else None,
-        "step": trainer.step,
-        "stage": trainer.stage.index,
-        "data": {**trainer.loader.state_dict(), "global_batch": trainer.loader.global_batch},
-        "rng": rng_states,
-        "val_loss": trainer.val_loss.state_dict(),
-        "world_size": strategy.world_size,
-        "config_toml": config_to_toml(cfg),
-        "model_config": vars(trainer.gpt_cfg),
-        "tokenizer_json": trainer.tokenizer_json,
-    }
-
-
-def save_training_state(trainer, is_best: bool) -> bool:
-    """Collective (every rank contributes its RNG state, so dropout replays exactly); the
-    ranks holding state no other rank holds write it. A checkpoint is every stage's file or
-    none: the writers agree before any of them prunes an older one or moves best.pt, so a
-    failed write on any rank (a full disk, a quota) is one line, removes the step's other
-    files, keeps the previous checkpoints, and returns False on every rank (training can go
-    on: the next due checkpoint tries again)."""
-    strategy, cfg = trainer.strategy, trainer.cfg
-    rng_states = strategy.allgather_object(rng_state(trainer.device), name="checkpoint_rng")
-    path, failure = None, None
-    if strategy.writes_checkpoint:
-        state = training_state(trainer, rng_states)
-        try:
-            path = write_checkpoint(state, trainer.run_dir, trainer.step, strategy.checkpoint_shard)
-        except OSError as err:
-            failure = err.strerror or str(err)
-    failed = strategy.allreduce_sum(torch.tensor([float(failure is not None)], dtype=torch.float64),
-                                    name="checkpoint_failed").item() > 0
-    if failed:
-        if path is not None:  # this rank's part of a checkpoint that is not whole
-            path.unlink(missing_ok=True)
-            checksum_path(path).unlink(missing_ok=True)
-        if failure is not None:
-            kept = step_checkpoints(checkpoint_dir(trainer.run_dir))
-            sys.stderr.write(f"error: rank {strategy.coords.rank}: checkpoint of step {trainer.step} not written "
-                             f"({failure}); kept: {kept[-1] if kept else 'no earlier checkpoint'}\n")
-            sys.stderr.flush()
-        return False
-    if path is not None:
-        publish_checkpoint(trainer.run_dir, trainer.step, cfg.checkpoint.keep_last,
-                           is_best and cfg.checkpoint.keep_best, strategy.checkpoint_shard)
-    trainer.say(f"checkpoint: step {trainer.step} saved to {path}" + (" (best so far)" if is_best else ""))
-    return True
-
-
-def restore_training_state(trainer, state: dict) -> None:
-    """Put ``trainer`` where the checkpoint left off: weights, optimizer, scaler, step, the
-    stage with its data position and schedule, the validation record and this rank's RNG."""
-    trainer.strategy.load_state_dict(trainer.model, trainer.optimizer, state)
-    if trainer.precision.scaler is not None and state.get("scaler"):
-        trainer.precision.scaler.load_state_dict(state["scaler"])
-    trainer.step = int(state["step"])
-    # Checkpoints from before BestTracker kept the record as two numbers.
-    trainer.val_loss.load_state_dict(state.get("val_loss") or {"best": state["best_val"],
-                                                                 "since_best": state["evals_without_improvement"]})
-    if trainer.step < trainer.total_steps:
-        stage = trainer.stage_at(trainer.step)
-        same_stage = stage.index == state["stage"]
-        data = map_data_position(state["data"], trainer.dp_size * stage.batch_size) if same_stage else None
-        trainer.enter_stage(stage, data, state["schedule"] if same_stage else None)
-    rng, rank = state["rng"], trainer.strategy.coords.rank
-    if rng is None:
-        return
-    if len(rng) == trainer.strategy.world_size:
-        torch.set_rng_state(rng[rank]["torch"])
-        if trainer.device.type == "cuda" and "cuda" in rng[rank]:
-            torch.cuda.set_rng_state(rng[rank]["cuda"], trainer.device)
-    elif trainer.strategy.is_logging_rank:
-        sys.stderr.write(f"warning: checkpoint has RNG states of {len(rng)} ranks, this run has "
-                         f"{trainer.strategy.world_size}: dropout will not replay exactly\n")
+def checkpoint_weights(path: Path) -> tuple[dict[str, torch.Tensor], GPTConfig, str]:
+    """(the whole model's state dict, its GPTConfig, tokenizer.json text) of the checkpoint at ``path``."""
+    state = load_checkpoint(path)
+    return full_model_state(path, state), model_config_from_checkpoint(state), state["tokenizer_json"]

@@ -1,16 +1,8 @@
 """Horovod elastic training (``parallel.elastic``): workers come and go, training goes on.
 
-Launched by ``horovodrun --gloo --min-np A --max-np B --host-discovery-script S`` (or ``-np``
-with ``-H``). Every ``parallel.elastic_commit_every`` steps all ranks commit: each keeps in
-memory the state a checkpoint holds (model, optimizer, schedule, step, stage, data position,
-validation record), and Horovod checks whether the driver reported hosts added or removed.
-Then, or when a collective fails because a worker died (``HorovodInternalError``, after which
-the committed state is taken back), Horovod shuts down and re-initializes on the hosts there
-are now, and :class:`~hvdllm.train.elastic_state.TrainerState` rebuilds the run for that world: the layout and this rank's
-place in it, the per-rank batch (``data.global_batch_size`` over the workers) and the lr
-(``schedule.scale_rule``, as for any launch), and the loader's slice at the committed data
-position; rank 0 then broadcasts the committed state to every rank, newcomers included.
-Steps since the last commit are done again after a failure; none is lost.
+Launched by ``horovodrun --gloo --min-np A --max-np B --host-discovery-script S``; ranks commit
+every ``parallel.elastic_commit_every`` steps and a new world is rebuilt from the last commit
+(:class:`~hvdllm.train.elastic_state.TrainerState`). docs/design/training-loop.md says how.
 """
 
 from __future__ import annotations
@@ -33,9 +25,9 @@ def check_elastic(cfg, layout, environ: dict[str, str] | None = None) -> None:
     if cfg.parallel.data:
         raise UserError(f"parallel.elastic: the data-parallel degree follows the workers there are; "
                         f"leave parallel.data at 0 (it is {cfg.parallel.data})")
-    if not cfg.data.global_batch_size or cfg.stages:
+    if not cfg.data.global_batch_size or cfg.phases:
         raise UserError("parallel.elastic needs data.global_batch_size (the batch stays the same as workers come "
-                        "and go; it must divide by every worker count) and no [[stages]]")
+                        "and go; it must divide by every worker count) and no [[phases]]")
 
 
 def run_elastic(trainer) -> int:
@@ -44,8 +36,7 @@ def run_elastic(trainer) -> int:
     hvd = comm.horovod()
     if trainer.step >= trainer.total_steps:
         return trainer.train()  # a finished run resumed: nothing to commit
-    if trainer.stage is None:
-        trainer.enter_stage(trainer.stage_at(trainer.step))  # a commit holds a data position
+    trainer.phases.advance_to(trainer.step)  # a commit holds a data position
     from hvdllm.train.elastic_state import TrainerState  # imports Horovod: only here
 
     state = TrainerState(trainer)

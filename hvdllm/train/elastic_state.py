@@ -9,7 +9,6 @@ from horovod.common.elastic import State
 from horovod.common.exceptions import HostsUpdatedInterrupt
 
 from hvdllm import comm
-from hvdllm.train import checkpoint as ckpt
 
 
 class TrainerState(State):
@@ -24,7 +23,8 @@ class TrainerState(State):
         self.save()
 
     def save(self) -> None:
-        self.committed = copy.deepcopy(ckpt.training_state(self.trainer, None))
+        # No RNG states: gathering them is a collective, and a new world's ranks would not match them.
+        self.committed = copy.deepcopy(self.trainer.checkpointer.state(self.trainer.step))
 
     def restore(self) -> None:
         """After a failed collective: the committed state is loaded once the world is re-formed."""
@@ -59,11 +59,11 @@ class TrainerState(State):
         before = trainer.dp_size
         trainer.strategy.adopt_world(comm.rank(), comm.size())
         trainer.adopt_world()
-        ckpt.restore_training_state(trainer, copy.deepcopy(self.committed))
+        trainer.resume(copy.deepcopy(self.committed))
         trainer.optimizer.zero_grad()  # a failed step's local or half-reduced gradients
         trainer.start_log(resumed=True)
         if trainer.watchdog is not None:
             trainer.watchdog.beat(trainer.step)
         if trainer.dp_size != before:
             trainer.say(f"elastic: {trainer.dp_size} workers from step {trainer.step} (were {before}); "
-                        f"{trainer.stage.batch_size} samples per rank, lr {trainer.stage.lr:.3g}")
+                        f"{trainer.phases.current.batch_size} samples per rank, lr {trainer.phases.current.lr:.3g}")

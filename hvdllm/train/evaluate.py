@@ -10,20 +10,20 @@ from torch import nn
 from hvdllm.data import DistributedBatches, ShardedSamples
 from hvdllm.model.gpt import masked_loss_sums
 from hvdllm.parallel import ParallelStrategy, Precision
-from hvdllm.train.stages import Stage
+from hvdllm.train.phases import Phase
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, samples: ShardedSamples, strategy: ParallelStrategy, precision: Precision,
-             stage: Stage, seed: int, max_batches: int) -> dict:
+             phase: Phase, seed: int, max_batches: int) -> dict:
     """Collective. Each data-parallel rank reads its own slice of the val split (``max_batches``
-    batches of the training ``stage``'s batch size and sequence length); the sums travel in one
+    batches of the training ``phase``'s batch size and sequence length); the sums travel in one
     allreduce, so every rank gets the mean over all tokens read, not the mean of the ranks'
     means."""
     model.eval()
     rank, ranks = strategy.data_rank
-    loader = DistributedBatches(samples, rank, ranks, stage.batch_size, seed=seed, shuffle=False,
-                                seq_len=stage.seq_len, prefetch=0)
+    loader = DistributedBatches(samples, rank, ranks, phase.batch_size, seed=seed, shuffle=False,
+                                seq_len=phase.seq_len, prefetch=0)
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, correct
     batches = iter(loader)
     for _ in range(min(max_batches, loader.batches_per_epoch)):

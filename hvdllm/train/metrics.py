@@ -9,6 +9,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -209,15 +210,28 @@ def print_line(message: str) -> None:
     print(message, file=sys.stderr if message.startswith(("warning:", "error:")) else sys.stdout, flush=True)
 
 
-def step_record(trainer, result) -> dict:
+@dataclass
+class StepResult:
+    """What one optimizer step did, as the Trainer's train_step returns it."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    stop_requested: bool
+    step_time_s: float
+    tokens: int
+
+
+def step_record(trainer, result: StepResult) -> dict:
     """The metrics of one finished step (a trainer's StepResult) as a JSON-ready dict. MFU
     counts every rank's peak, with where the peak came from."""
     tokens_per_s = result.tokens / result.step_time_s if result.step_time_s > 0 else 0.0
     mfu = None
     if trainer.peak_flops > 0:
-        flops = tokens_per_s * trainer.flops_per_token[trainer.stage.index]
+        flops = tokens_per_s * trainer.flops_per_token[trainer.phases.current.index]
         mfu = flops / (trainer.peak_flops * trainer.strategy.world_size)
-    return {"step": trainer.step, "stage": trainer.stage.index, "epoch": trainer.loader.epoch,
+    return {"step": trainer.step, "phase": trainer.phases.current.index, "epoch": trainer.phases.loader.epoch,
             "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "skipped": result.skipped,
             "tokens_per_s": tokens_per_s, "step_time_s": result.step_time_s, "mfu": mfu,
             "peak_flops": trainer.peak_flops or None, "peak_flops_source": trainer.peak_flops_source or None,
@@ -239,14 +253,14 @@ def hosts_line(hosts: list[str]) -> str:
 
 def banner_lines(trainer) -> list[str]:
     """What a run is, printed once at its start on the logging rank."""
-    layout, stage, g = trainer.strategy.layout, trainer.stages[0], trainer.gpt_cfg
-    samples = layout.data * trainer.cfg.parallel.accum_steps * stage.batch_size
+    layout, phase, g = trainer.strategy.layout, trainer.phases.plan[0], trainer.gpt_cfg
+    samples = layout.data * trainer.cfg.parallel.accum_steps * phase.batch_size
     return [f"model        {trainer.cfg.model.preset}: {trainer.num_params:,} parameters "
             f"({g.n_layer} layers, d_model {g.d_model}, {g.n_head} heads, context {g.block_size})",
             f"world        {layout.world_size} rank(s): data {layout.data} x pipeline {layout.pipeline}"
             + (f" + {layout.servers} servers" if layout.servers else ""),
-            f"batch        {samples} samples x {stage.seq_len} tokens = {samples * stage.seq_len:,} tokens per step"
-            f" (per rank {stage.batch_size} x accum {trainer.cfg.parallel.accum_steps})",
+            f"batch        {samples} samples x {phase.seq_len} tokens = {samples * phase.seq_len:,} tokens per step"
+            f" (per rank {phase.batch_size} x accum {trainer.cfg.parallel.accum_steps})",
             f"hosts        {hosts_line(trainer.hosts)}",
             f"device       {trainer.device} ({torch.get_num_threads()} threads), precision {trainer.precision.name}"
             + (", blocks compiled (torch.compile)" if trainer.cfg.train.compile else ""),

@@ -1,9 +1,10 @@
 """What a parameter server needs from the training layer (its initial model, the run's lr
 schedule, its checkpoint shard), built here and passed in, so that hvdllm.parallel imports
-nothing of train: the same initial weights, stage plan and checkpoint files as the Trainer's."""
+nothing of train: the same initial weights, phase plan and checkpoint files as the Trainer's."""
 
 from __future__ import annotations
 
+from hvdllm.comm.mpi import abort_job
 from hvdllm.config import Config, config_to_toml
 from hvdllm.data.shards import read_manifest, read_tokenizer_json
 from hvdllm.model import gpt_config_from
@@ -11,18 +12,17 @@ from hvdllm.parallel.grid import Grid
 from hvdllm.parallel.ps_protocol import SERVER_SHARD
 from hvdllm.parallel.ps_shard import ServerSetup
 from hvdllm.train import checkpoint as ckpt
-from hvdllm.train.stages import plan_stages
+from hvdllm.train.phases import plan_phases
 from hvdllm.train.warm_start import initial_model
-from hvdllm.comm.mpi import abort_job
 
 
 def server_setup(cfg: Config, layout: Grid, index: int) -> ServerSetup:
     """Server ``index``'s setup: as the Trainer does, the seeded (or warm-started) model, the
-    one stage's lr and schedule; on resume its shard of the checkpoint (then no warm start:
+    one phase's lr and schedule; on resume its shard of the checkpoint (then no warm start:
     the checkpoint's weights win, and the source may be gone)."""
     manifest = read_manifest(cfg.data.path)
     gpt_cfg = gpt_config_from(cfg.model, vocab_size=manifest["vocab_size"])
-    stage = plan_stages(cfg, layout.data, manifest["seq_len"], gpt_cfg.block_size)[0]
+    phase = plan_phases(cfg, layout.data, manifest["seq_len"], gpt_cfg.block_size)[0]
     tokenizer_json = read_tokenizer_json(cfg.data.path, manifest)
     path, _ = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.train.run_dir)
     model = initial_model(cfg, gpt_cfg, tokenizer_json, warm_start=path is None)
@@ -33,4 +33,4 @@ def server_setup(cfg: Config, layout: Grid, index: int) -> ServerSetup:
     def save(step: int, state: dict) -> None:
         ckpt.save_checkpoint({**state, **described}, cfg.train.run_dir, step, cfg.checkpoint.keep_last, False, shard)
 
-    return ServerSetup(model, stage.lr, stage.steps, stage.schedule, stage.batch_size, resumed, save, abort_job)
+    return ServerSetup(model, phase.lr, phase.steps, phase.schedule, phase.batch_size, resumed, save, abort_job)

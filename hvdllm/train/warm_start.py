@@ -1,15 +1,6 @@
-"""A run's initial model: seeded, and with ``train.init_from`` started from trained weights.
-
-``train.init_from`` names an hvdllm checkpoint (a .pt file or a run folder: its best.pt, else
-its newest step) or ``hf:DIR``, a transformers GPT-2 folder (hvdllm/hf_gpt2.py). When the
-run's model is larger than the source's, the source is grown into it by function-preserving
-growth (hvdllm/model/growth.py), so the first step starts at the source's loss; ``hvdllm
-grow`` writes that grown model as a checkpoint of its own. Only the weights are taken: the
-optimizer, the schedule and the data start afresh (resuming a run is ``checkpoint.resume``,
-which wins over ``init_from`` when both apply).
-
-Every rank builds the same model: the source is read by each, and the growth's noise comes
-from ``train.seed``.
+"""A run's initial model: seeded, and with ``train.init_from`` (an hvdllm checkpoint or
+``hf:DIR``) started from trained weights, grown when the run's model is larger. Only the
+weights are taken. docs/design/training-loop.md says more.
 """
 
 from __future__ import annotations
@@ -41,14 +32,12 @@ def read_source(spec: str) -> Source:
         from hvdllm.hf_gpt2 import load_hf
 
         return Source(*load_hf(spec[len(HF_PREFIX):]))
-    from hvdllm.train.checkpoint import full_model_state, load_checkpoint, model_config_from_checkpoint
+    from hvdllm.train.checkpoint import checkpoint_weights
     from hvdllm.train.generate import resolve_checkpoint
 
     if (Path(spec) / "config.json").is_file():
         raise UserError(f"{spec} is a transformers folder: name it hf:{spec}")
-    path = resolve_checkpoint(spec)
-    state = load_checkpoint(path)
-    return Source(full_model_state(path, state), model_config_from_checkpoint(state), state["tokenizer_json"])
+    return Source(*checkpoint_weights(resolve_checkpoint(spec)))
 
 
 def describe(cfg: GPTConfig) -> str:

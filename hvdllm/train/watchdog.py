@@ -1,13 +1,8 @@
 """A stall watchdog: ends the whole job when this rank has completed no step for too long.
 
-A stopped or hung rank (SIGSTOP, a frozen node, a dead NFS mount) does not fail: its peers
-wait for it inside a collective, silently, for ever. Horovod's own stall check (its
-``HOROVOD_STALL_*`` settings, set from ``train.stall_timeout_s`` in
-:func:`hvdllm.parallel.sync.horovod_environment`) warns from the coordinator and names the
-missing ranks, but only when rank 0 is alive, and its shutdown leaves a stopped rank behind.
-So every rank runs this thread: when no step has completed within the timeout it prints one
-line naming itself and the step it finished, and aborts the MPI job, which makes the
-launcher kill every rank, the stopped one included.
+A stopped rank's peers wait for it inside a collective for ever, and Horovod's own stall check
+leaves it behind; so every rank runs this thread, which aborts the MPI job with one line
+(docs/design/training-loop.md).
 """
 
 from __future__ import annotations

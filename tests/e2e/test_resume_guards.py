@@ -71,7 +71,7 @@ def test_another_number_of_data_ranks_continues_at_the_same_sample(data, tmp_pat
                              "--checkpoint.resume=auto"))
     assert one.returncode == 0, one.stderr
     state = torch.load(run / "checkpoints" / "step-00000004.pt", weights_only=True)
-    assert state["data"] == {"epoch": 0, "batch": 7, "global_batch": 4}
+    assert state["phase"]["data"] == {"epoch": 0, "batch": 7, "global_batch": 4}
     # 24 samples read is not a whole number of batches of 16: refused, not guessed.
     refused = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=6", "--data.batch_size=16",
                                  f"--checkpoint.resume={run / 'checkpoints' / 'step-00000003.pt'}"))

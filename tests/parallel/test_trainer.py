@@ -1,4 +1,4 @@
-"""The Trainer in-process on 2 ranks: agreement on NaN steps, stops, stages, checkpoints,
+"""The Trainer in-process on 2 ranks: agreement on NaN steps, stops, phases, checkpoints,
 and every optimizer inside hvd.DistributedOptimizer."""
 
 import math
@@ -98,42 +98,42 @@ def test_early_stopping_on_val_loss(data, shared_dir, horovod, monkeypatch):
         assert best["step"] == 4
 
 
-def test_multi_stage_and_resume_across_stages(data, shared_dir, horovod):
-    stages_file = shared_dir / "stages.toml"
+def test_multi_phase_and_resume_across_phases(data, shared_dir, horovod):
+    phases_file = shared_dir / "phases.toml"
     if horovod.rank() == 0:
-        stages_file.write_text(Path(NANO).read_text() + "\n[[stages]]\nsteps = 4\nseq_len = 16\nbatch_size = 2\n"
-                               "\n[[stages]]\nsteps = 4\nlr = 1e-3\nschedule = 'constant'\nwarmup_steps = 0\n")
+        phases_file.write_text(Path(NANO).read_text() + "\n[[phases]]\nsteps = 4\nseq_len = 16\nbatch_size = 2\n"
+                               "\n[[phases]]\nsteps = 4\nlr = 1e-3\nschedule = 'constant'\nwarmup_steps = 0\n")
     horovod.barrier()
 
     def build(run, *extra):
         from hvdllm.config import load_config as load
 
-        cfg = load(stages_file, [f"--data.path={data}", f"--train.run_dir={run}", "--data.prefetch=0",
+        cfg = load(phases_file, [f"--data.path={data}", f"--train.run_dir={run}", "--data.prefetch=0",
                                  "--checkpoint.every=3", *extra])
         return trainer_for(cfg)
 
-    trainer = build(shared_dir / "stages")
+    trainer = build(shared_dir / "phases")
     shapes = []
     forward = trainer.model.forward
     trainer.model.forward = lambda idx, *a, **k: (shapes.append(tuple(idx.shape)), forward(idx, *a, **k))[1]
     assert trainer.train() == 0
     assert shapes[:4] == [(2, 16)] * 4 and (4, 32) in shapes[4:]
     if horovod.rank() == 0:
-        records = read_metrics(shared_dir / "stages")
-        assert [r["stage"] for r in records if "loss" in r] == [0] * 4 + [1] * 4
-        assert all(math.isclose(r["lr"], 1e-3) for r in records if r["stage"] == 1)
+        records = read_metrics(shared_dir / "phases")
+        assert [r["phase"] for r in records if "loss" in r] == [0] * 4 + [1] * 4
+        assert all(math.isclose(r["lr"], 1e-3) for r in records if r["phase"] == 1)
     horovod.barrier()
-    # Resume from step 3 (stage 0) and run into stage 1: the same losses as straight through.
-    resumed_dir = shared_dir / "stages-resumed"
+    # Resume from step 3 (phase 0) and run into phase 1: the same losses as straight through.
+    resumed_dir = shared_dir / "phases-resumed"
     if horovod.rank() == 0:
         (resumed_dir / "checkpoints").mkdir(parents=True)
         (resumed_dir / "checkpoints" / "step-00000003.pt").write_bytes(
-            (shared_dir / "stages" / "checkpoints" / "step-00000003.pt").read_bytes())
+            (shared_dir / "phases" / "checkpoints" / "step-00000003.pt").read_bytes())
     horovod.barrier()
     again = build(resumed_dir, "--checkpoint.resume=auto")
     assert again.step == 3 and again.train() == 0
     if horovod.rank() == 0:
-        straight = {r["step"]: r["loss"] for r in read_metrics(shared_dir / "stages")}
+        straight = {r["step"]: r["loss"] for r in read_metrics(shared_dir / "phases")}
         assert all(straight[r["step"]] == r["loss"] for r in read_metrics(resumed_dir))
 
 
@@ -157,7 +157,7 @@ def test_checkpoint_pruning_and_best(data, shared_dir, horovod):
         best = torch.load(folder / "best.pt", weights_only=True)
         vals = {r["step"]: r["val_loss"] for r in read_metrics(shared_dir / "keep") if "val_loss" in r}
         assert best["step"] == min(vals, key=vals.get)
-        assert len(best["rng"]) == 2  # every rank's RNG state
+        assert len(best["rng"]["ranks"]) == 2  # every rank's RNG state
 
 
 @pytest.mark.parametrize("overrides", [
@@ -180,7 +180,7 @@ def test_update_variants_keep_ranks_in_step(data, shared_dir, horovod, overrides
 def test_lr_scales_with_ranks(data, shared_dir, horovod):
     trainer = make_trainer(data, shared_dir / "scaled", "--train.steps=1", "--train.eval_every=0",
                            "--schedule.scale_rule=linear", "--schedule.warmup_steps=0", "--optim.lr=1e-3")
-    assert trainer.stages[0].lr == pytest.approx(2e-3)  # 2 ranks, linear rule
+    assert trainer.phases.plan[0].lr == pytest.approx(2e-3)  # 2 ranks, linear rule
     assert trainer.train() == 0
     if horovod.rank() == 0:
         assert read_metrics(shared_dir / "scaled")[0]["lr"] == pytest.approx(2e-3)

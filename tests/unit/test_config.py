@@ -66,14 +66,29 @@ def test_string_field_keeps_numeric_looking_value():
     assert load_config(None, ["--train.run_dir=2024"]).train.run_dir == "2024"
 
 
-def test_stages_and_roundtrip(tmp_path):
+def test_phases_and_roundtrip(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text("[[stages]]\nsteps = 5\nseq_len = 32\n[[stages]]\nsteps = 7\nlr = 1e-4\n")
+    path.write_text("[[phases]]\nsteps = 5\nseq_len = 32\n[[phases]]\nsteps = 7\nlr = 1e-4\n")
     cfg = load_config(path, ["--train.precision=bf16", "--optim.lr=3e-4"])
-    assert [s.steps for s in cfg.stages] == [5, 7]
+    assert [p.steps for p in cfg.phases] == [5, 7]
     dumped = tmp_path / "dump.toml"
     dumped.write_text(config_to_toml(cfg))
-    assert load_config(dumped) == cfg
+    assert "[[phases]]" in dumped.read_text() and load_config(dumped) == cfg
+
+
+def test_old_stages_key_is_read_as_phases_with_a_note(tmp_path, capsys):
+    old, new = tmp_path / "old.toml", tmp_path / "new.toml"
+    old.write_text("[[stages]]\nsteps = 5\nseq_len = 32\n[[stages]]\nsteps = 7\n")
+    new.write_text("[[phases]]\nsteps = 5\nseq_len = 32\n[[phases]]\nsteps = 7\n")
+    assert load_config(old) == load_config(new)
+    assert capsys.readouterr().err.splitlines() == ["note: [[stages]] is now [[phases]]; read as phases"]
+
+
+def test_old_and_new_phases_keys_together_are_refused(tmp_path):
+    path = tmp_path / "both.toml"
+    path.write_text("[[stages]]\nsteps = 5\n[[phases]]\nsteps = 7\n")
+    with pytest.raises(ConfigError, match=r"^\[\[stages\]\] and \[\[phases\]\] in one config: .*only \[\[phases\]\]$"):
+        load_config(path)
 
 
 def test_cli_errors_are_one_line(tmp_path):

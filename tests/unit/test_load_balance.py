@@ -4,7 +4,7 @@ so that all finish together, at least one sample each and at most a bound."""
 
 import pytest
 
-from hvdllm.parallel.load_balance import BatchSplitter, even_spans, smoothed, split_batch
+from hvdllm.parallel.load_balance import BatchSplitter, even_spans, smoothed, spans_by_speed
 
 
 def covers(spans, samples):
@@ -18,11 +18,11 @@ def covers(spans, samples):
 
 def test_equal_speeds_give_each_worker_its_own_slice_as_sync_reads_it():
     assert even_spans(24, [0, 1, 2]) == {0: (0, 8), 1: (8, 8), 2: (16, 8)}
-    assert split_batch(24, {0: 0.1, 1: 0.1, 2: 0.1}, most=16) == even_spans(24, [0, 1, 2])
+    assert spans_by_speed(24, {0: 0.1, 1: 0.1, 2: 0.1}, most=16) == even_spans(24, [0, 1, 2])
 
 
 def test_a_worker_twice_as_slow_gets_half_the_samples_of_each_other():
-    spans = split_batch(25, {0: 0.01, 1: 0.02, 2: 0.01}, most=25)
+    spans = spans_by_speed(25, {0: 0.01, 1: 0.02, 2: 0.01}, most=25)
     assert covers(spans, 25)
     assert spans[1][1] == 5 and spans[0][1] == spans[2][1] == 10
 
@@ -31,12 +31,12 @@ def test_a_worker_twice_as_slow_gets_half_the_samples_of_each_other():
     (7, {0: 1.0, 1: 1e6}), (3, {0: 0.5, 1: 0.5, 2: 100.0}), (64, {0: 0.3, 3: 0.1, 5: 0.7}), (5, {4: 2.0}),
 ])
 def test_spans_cover_the_batch_exactly_and_no_live_worker_is_left_without_one(samples, times):
-    spans = split_batch(samples, times, most=samples)
+    spans = spans_by_speed(samples, times, most=samples)
     assert sorted(spans) == sorted(times) and covers(spans, samples)
 
 
 def test_no_worker_gets_more_than_the_bound_however_fast():
-    spans = split_batch(24, {0: 0.001, 1: 1.0, 2: 0.001}, most=10)
+    spans = spans_by_speed(24, {0: 0.001, 1: 1.0, 2: 0.001}, most=10)
     assert covers(spans, 24) and spans[0][1] == spans[2][1] == 10 and spans[1][1] == 4
 
 
@@ -46,9 +46,9 @@ def test_a_dead_worker_s_share_goes_to_the_live_ones():
 
 def test_a_batch_that_does_not_fit_cannot_be_split():
     with pytest.raises(ValueError, match="cannot split 2 samples among 3 workers, 1 to 2 each"):
-        split_batch(2, {0: 1.0, 1: 1.0, 2: 1.0}, most=2)
+        spans_by_speed(2, {0: 1.0, 1: 1.0, 2: 1.0}, most=2)
     with pytest.raises(ValueError, match="cannot split 9 samples among 2 workers, 1 to 4 each"):
-        split_batch(9, {0: 1.0, 1: 1.0}, most=4)
+        spans_by_speed(9, {0: 1.0, 1: 1.0}, most=4)
 
 
 def test_timings_are_smoothed_per_sample():

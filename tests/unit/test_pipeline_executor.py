@@ -10,7 +10,7 @@ import torch
 from hvdllm.data.loader import Batch
 from hvdllm.model import GPT, GPTConfig
 from hvdllm.parallel import Precision
-from hvdllm.parallel.pipeline import PipelineExecutor, split_micro_batches
+from hvdllm.parallel.pipeline import PipelineExecutor, split_into_micro_batches
 from hvdllm.parallel.schedules import BACKWARD, FORWARD, Action, add_communication, simulate
 from hvdllm.parallel.stage_model import build_model_parts
 
@@ -43,7 +43,7 @@ def test_three_parts_on_one_rank_give_the_whole_models_loss_and_gradients(tied):
     simulate(schedule)
     executor = PipelineExecutor(dict(enumerate(parts)), schedule[0], transport=None, ranks=1, stages=3,
                                 device=torch.device("cpu"))
-    losses = executor.run(split_micro_batches(batch, 2), FP32, loss_weight=1 / 2)
+    losses = executor.run(split_into_micro_batches(batch, 2), FP32, loss_weight=1 / 2)
 
     assert sum(losses) / 2 == pytest.approx(loss.item(), rel=1e-6)
     expected = dict(whole.named_parameters())
