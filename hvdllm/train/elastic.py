@@ -2,7 +2,7 @@
 
 Launched by ``horovodrun --gloo --min-np A --max-np B --host-discovery-script S``; ranks commit
 every ``parallel.elastic_commit_every`` steps and a new world is rebuilt from the last commit
-(:class:`~hvdllm.train.elastic_state.TrainerState`). docs/design/training-loop.md says how.
+(:class:`~hvdllm.comm.elastic.CommittedState`). docs/design/training-loop.md says how.
 """
 
 from __future__ import annotations
@@ -31,21 +31,43 @@ def check_elastic(cfg, layout, environ: dict[str, str] | None = None) -> None:
 
 
 def run_elastic(trainer) -> int:
-    """The Trainer's steps under ``hvd.elastic.run``: committing every
+    """The Trainer's steps under Horovod elastic: committing every
     ``parallel.elastic_commit_every`` steps, rebuilt for each new world."""
-    hvd = comm.horovod()
     if trainer.step >= trainer.total_steps:
         return trainer.train()  # a finished run resumed: nothing to commit
     trainer.phases.advance_to(trainer.step)  # a commit holds a data position
-    from hvdllm.train.elastic_state import TrainerState  # imports Horovod: only here
+    from hvdllm.comm.elastic import CommittedState, run_elastic_loop  # imports Horovod: only here
 
-    state = TrainerState(trainer)
+    def pause_watchdog() -> None:
+        if trainer.watchdog is not None:
+            trainer.watchdog.pause()
+
+    # No RNG states in a commit: gathering them is a collective, and a new world's ranks would not match them.
+    state = CommittedState(snapshot=lambda: trainer.checkpointer.state(trainer.step), on_pause=pause_watchdog)
     every = trainer.cfg.parallel.elastic_commit_every
     trainer.step_callbacks.append(lambda: state.commit() if trainer.step % every == 0 else None)
 
-    @hvd.elastic.run
-    def steps(_state) -> int:
-        state.load_if_pending()
+    def steps() -> int:
+        committed = state.take_pending()
+        if committed is not None:
+            rebuild_for_new_world(trainer, committed)
         return trainer.run_steps()
 
-    return trainer.train(loop=lambda: steps(state))
+    return trainer.train(loop=lambda: run_elastic_loop(state, steps))
+
+
+def rebuild_for_new_world(trainer, committed: dict) -> None:
+    """Where every rank of the new world is, newcomers included (the start of the elastic
+    loop), so collectives are safe: the grid and this rank's place in it, the run rebuilt from
+    the committed state, and the log started there."""
+    before = trainer.dp_size
+    trainer.strategy.adopt_world(comm.rank(), comm.size())
+    trainer.adopt_world()
+    trainer.resume(committed)
+    trainer.optimizer.zero_grad()  # a failed step's local or half-reduced gradients
+    trainer.start_log(resumed=True)
+    if trainer.watchdog is not None:
+        trainer.watchdog.beat(trainer.step)
+    if trainer.dp_size != before:
+        trainer.say(f"elastic: {trainer.dp_size} workers from step {trainer.step} (were {before}); "
+                    f"{trainer.phases.current.batch_size} samples per rank, lr {trainer.phases.current.lr:.3g}")
