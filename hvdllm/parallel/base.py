@@ -28,6 +28,7 @@ from torch import nn
 from hvdllm.errors import UserError
 from hvdllm.parallel.grid import Grid, RankCoords, build_grid, rank_coordinates
 from hvdllm.parallel.precision import Precision
+from hvdllm.parallel.update import step_optimizer
 
 
 class ParallelStrategy(ABC):
@@ -174,9 +175,9 @@ class ParallelStrategy(ABC):
         The exchanged gradients are the global ones, so the local norm is the global one."""
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
 
-    @abstractmethod
     def apply_update(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
         """Step the optimizer on the finished (unscaled, clipped) gradients."""
+        step_optimizer(optimizer, scaler)
 
     def update(self, optimizer: torch.optim.Optimizer, model: nn.Module, precision: Precision,
                max_norm: float, nonfinite: bool) -> tuple[float, bool]:

@@ -232,9 +232,6 @@ class ParameterServerWorker(ParallelStrategy):
             return self.server_grad_norm, nonfinite or not math.isfinite(self.server_grad_norm)
         return self.grad_norm, not math.isfinite(self.grad_norm) or nonfinite
 
-    def apply_update(self, optimizer, scaler) -> None:
-        raise RuntimeError("a parameter-server worker never steps an optimizer: the servers do")
-
     def close(self) -> None:
         """Tell every server this worker is done (after its last push and heartbeat)."""
         self.heartbeat.stop()

@@ -15,7 +15,6 @@ from torch import nn
 
 from hvdllm import comm
 from hvdllm.parallel.base import ParallelStrategy
-from hvdllm.parallel.update import step_optimizer
 from hvdllm.parallel.grid import rank_coordinates
 
 
@@ -32,9 +31,6 @@ class SingleProcess(ParallelStrategy):
 
     def finish_gradients(self, optimizer: torch.optim.Optimizer, step_stats: torch.Tensor) -> torch.Tensor:
         return step_stats  # local gradients are the global ones
-
-    def apply_update(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-        step_optimizer(optimizer, scaler)
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return tensor
