@@ -17,12 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
+import torch
+
 
 @dataclass(frozen=True)
 class Group:
     """One group of ranks as seen from a member."""
 
     ranks: tuple[int, ...]  # global ranks, in group order
+    rank: int  # this process's position in the group
     process_set: Any  # horovod.torch ProcessSet (the global set when the group is the world); None without Horovod
     mpi: Any  # an mpi4py communicator of exactly these ranks; None where MPI does not span the job
 
@@ -38,6 +41,22 @@ class Group:
         """Collective: ``value`` summed over the members, on the group's MPI communicator (a
         latency-bound scalar: microseconds there, a Horovod cycle otherwise)."""
         return self.mpi.allreduce(value) if self.size > 1 else value
+
+    def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Collective: ``tensor`` reduced (``sum`` or ``max``) over the members, in place, on the
+        group's MPI communicator: the latency-bound collectives of tensor parallelism. A tensor
+        numpy cannot hold (bf16, fp16) is reduced in fp32; a CUDA one is staged through host
+        memory (CUDA-aware MPI cannot be assumed)."""
+        if self.size == 1:
+            return tensor
+        from mpi4py import MPI
+
+        exact = tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and tensor.is_contiguous()
+        host = tensor.detach() if exact else tensor.detach().to("cpu", torch.float32).contiguous()
+        self.mpi.Allreduce(MPI.IN_PLACE, host.numpy(), op={"sum": MPI.SUM, "max": MPI.MAX}[op])
+        if not exact:
+            tensor.copy_(host)
+        return tensor
 
 
 class Groups:

@@ -68,7 +68,7 @@ def init(named_groups: dict[Hashable, Sequence[Sequence[int]]] | None = None, th
             process_set = by_ranks.get(tuple(sorted(ranks)))
         # Split is collective over the world: every rank splits for every key, in the same order.
         split = world.Split(color=min(ranks), key=hvd.rank()) if world is not None else None
-        groups[axes] = Group(tuple(ranks), process_set, split)
+        groups[axes] = Group(tuple(ranks), ranks.index(hvd.rank()), process_set, split)
     return Groups(groups)
 
 

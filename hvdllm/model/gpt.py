@@ -123,6 +123,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
+        self.loss_function = WholeVocabularyLoss()  # tensor parallelism puts a vocabulary-parallel one here
         init_weights(self, cfg)
 
     def compile_blocks(self) -> None:
@@ -172,7 +173,7 @@ class GPT(nn.Module):
         logits = self.head(self.run_blocks(self.embed(idx)))
         if targets is None:
             return logits, None
-        return logits, language_model_loss(logits, targets, loss_mask)
+        return logits, self.loss_function(logits, targets, loss_mask)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -226,3 +227,16 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor,
     """Mean next-token cross entropy, over the tokens the mask keeps (all when None)."""
     losses, weights = _weighted_token_losses(logits, targets, loss_mask)
     return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class WholeVocabularyLoss:
+    """The model's loss over whole logits: :func:`language_model_loss` for training,
+    :func:`masked_loss_sums` (``sums``) for evaluation."""
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
+                 loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return language_model_loss(logits, targets, loss_mask)
+
+    def sums(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return masked_loss_sums(logits, targets, loss_mask)

@@ -13,10 +13,13 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     """Two groups: matrices decay; biases, LayerNorm weights (and embeddings unless asked) do not.
 
     A tensor shared by two modules (a tied embedding / output head) is listed once, and it
-    counts as an embedding; so does a pipeline stage's copy of it (marked ``tied_embedding``).
+    counts as an embedding; so does a pipeline stage's copy of it (marked ``tied_embedding``)
+    and a table that is not an ``nn.Embedding`` (a vocabulary-parallel slice, marked
+    ``embedding_table``).
     """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    embedding_ids |= {id(p) for p in model.parameters() if getattr(p, "tied_embedding", False)}
+    embedding_ids |= {id(p) for p in model.parameters()
+                      if getattr(p, "tied_embedding", False) or getattr(p, "embedding_table", False)}
     decay, no_decay = [], []
     for _, param in model.named_parameters():  # named_parameters() yields a shared tensor once
         if not param.requires_grad:

@@ -24,9 +24,6 @@ def build_strategy(cfg, world_size: int, server_setup: Callable | None = None) -
     """
     parallel = cfg.parallel
     layout = build_grid(parallel, world_size)
-    if layout.tensor > 1:
-        raise UserError(f"parallel.tensor={layout.tensor}: tensor-parallel layers are not in hvdllm's trainer yet; "
-                        f"use parallel.tensor=1")
     check_model_cut(cfg, layout)
     if parallel.strategy == "async":
         from hvdllm.parallel.param_server import ParameterServerWorker, check_async_layout
@@ -39,10 +36,10 @@ def build_strategy(cfg, world_size: int, server_setup: Callable | None = None) -
     rule = choose_update_rule(cfg, layout)
     if rule is None:
         return SingleProcess(cfg, layout)
-    if layout.pipeline > 1:
-        from hvdllm.parallel.pipeline import PipelineParallel
+    if layout.pipeline > 1 or layout.tensor > 1:
+        from hvdllm.parallel.pipeline import ModelParallel
 
-        return PipelineParallel(cfg, layout, rule)
+        return ModelParallel(cfg, layout, rule)
     return HorovodDataParallel(cfg, layout, rule)
 
 

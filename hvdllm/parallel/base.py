@@ -77,6 +77,12 @@ class ParallelStrategy(ABC):
         return self.coords.is_logging_rank
 
     @property
+    def reports_loss(self) -> bool:
+        """Whether this rank's losses count in the sums over ranks: the one rank of each
+        replica that holds the whole loss (a pipeline's last stage, a tensor group's first)."""
+        return True
+
+    @property
     def writes_checkpoint(self) -> bool:
         """Whether this rank holds state no other rank writes (data rank 0 of each stage)."""
         return self.coords.data_rank == 0

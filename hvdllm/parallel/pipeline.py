@@ -12,13 +12,13 @@ import time
 import torch
 from torch import nn
 
-from hvdllm.model.gpt import language_model_loss
 from hvdllm.parallel.precision import Precision
 from hvdllm.comm.p2p import MpiTransport
 from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action,
                                        build_schedule, stage_rank)
 from hvdllm.parallel.stage_model import GPTStage, cut_model, plan_cut
 from hvdllm.parallel.sync import HorovodDataParallel
+from hvdllm.parallel.tensor import SPLIT_ATTRIBUTE, apply_tensor_parallel
 
 
 # MPI guarantees tags up to 32767: a transfer to stage-part c of micro-batch i uses
@@ -77,7 +77,7 @@ class PipelineExecutor:
                     out = part(x)
                 if s == last:
                     mask = chunk.loss_mask.to(self.device) if chunk.loss_mask is not None else None
-                    loss = language_model_loss(out, chunk.targets.to(self.device), mask)
+                    loss = part.loss_function(out, chunk.targets.to(self.device), mask)
                     losses.append(loss.item())
                     out = loss * loss_weight
                 outputs[s, i] = out
@@ -102,22 +102,42 @@ class PipelineExecutor:
         return losses
 
 
-class PipelineParallel(HorovodDataParallel):
-    """Each rank one pipeline stage; each stage's replicas a data group, updated by the rule."""
+def squares(params: list[nn.Parameter]) -> float:
+    """The sum of the squares of the parameters' gradients, in float64."""
+    return sum(p.grad.detach().double().square().sum().item() for p in params)
+
+
+class ModelParallel(HorovodDataParallel):
+    """Each rank one model part: a pipeline stage (one stage: the whole model), split across a
+    tensor group when ``parallel.tensor > 1``; each part's replicas a data group, updated by the
+    rule. With one stage the schedule runs the micro-batches one after the other."""
 
     def __init__(self, cfg, layout, rule) -> None:
         super().__init__(cfg, layout, rule)
         self.stage: GPTStage | None = None
 
     def named_groups(self) -> dict:
-        return {**super().named_groups(), ("pipeline",): self.layout.groups(("pipeline",))}
+        return {**super().named_groups(), ("pipeline",): self.layout.groups(("pipeline",)),
+                ("tensor",): self.layout.groups(("tensor",))}
 
-    needs_mpi = True  # activations travel point to point
+    needs_mpi = True  # activations travel point to point; tensor groups reduce over MPI
 
     def setup(self, threads: int) -> None:
         super().setup(threads)
         self.transport = MpiTransport(self.groups.group(("pipeline",)).mpi)
         self.pipeline_rank = self.coords.stage  # this rank's index in its pipeline's communicator
+        self.tensor_group = self.groups.group(("tensor",))
+
+    @property
+    def reports_loss(self) -> bool:
+        return self.coords.is_last_stage and self.coords.tensor_rank == 0
+
+    @property
+    def checkpoint_shard(self) -> int:
+        """Stage-major, tensor rank within: stage s of a run without tensor parallelism is shard s."""
+        if self.update_rule.replicas_differ:
+            return self.coords.rank
+        return self.coords.stage * self.layout.tensor + self.coords.tensor_rank
 
     @property
     def backward_passes_per_step(self) -> int:
@@ -130,7 +150,10 @@ class PipelineParallel(HorovodDataParallel):
         self.cut, _ = plan_cut(model.cfg, self.cfg, stages, cfg.data.seq_len or model.cfg.block_size,
                                micro_batch, cfg.optim.name)
         self.device = device
-        self.stage = cut_model(model, self.cut, self.coords.stage).to(device)
+        self.stage = cut_model(model, self.cut, self.coords.stage)
+        if self.layout.tensor > 1:
+            apply_tensor_parallel(self.stage.gpt, self.tensor_group)
+        self.stage.to(device)
         schedule = build_schedule(self.cfg.schedule, stages, self.cfg.micro_batches)
         self.executor = PipelineExecutor({self.coords.stage: self.stage}, schedule[self.pipeline_rank],
                                          self.transport, stages, stages, device)
@@ -160,7 +183,7 @@ class PipelineParallel(HorovodDataParallel):
         start = time.perf_counter()
         for batch in accum_batches:
             losses = self.executor.run(split_into_micro_batches(batch, m), precision, 1.0 / (m * len(accum_batches)))
-            if self.coords.is_last_stage:
+            if self.reports_loss:
                 value = sum(losses) / m
                 finite = finite and math.isfinite(value)
                 loss_sum += value if math.isfinite(value) else 0.0
@@ -173,7 +196,7 @@ class PipelineParallel(HorovodDataParallel):
     def _tied_parameter(self) -> nn.Parameter | None:
         """This stage's copy of a tied embedding, when the first and last stages differ."""
         gpt = self.stage.gpt
-        if not gpt.cfg.tie_weights:
+        if not gpt.cfg.tie_weights or self.layout.pipeline == 1:
             return None
         if self.stage.is_first:
             return gpt.wte.weight
@@ -192,14 +215,17 @@ class PipelineParallel(HorovodDataParallel):
         param.grad = mine + theirs if self.stage.is_first else theirs + mine
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
-        """The norm of this replica's gradients: each stage's squared norm summed over the
-        pipeline (a small collective on its MPI communicator; with averaged gradients every
+        """The norm of this replica's gradients: a stage's split parameters' squares summed over
+        its tensor group, its replicated ones' counted once, and the stages' sums added over the
+        pipeline (small collectives on MPI communicators; with averaged gradients every
         replica's is the global norm); a tied copy counts once."""
         tied_copy = self._tied_parameter() if self.stage.is_last else None
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        counted = [p.grad for p in model.parameters() if p.grad is not None and p is not tied_copy]
-        local = torch.stack([g.detach().double().square().sum() for g in counted]).sum().item() if counted else 0.0
-        total = self.groups.group(("pipeline",)).sum(local)
+        counted = [p for p in model.parameters() if p.grad is not None and p is not tied_copy]
+        split = [p for p in counted if getattr(p, SPLIT_ATTRIBUTE, False)]
+        replicated = [p for p in counted if not getattr(p, SPLIT_ATTRIBUTE, False)]
+        stage_sum = self.tensor_group.sum(squares(split)) + squares(replicated)
+        total = self.groups.group(("pipeline",)).sum(stage_sum)
         norm = math.sqrt(total)  # inf or nan when a gradient is: the step is then skipped
         coefficient = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
         if coefficient < 1.0:

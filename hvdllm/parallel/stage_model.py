@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvdllm.model import GPT, GPTConfig, language_model_loss
+from hvdllm.model import GPT, GPTConfig
 from hvdllm.model.memory import activation_bytes, optimizer_state_bytes
 from hvdllm.parallel.partition import UnitCosts, balanced_cut, check_manual_cut, stage_costs
 from hvdllm.parallel.schedules import peak_activations
@@ -87,6 +87,10 @@ class GPTStage(nn.Module):
     @property
     def cfg(self) -> GPTConfig:
         return self.gpt.cfg
+
+    @property
+    def loss_function(self):
+        return self.gpt.loss_function
 
     def activation_spec(self, tokens_shape: tuple[int, ...]) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of the activations between stages for a micro-batch of
@@ -166,6 +170,10 @@ class PlacedGPT(nn.Module):
     def cfg(self) -> GPTConfig:
         return self.gpt.cfg
 
+    @property
+    def loss_function(self):
+        return self.gpt.loss_function
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None):
         gpt, last = self.gpt, self.devices[-1]
@@ -179,7 +187,7 @@ class PlacedGPT(nn.Module):
         if targets is None:
             return logits, None
         mask = loss_mask.to(last) if loss_mask is not None else None
-        return logits, language_model_loss(logits, targets.to(last), mask)
+        return logits, self.gpt.loss_function(logits, targets.to(last), mask)
 
     # Checkpoints hold the plain model's keys: a placed run resumes unplaced and vice versa.
     def state_dict(self, *args, **kwargs):

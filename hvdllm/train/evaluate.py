@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from hvdllm.data import DistributedBatches, ShardedSamples
-from hvdllm.model.gpt import masked_loss_sums
 from hvdllm.parallel import ParallelStrategy, Precision
 from hvdllm.train.phases import Phase
 
@@ -32,7 +31,10 @@ def evaluate(model: nn.Module, samples: ShardedSamples, strategy: ParallelStrate
         if logits is None:
             continue  # a pipeline stage before the last: the last one counts this batch
         mask = batch.loss_mask.to(logits.device) if batch.loss_mask is not None else None
-        sums += torch.stack(masked_loss_sums(logits, batch.targets.to(logits.device), mask)).double().cpu()
+        # Every rank of a tensor group takes part (a collective); one of them counts the batch.
+        batch_sums = model.loss_function.sums(logits, batch.targets.to(logits.device), mask)
+        if strategy.reports_loss:
+            sums += torch.stack(batch_sums).double().cpu()
     sums = strategy.allreduce_sum(sums, name="eval_stats")
     val_loss = (sums[0] / sums[1].clamp(min=1)).item()
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)),

@@ -1,0 +1,259 @@
+"""Tensor parallelism (Megatron-LM, Shoeybi et al. 2019): every block split across the t ranks
+of a tensor group.
+
+Attention's query/key/value projection and the MLP's first layer are column-parallel (each
+rank computes its heads or its quarter of the hidden units), the attention output and the
+MLP's second layer row-parallel (each rank multiplies its slice of the input; the partial
+outputs are summed): one all-reduce per block half in forward (``g``) and one in backward
+(``f``, the gradient of the replicated input). The embedding and the LM head are split by
+vocabulary; :func:`vocab_parallel_cross_entropy` takes the loss from each rank's slice of
+the logits with three small all-reduces and never gathers them. A tied embedding stays tied:
+the head's slice is the embedding's.
+
+:func:`apply_tensor_parallel` slices a whole, seeded model in place, so t ranks start from the
+weights one process would; :func:`tensor_split` says, per parameter name, how it is cut, and
+:func:`merge_tensor_shards` puts the shards of a checkpoint back together.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hvdllm.comm.groups import Group
+from hvdllm.model.gpt import GPT, apply_rope, rope_tables
+
+SPLIT_ATTRIBUTE = "tensor_parallel_split"  # set on parameters each rank holds a slice of
+
+
+# --- the conjugate operators f and g ------------------------------------------------------------
+class _CopyToTensorRegion(torch.autograd.Function):
+    """f: identity forward; backward sums the input's gradient over the group."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.group.allreduce_(grad.contiguous().clone()), None
+
+
+class _ReduceFromTensorRegion(torch.autograd.Function):
+    """g: forward sums the partial outputs over the group; identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return group.allreduce_(x.contiguous().clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def copy_to_tensor_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _CopyToTensorRegion.apply(x, group)
+
+
+def reduce_from_tensor_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _ReduceFromTensorRegion.apply(x, group)
+
+
+# --- how each parameter is cut -------------------------------------------------------------------
+def tensor_split(name: str) -> tuple[int, int] | None:
+    """(dimension, interleaved parts) along which parameter ``name`` of a GPT is split, or None
+    for a replicated one. The fused query/key/value projection is three matrices stacked: each
+    rank takes its heads' rows of each (3 parts)."""
+    leaf = name.rsplit(".", 2)[-2:]
+    if leaf[0] == "qkv":
+        return 0, 3
+    if leaf == ["fc", "weight"] or leaf == ["fc", "bias"] or name in ("wte.weight", "lm_head.weight"):
+        return 0, 1
+    if leaf == ["proj", "weight"]:
+        return 1, 1
+    return None
+
+
+def shard_of(full: torch.Tensor, dim: int, parts: int, rank: int, ranks: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of ``full`` along ``dim`` (each of ``parts`` stacked blocks cut alike)."""
+    blocks = full.chunk(parts, dim=dim)
+    return torch.cat([block.chunk(ranks, dim=dim)[rank] for block in blocks], dim=dim).clone()
+
+
+def merge_tensor_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The whole model's state dict from the tensor ranks' state dicts, in rank order."""
+    merged = {}
+    for name, first in shards[0].items():
+        split = tensor_split(name)
+        if split is None:
+            merged[name] = first
+            continue
+        dim, parts = split
+        pieces = [shard[name].chunk(parts, dim=dim) for shard in shards]
+        merged[name] = torch.cat([torch.cat([p[i] for p in pieces], dim=dim) for i in range(parts)], dim=dim)
+    return merged
+
+
+# --- the split layers ------------------------------------------------------------------------------
+class TensorParallelAttention(nn.Module):
+    """Causal self-attention over this rank's heads (column-parallel qkv, row-parallel proj)."""
+
+    def __init__(self, attn: nn.Module, group: Group, n_head: int) -> None:
+        super().__init__()
+        self.group, self.rope, self.dropout = group, attn.rope, attn.dropout
+        self.local_heads = n_head // group.size
+        self.qkv, self.proj, self.resid_dropout = attn.qkv, attn.proj, attn.resid_dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        head_dim = self.qkv.weight.shape[0] // (3 * self.local_heads)
+        q, k, v = self.qkv(copy_to_tensor_region(x, self.group)).split(self.local_heads * head_dim, dim=2)
+        # (B, T, H/t * D) -> (B, H/t, T, D)
+        q, k, v = (t.view(B, T, self.local_heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.rope:
+            cos, sin = rope_tables(T, head_dim, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.local_heads * head_dim)
+        return self.resid_dropout(row_parallel(self.proj, y, self.group))
+
+
+class TensorParallelMLP(nn.Module):
+    """The MLP over this rank's hidden units (column-parallel fc, row-parallel proj)."""
+
+    def __init__(self, mlp: nn.Module, group: Group) -> None:
+        super().__init__()
+        self.group, self.fc, self.proj, self.dropout = group, mlp.fc, mlp.proj, mlp.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.gelu(self.fc(copy_to_tensor_region(x, self.group)), approximate="tanh")
+        return self.dropout(row_parallel(self.proj, hidden, self.group))
+
+
+def row_parallel(linear: nn.Linear, x: torch.Tensor, group: Group) -> torch.Tensor:
+    """A row-parallel layer: this rank's partial product summed over the group, then the
+    (replicated) bias once."""
+    out = reduce_from_tensor_region(F.linear(x, linear.weight), group)
+    return out + linear.bias if linear.bias is not None else out
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows [start, start + V/t) of the token table; other ids give zeros here and
+    their row on the rank that holds it, summed over the group."""
+
+    def __init__(self, embedding: nn.Embedding, group: Group, start: int) -> None:
+        super().__init__()
+        self.group, self.start, self.weight = group, start, embedding.weight
+        self.weight.embedding_table = True  # optimized as an embedding (hvdllm.optim.build.param_groups)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        rows = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
+        return reduce_from_tensor_region(rows, self.group)
+
+
+class VocabParallelHead(nn.Module):
+    """The LM head's rows for this rank's vocabulary slice: logits (B, T, V/t)."""
+
+    def __init__(self, head: nn.Linear, group: Group) -> None:
+        super().__init__()
+        self.group, self.weight = group, head.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tensor_region(x, self.group), self.weight)
+
+
+# --- the loss over split logits --------------------------------------------------------------------
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, start, group):
+        local = logits.float()  # (N, V/t)
+        top = group.allreduce_(local.max(dim=-1).values, op="max")  # (N,)
+        shifted = local - top[:, None]
+        exp = shifted.exp()
+        sum_exp = group.allreduce_(exp.sum(dim=-1))  # (N,)
+        ids = targets - start
+        here = (ids >= 0) & (ids < local.shape[-1])
+        ids = ids.clamp(0, local.shape[-1] - 1)
+        target = group.allreduce_(shifted.gather(1, ids[:, None]).squeeze(1) * here)  # (N,) its shifted logit
+        ctx.save_for_backward(exp / sum_exp[:, None], ids, here)
+        ctx.dtype = logits.dtype
+        ctx.mark_non_differentiable(target)
+        return sum_exp.log() - target, target
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_target):
+        softmax, ids, here = ctx.saved_tensors
+        grad = softmax.clone()
+        grad[torch.arange(len(ids)), ids] -= here.to(grad.dtype)
+        return (grad * grad_loss[:, None]).to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, start: int,
+                                 group: Group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross entropy (N,) in fp32 from each rank's logits (N, V/t) for the vocabulary
+    [start, start + V/t), and whether the target has the largest logit (N,; ties count as
+    right). Collective: every rank of ``group`` calls it with its slice."""
+    losses, target = _VocabParallelCrossEntropy.apply(logits, targets, start, group)
+    return losses, target >= 0
+
+
+class VocabParallelLoss:
+    """The model's loss functions over vocabulary-parallel logits (as language_model_loss and
+    masked_loss_sums over whole ones)."""
+
+    def __init__(self, group: Group, start: int) -> None:
+        self.group, self.start = group, start
+
+    def _tokens(self, logits, targets, loss_mask):
+        losses, right = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), self.start, self.group)
+        weights = torch.ones_like(losses) if loss_mask is None else loss_mask.flatten().to(losses.dtype)
+        return losses, right, weights
+
+    def __call__(self, logits, targets, loss_mask=None) -> torch.Tensor:
+        losses, _, weights = self._tokens(logits, targets, loss_mask)
+        return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+
+    def sums(self, logits, targets, loss_mask=None):
+        losses, right, weights = self._tokens(logits, targets, loss_mask)
+        return (losses * weights).sum(), weights.sum(), (right.to(losses.dtype) * weights).sum()
+
+
+# --- the transform -----------------------------------------------------------------------------------
+def apply_tensor_parallel(model: GPT, group: Group) -> GPT:
+    """Split ``model`` (whole, or a pipeline stage's GPT with other parts removed) in place for
+    this rank of ``group``; returns it. Parameters are replaced by this rank's slices of the
+    whole model's and marked with :data:`SPLIT_ATTRIBUTE`."""
+    rank, ranks = group.rank, group.size
+    with torch.no_grad():
+        for name, param in list(model.named_parameters()):
+            split = tensor_split(name)
+            if split is not None:
+                _replace_parameter(model, name, shard_of(param.data, *split, rank, ranks))
+        if model.cfg.tie_weights and model.wte is not None and model.lm_head is not None:
+            model.lm_head.weight = model.wte.weight
+    vocab_start = rank * (model.cfg.vocab_size // ranks)
+    for block in model.blocks:
+        if isinstance(block, nn.Identity):  # another pipeline stage's block
+            continue
+        block.attn = TensorParallelAttention(block.attn, group, model.cfg.n_head)
+        block.mlp = TensorParallelMLP(block.mlp, group)
+    if model.wte is not None:
+        model.wte = VocabParallelEmbedding(model.wte, group, vocab_start)
+    if model.lm_head is not None:
+        model.lm_head = VocabParallelHead(model.lm_head, group)
+    model.loss_function = VocabParallelLoss(group, vocab_start)
+    return model
+
+
+def _replace_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    old = getattr(owner, leaf)
+    new = nn.Parameter(value, requires_grad=old.requires_grad)
+    new.__dict__.update(old.__dict__)  # marks such as tied_embedding
+    setattr(new, SPLIT_ATTRIBUTE, True)
+    setattr(owner, leaf, new)

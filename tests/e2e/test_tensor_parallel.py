@@ -1,0 +1,54 @@
+"""Tensor parallelism through the CLI: t ranks splitting every layer, alone and with data and
+pipeline parallelism, give the losses of one plain rank on the same data (fp32, dropout 0,
+fixed seed, the same global batch)."""
+
+import pytest
+from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, read_metrics, train_args
+
+# The byte-level test data has 259 tokens: a vocabulary of 264 splits over 2 (and 4, 8) ranks.
+VOCAB = "--model.vocab_size=264"
+STEPS = 12
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def assert_same_losses(reference, other, steps=STEPS, rel=1e-5):
+    a, b = losses(reference), losses(other)
+    assert len(a) == len(b) == steps
+    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    assert worst < rel, worst
+
+
+def run(np, data, run_dir, *overrides):
+    args = train_args(data, run_dir, "--checkpoint.every=0", VOCAB, f"--train.steps={STEPS}", *overrides)
+    result = hvdllm(*args) if np == 1 else hvdllm_mpi(np, *args)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_rank(data, tmp_path_factory):
+    return run(1, data, tmp_path_factory.mktemp("one") / "run")
+
+
+@pytest.mark.parametrize("tied", ["true", "false"])
+def test_two_tensor_ranks_give_the_losses_of_one_rank(data, tmp_path, tied):
+    reference = run(1, data, tmp_path / "one", f"--model.tie_weights={tied}")
+    split = run(2, data, tmp_path / "split", "--parallel.tensor=2", f"--model.tie_weights={tied}")
+    assert_same_losses(reference, split)
+    val = [[r["val_loss"] for r in read_metrics(d) if "val_loss" in r] for d in (reference, split)]
+    assert val[0] and abs(val[0][-1] - val[1][-1]) / val[0][-1] < 1e-5  # evaluated on split logits
+
+
+def test_tensor_by_data_on_four_ranks_gives_the_losses_of_one_rank(data, tmp_path):
+    reference = run(1, data, tmp_path / "one", "--data.batch_size=8")
+    split = run(4, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.data=2")
+    assert_same_losses(reference, split)
+
+
+def test_tensor_by_pipeline_on_four_ranks_gives_the_losses_of_one_rank(data, one_rank, tmp_path):
+    split = run(4, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.pipeline=2",
+                "--parallel.micro_batches=2")
+    assert_same_losses(one_rank, split)
