@@ -25,6 +25,7 @@ def build_strategy(cfg, world_size: int, server_setup: Callable | None = None) -
     parallel = cfg.parallel
     layout = build_grid(parallel, world_size)
     check_model_cut(cfg, layout)
+    check_tensor_layout(cfg, layout)
     if parallel.strategy == "async":
         from hvdllm.parallel.param_server import ParameterServerWorker, check_async_layout
 
@@ -59,6 +60,26 @@ def choose_update_rule(cfg, layout: Grid):
         if layout.world_size > 1:
             return AdasumUpdate
     return AllreduceUpdate if layout.world_size > 1 else None
+
+
+def check_tensor_layout(cfg, layout: Grid) -> None:
+    """What splitting every layer over ``parallel.tensor`` ranks needs, checked before any
+    communication (the vocabulary is checked when the model is split: it may come from the data)."""
+    t = layout.tensor
+    if t == 1:
+        return
+    try:
+        n_head = gpt_config_from(cfg.model).n_head
+    except ValueError as err:  # an unknown preset
+        raise UserError(str(err)) from None
+    if n_head % t:
+        raise UserError(f"parallel.tensor={t} must divide model.n_head={n_head}: each rank takes whole heads")
+    if cfg.optim.name != "adamw":
+        raise UserError(f"parallel.tensor={t} with optim.name={cfg.optim.name}: its per-tensor statistics (LAMB's "
+                        f"trust ratio, Adafactor's factored moments) are not reduced over the tensor group yet; "
+                        f"use optim.name=adamw")
+    if layout.devices:
+        raise UserError("parallel.tensor > 1 and parallel.devices cannot be combined: choose one")
 
 
 def check_model_cut(cfg, layout: Grid) -> None:

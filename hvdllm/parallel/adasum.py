@@ -15,9 +15,9 @@ from hvdllm.parallel.update import UpdateRule
 
 def check_adasum_layout(layout, precision: str) -> None:
     """Refuse, with one line, what Adasum cannot do: checked before Horovod starts."""
-    if layout.pipeline > 1:
-        raise UserError("parallel.op=adasum works on Horovod's global process set only, not per pipeline stage: "
-                        "use parallel.pipeline=1")
+    if layout.pipeline > 1 or layout.tensor > 1:
+        raise UserError("parallel.op=adasum works on Horovod's global process set only, not per model part: "
+                        "use parallel.pipeline=1 and parallel.tensor=1")
     if layout.data & (layout.data - 1):
         raise UserError(f"parallel.op=adasum needs a power-of-two number of ranks (Horovod's Adasum); "
                         f"the layout has {layout.data}")

@@ -30,8 +30,9 @@ def check_async_layout(cfg, layout) -> None:
     if layout.servers < 1:
         raise UserError("parallel.strategy=async needs parameter servers: set parallel.servers >= 1 "
                         "(launch workers + servers ranks)")
-    if layout.pipeline > 1 or len(layout.devices) > 1:
-        raise UserError("parallel.strategy=async pushes whole-model gradients: use parallel.pipeline=1 and one device")
+    if layout.pipeline > 1 or layout.tensor > 1 or len(layout.devices) > 1:
+        raise UserError("parallel.strategy=async pushes whole-model gradients: use parallel.pipeline=1, "
+                        "parallel.tensor=1 and one device")
     if cfg.train.precision == "fp16":
         raise UserError("parallel.strategy=async with train.precision=fp16 is not supported; use bf16 or fp32")
     if cfg.phases:

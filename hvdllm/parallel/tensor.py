@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hvdllm.comm.groups import Group
+from hvdllm.errors import UserError
 from hvdllm.model.gpt import GPT, apply_rope, rope_tables
 
 SPLIT_ATTRIBUTE = "tensor_parallel_split"  # set on parameters each rank holds a slice of
@@ -228,6 +229,10 @@ def apply_tensor_parallel(model: GPT, group: Group) -> GPT:
     this rank of ``group``; returns it. Parameters are replaced by this rank's slices of the
     whole model's and marked with :data:`SPLIT_ATTRIBUTE`."""
     rank, ranks = group.rank, group.size
+    vocab = model.cfg.vocab_size
+    if vocab % ranks:
+        raise UserError(f"model.vocab_size={vocab} does not divide over parallel.tensor={ranks} ranks: set "
+                        f"model.vocab_size to a multiple of {ranks} (e.g. {-(-vocab // ranks) * ranks})")
     with torch.no_grad():
         for name, param in list(model.named_parameters()):
             split = tensor_split(name)

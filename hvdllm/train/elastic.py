@@ -19,9 +19,10 @@ def check_elastic(cfg, layout, environ: dict[str, str] | None = None) -> None:
     if env.get("HOROVOD_ELASTIC") != "1":
         raise UserError("parallel.elastic needs horovodrun's elastic mode: horovodrun --gloo --min-np N --max-np M "
                         "--host-discovery-script SCRIPT")
-    if cfg.parallel.strategy != "sync" or cfg.parallel.op != "average" or layout.pipeline > 1 or layout.servers:
-        raise UserError("parallel.elastic works with parallel.strategy=sync (op average), one pipeline stage "
-                        "and no servers")
+    if (cfg.parallel.strategy != "sync" or cfg.parallel.op != "average" or layout.pipeline > 1 or layout.tensor > 1
+            or layout.servers):
+        raise UserError("parallel.elastic works with parallel.strategy=sync (op average), one pipeline stage, "
+                        "no tensor parallelism and no servers")
     if cfg.parallel.data:
         raise UserError(f"parallel.elastic: the data-parallel degree follows the workers there are; "
                         f"leave parallel.data at 0 (it is {cfg.parallel.data})")

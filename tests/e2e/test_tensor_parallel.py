@@ -5,7 +5,7 @@ fixed seed, the same global batch)."""
 import pytest
 from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, read_metrics, train_args
 
-# The byte-level test data has 259 tokens: a vocabulary of 264 splits over 2 (and 4, 8) ranks.
+# The byte-level test data has 259 tokens: a model vocabulary of 264 splits over 2, 4 and 8 ranks.
 VOCAB = "--model.vocab_size=264"
 STEPS = 12
 
@@ -52,3 +52,10 @@ def test_tensor_by_pipeline_on_four_ranks_gives_the_losses_of_one_rank(data, one
     split = run(4, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.pipeline=2",
                 "--parallel.micro_batches=2")
     assert_same_losses(one_rank, split)
+
+
+def test_a_vocabulary_that_does_not_split_is_one_line_on_every_rank(data, tmp_path):
+    result = hvdllm_mpi(2, *train_args(data, tmp_path / "run", "--parallel.tensor=2", "--model.vocab_size=261"))
+    assert result.returncode != 0
+    assert error_lines(result) == ["error: model.vocab_size=261 does not divide over parallel.tensor=2 ranks: set "
+                                   "model.vocab_size to a multiple of 2 (e.g. 262)"] * 2

@@ -42,6 +42,15 @@ def test_old_data_parallel_key_names_its_replacement():
     (["--parallel.op=adasum", "--train.precision=fp16"], 2, "parallel.op=adasum with train.precision=fp16"),
     (["--parallel.data=3"], 2, "parallel.data=3 x parallel.pipeline=1 + parallel.servers=0 = 3 ranks, "
                                "but the job was launched with 2"),
+    (["--parallel.tensor=4", "--model.preset=gpt-micro"], 4, "parallel.tensor=4 must divide model.n_head=6: "
+                                                              "each rank takes whole heads"),
+    (["--parallel.tensor=2", "--optim.name=lamb"], 2, "parallel.tensor=2 with optim.name=lamb: its per-tensor "
+                                                      "statistics"),
+    (["--parallel.tensor=2", "--parallel.devices=['cpu','cpu']"], 2, "parallel.tensor > 1 and parallel.devices"),
+    (["--parallel.tensor=2", "--parallel.op=adasum"], 2, "not per model part"),
+    (["--parallel.tensor=2", "--parallel.strategy=async", "--parallel.servers=1"], 3,
+     "parallel.strategy=async pushes whole-model gradients: use parallel.pipeline=1, parallel.tensor=1"),
+    (["--parallel.tensor=2"], 3, "3 launched ranks cannot hold parallel.pipeline=1 x parallel.tensor=2 model parts"),
 ])
 def test_layouts_that_cannot_run_are_refused_before_any_communication(overrides, world, message):
     with pytest.raises(UserError) as err:
