@@ -314,10 +314,10 @@ def _end_job(code: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     time.sleep(_PEER_GRACE_S)
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.COMM_WORLD.Abort(code)
-    os._exit(code)
+    from hvdllm.comm.mpi import abort_job
+
+    abort_job(code)
+    return code  # not reached: abort_job ends the process
 
 
 def _report_crash(err: BaseException) -> None:

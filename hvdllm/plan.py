@@ -311,7 +311,7 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
               "--gpu-mem-gb": inputs.gpu_mem_gb > 0, "--mfu": 0 < inputs.mfu <= 1,
               "--micro-batch": inputs.micro_batch >= 1, "--seq-len": inputs.seq_len >= 0,
               "--model-parallel": inputs.model_parallel >= 0, "--pipeline": inputs.pipeline >= 0,
-              "--micro-batches": 0 <= inputs.micro_batches < 16384}
+              "--micro-batches": 0 <= inputs.micro_batches < 16383}
     for flag, ok in checks.items():
         value = getattr(inputs, flag[2:].replace("-", "_"))
         if not ok or not math.isfinite(value):

@@ -174,8 +174,8 @@ class ParallelConfig:
         _one_of(self.balance, "parallel.balance", BALANCE_COSTS)
         _one_of(self.schedule, "parallel.schedule", PIPELINE_SCHEDULES)
         _at_least(1, self, "parallel", "accum_steps", "pipeline", "tensor", "micro_batches")
-        _require(self.micro_batches < 16384, "parallel.micro_batches",  # two MPI tags each, below 32767
-                 f"must be below 16384, got {self.micro_batches}")
+        # Two MPI tags each, below 32767 (the tied embedding's gradient) and MPI's guaranteed bound.
+        _require(self.micro_batches < 16383, "parallel.micro_batches", f"must be below 16383, got {self.micro_batches}")
         _at_least(0, self, "parallel", "data", "servers", "max_staleness", "outer_momentum")
         _at_least(1, self, "parallel", "local_steps", "elastic_commit_every")
         _require(not self.load_balance or self.strategy == "async", "parallel.load_balance",

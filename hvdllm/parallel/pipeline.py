@@ -21,8 +21,9 @@ from hvdllm.parallel.sync import HorovodDataParallel
 from hvdllm.parallel.tensor import SPLIT_ATTRIBUTE, apply_tensor_parallel
 
 
-# MPI guarantees tags up to 32767: a transfer to stage-part c of micro-batch i uses
-# 2 (i v + c) (activations) and + 1 (gradients), below it (the config bounds m v).
+# MPI guarantees tags up to 32767: a transfer to a rank's c-th stage of micro-batch i uses
+# 2 (i v + c) (activations) and + 1 (gradients), below it for m v < 16383 (the config bounds m;
+# a rank holds one stage, v = 1, until interleaved schedules come).
 TIED_GRADIENT_TAG = 32767
 
 

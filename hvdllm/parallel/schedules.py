@@ -102,7 +102,9 @@ def simulate(schedule: list[RankActions], stages: int | None = None) -> Simulati
     """Run every rank's actions with non-blocking sends and blocking receives, always
     advancing the lowest rank that can; raises RuntimeError on a deadlock or an action that
     breaks the pipeline's rules (a forward before its input exists, a backward before its
-    forward or before the gradient of its output exists, a send of nothing)."""
+    forward or before the gradient of its output exists, a send of nothing, a computation done
+    twice); at the end, every send must have been received and every stage must have run the
+    forward and backward of every micro-batch."""
     ranks = len(schedule)
     stages = stages if stages is not None else 1 + max((a.stage for actions in schedule for a in actions), default=0)
     position = [0] * ranks
@@ -133,7 +135,21 @@ def simulate(schedule: list[RankActions], stages: int | None = None) -> Simulati
             break
         else:
             raise RuntimeError(f"deadlock: every rank waits (positions {position})")
+    _check_complete(stages, in_flight, done, schedule)
     return Simulation(order, peak)
+
+
+def _check_complete(stages: int, in_flight: set, done: set, schedule: list[RankActions]) -> None:
+    """Every send was received, and every stage forwarded and backwarded every micro-batch once
+    (a stray message would be taken by the next batch, whose tags are the same)."""
+    if in_flight:
+        kind, stage, micro = sorted(in_flight)[0]
+        raise RuntimeError(f"{kind} of micro-batch {micro} sent to stage {stage} is never received")
+    micro_batches = {a.micro for actions in schedule for a in actions}
+    for op in (FORWARD, BACKWARD):
+        missing = [(s, i) for s in range(stages) for i in sorted(micro_batches) if (op, s, i) not in done]
+        if missing:
+            raise RuntimeError(f"stage {missing[0][0]} never runs the {op} of micro-batch {missing[0][1]}")
 
 
 def _apply(rank: int, action: Action, stages: int, ranks: int, in_flight: set, received: set, done: set,
@@ -151,6 +167,8 @@ def _apply(rank: int, action: Action, stages: int, ranks: int, in_flight: set, r
             raise RuntimeError(f"{where}: forward of micro-batch {i} before stage {s - 1} computed its input")
         if s > 0 and stage_rank(s - 1, ranks) != rank and ("act", s, i) not in received:
             raise RuntimeError(f"{where}: forward of micro-batch {i} before receiving its input")
+        if ("forward", s, i) in done:
+            raise RuntimeError(f"{where}: forward of micro-batch {i} twice")
         done.add(("forward", s, i))
         held.add((s, i))
     elif op == BACKWARD:
@@ -160,6 +178,8 @@ def _apply(rank: int, action: Action, stages: int, ranks: int, in_flight: set, r
             raise RuntimeError(f"{where}: backward of micro-batch {i} before stage {s + 1} computed its gradient")
         if s < stages - 1 and stage_rank(s + 1, ranks) != rank and ("grad", s, i) not in received:
             raise RuntimeError(f"{where}: backward of micro-batch {i} before receiving its output's gradient")
+        if ("backward", s, i) in done:
+            raise RuntimeError(f"{where}: backward of micro-batch {i} twice")
         done.add(("backward", s, i))
         held.discard((s, i))
     elif op == SEND_ACT:

@@ -82,6 +82,21 @@ def test_the_simulator_catches_a_deadlock_and_broken_rules():
         simulate([[Action(1, FORWARD, 0)], []])
 
 
+def test_the_simulator_catches_stray_sends_missing_and_repeated_micro_batches():
+    stray = build_schedule("gpipe", 2, 2)
+    stray[0].append(Action(0, SEND_ACT, 1))
+    with pytest.raises(RuntimeError, match="act of micro-batch 1 sent to stage 1 is never received"):
+        simulate(stray)
+    missing = build_schedule("gpipe", 2, 2)
+    missing[1] = [a for a in missing[1] if a.micro == 0]
+    missing[0] = [a for a in missing[0] if not (a.micro == 1 and a.op in (RECV_GRAD, BACKWARD))]
+    with pytest.raises(RuntimeError, match="never"):
+        simulate(missing)
+    twice = [[Action(0, FORWARD, 0), Action(0, FORWARD, 0), Action(0, BACKWARD, 0)]]
+    with pytest.raises(RuntimeError, match="forward of micro-batch 0 twice"):
+        simulate(twice)
+
+
 def test_a_schedule_as_a_table_shows_the_bubble():
     rows = schedule_table(build_schedule("1f1b", 2, 3))
     assert rows == ["rank 0: 0F0 0F1   . 0B0 0F2 0B1   . 0B2",
