@@ -225,13 +225,21 @@ class ParallelStrategy(ABC):
         """Load this rank's shard; a checkpoint cut for another pipeline is refused (its
         shards hold other blocks, and each stage's optimizer state is its own)."""
         saved = state.get("layout", {})
-        if saved.get("pipeline", 1) != self.layout.pipeline or saved.get("cut") != self.pipeline_cut():
-            raise UserError(f"checkpoint was cut into {saved.get('pipeline', 1)} pipeline stage(s) of "
-                            f"{saved.get('cut')} blocks; this run has {self.layout.pipeline} of {self.pipeline_cut()}: "
-                            f"resume with the checkpoint's parallel.pipeline and parallel.stage_layers")
+        theirs = (saved.get("pipeline", 1), saved.get("cut"), saved.get("tensor", 1))
+        mine = (self.layout.pipeline, self.pipeline_cut(), self.layout.tensor)
+        if theirs != mine:
+            raise UserError(f"checkpoint was cut into {_cut_phrase(*theirs)}; this run has {_cut_phrase(*mine)}: "
+                            f"resume with the checkpoint's parallel.pipeline, parallel.stage_layers and "
+                            f"parallel.tensor")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
     def pipeline_cut(self) -> list[int] | None:
         """Blocks per pipeline stage, as recorded in checkpoints (None without a pipeline)."""
         return None
+
+
+def _cut_phrase(stages: int, cut: list[int] | None, tensor: int) -> str:
+    """How a model is cut, in words: "2 pipeline stages of [1, 1] blocks x 2 tensor ranks"."""
+    phrase = f"{stages} pipeline stage{'s' if stages > 1 else ''}" + (f" of {cut} blocks" if cut else "")
+    return phrase + (f" x {tensor} tensor ranks" if tensor > 1 else "")

@@ -160,8 +160,8 @@ class ModelParallel(HorovodDataParallel):
                                          self.transport, stages, stages, device)
         return self.stage
 
-    def pipeline_cut(self) -> list[int]:
-        return list(self.cut)
+    def pipeline_cut(self) -> list[int] | None:
+        return list(self.cut) if self.layout.pipeline > 1 else None
 
     def broadcast_replica(self, model: nn.Module, optimizer) -> None:
         # Every replica is built from the same seed, or loads the same shard on resume; the

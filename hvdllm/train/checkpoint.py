@@ -18,6 +18,7 @@ from hvdllm.atomic import atomic_path, atomic_write, write_text_atomic
 from hvdllm.data.tokenizer import same_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPTConfig
+from hvdllm.parallel.tensor import merge_tensor_shards
 
 _STEP_FILE = re.compile(r"^step-(\d+)(?:\.stage-(\d+))?\.pt$")
 REQUIRED_KEYS = ("model", "optimizer", "step", "config_toml", "model_config")
@@ -158,8 +159,8 @@ def resolve_resume(resume: str, run_dir: str | Path) -> tuple[Path | None, dict 
     for path in reversed(step_checkpoints(checkpoint_dir(run_dir))):
         try:
             state = load_checkpoint(path)
-            for stage in range(1, int(state.get("layout", {}).get("pipeline", 1))):
-                check_shard(shard_path(path, stage))  # every rank must pick the same step
+            for shard in range(1, model_shards(state)):
+                check_shard(shard_path(path, shard))  # every rank must pick the same step
             return path, state
         except UserError as err:
             sys.stderr.write(f"warning: skipping {err}\n")  # one write: ranks must not interleave
@@ -208,15 +209,30 @@ def _text_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def model_shards(state: dict) -> int:
+    """How many files hold the model of the checkpoint whose first file holds ``state``: one per
+    pipeline stage and tensor rank (shard ``stage * tensor + tensor_rank``)."""
+    layout = state.get("layout", {})
+    return int(layout.get("pipeline", 1)) * int(layout.get("tensor", 1))
+
+
 def full_model_state(path: Path, state: dict) -> dict:
     """The whole model's state dict from the checkpoint at ``path``: a pipeline run's stages
-    each wrote their blocks beside it, under the full model's keys, so they merge as they are."""
-    merged = dict(state["model"])
-    for stage in range(1, int(state.get("layout", {}).get("pipeline", 1))):
-        shard = shard_path(Path(path), stage)
-        shard_state = load_checkpoint(shard)
-        check_same_step(shard, shard_state, state["step"])
-        merged.update(shard_state["model"])
+    each wrote their blocks beside it, under the full model's keys, so they merge as they are;
+    a tensor-parallel stage's ranks each wrote a slice of its tensors, put back together."""
+    tensor = int(state.get("layout", {}).get("tensor", 1))
+    merged = {}
+    for stage in range(model_shards(state) // tensor):
+        slices = []
+        for shard in range(stage * tensor, (stage + 1) * tensor):
+            if shard == 0:
+                slices.append(state["model"])
+                continue
+            shard_file = shard_path(Path(path), shard)
+            shard_state = load_checkpoint(shard_file)
+            check_same_step(shard_file, shard_state, state["step"])
+            slices.append(shard_state["model"])
+        merged.update(merge_tensor_shards(slices) if tensor > 1 else slices[0])
     return merged
 
 

@@ -59,3 +59,28 @@ def test_a_vocabulary_that_does_not_split_is_one_line_on_every_rank(data, tmp_pa
     assert result.returncode != 0
     assert error_lines(result) == ["error: model.vocab_size=261 does not divide over parallel.tensor=2 ranks: set "
                                    "model.vocab_size to a multiple of 2 (e.g. 262)"] * 2
+
+
+def test_tensor_shards_checkpoint_resume_exactly_and_generate_consolidates(data, tmp_path):
+    straight = run(2, data, tmp_path / "straight", "--parallel.tensor=2", "--checkpoint.every=4")
+    folder = straight / "checkpoints"
+    assert (folder / "step-00000008.pt").is_file() and (folder / "step-00000008.stage-1.pt").is_file()
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    for path in folder.glob("step-00000008*"):
+        (resumed / "checkpoints" / path.name).write_bytes(path.read_bytes())
+    run(2, data, resumed, "--parallel.tensor=2", "--checkpoint.every=4", "--checkpoint.resume=auto")
+    expected = {r["step"]: r["loss"] for r in read_metrics(straight)}
+    assert [(r["step"], r["loss"]) for r in read_metrics(resumed)] == [(s, expected[s]) for s in range(9, 13)]
+    # The shards put back together are the 1-rank model: the same greedy text.
+    whole = run(1, data, tmp_path / "whole", "--checkpoint.every=4")
+    texts = [hvdllm("generate", "--checkpoint", str(d), "--max-new-tokens", "12", "--temperature", "0",
+                    "--prompt", "def ") for d in (whole, straight)]
+    assert all(t.returncode == 0 for t in texts), texts[1].stderr
+    assert texts[0].stdout == texts[1].stdout and "step 12" in texts[1].stderr
+    # Another layout cannot take these shards: one line on every rank.
+    other = hvdllm_mpi(2, *train_args(data, straight, VOCAB, "--train.steps=14", "--checkpoint.resume=auto"),
+                       timeout=120)
+    assert other.returncode != 0 and error_lines(other) == [
+        "error: checkpoint was cut into 1 pipeline stage x 2 tensor ranks; this run has 1 pipeline stage: resume "
+        "with the checkpoint's parallel.pipeline, parallel.stage_layers and parallel.tensor"] * 2
