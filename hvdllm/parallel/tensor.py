@@ -17,6 +17,9 @@ weights one process would; :func:`tensor_split` says, per parameter name, how it
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +63,22 @@ def copy_to_tensor_region(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def reduce_from_tensor_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     return _ReduceFromTensorRegion.apply(x, group)
+
+
+@contextmanager
+def split_region_rng(group: Group, device: torch.device) -> Iterator[None]:
+    """Random numbers for a region split across the group (attention's dropout over this
+    rank's heads): a stream of this rank's own, seeded from one draw of the shared stream plus
+    the rank, so masks differ across the group while the shared stream (the replicated
+    regions' dropout) advances alike on every rank. Activation checkpointing restores the shared
+    stream before recomputing, so the recomputation draws the same masks (Megatron's RNG
+    tracker, without a tracker)."""
+    seed = int(torch.randint(2**62, (1,)).item()) + group.rank
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        yield
 
 
 # --- how each parameter is cut -------------------------------------------------------------------
@@ -116,7 +135,11 @@ class TensorParallelAttention(nn.Module):
         if self.rope:
             cos, sin = rope_tables(T, head_dim, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.dropout > 0:
+            with split_region_rng(self.group, x.device):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, self.local_heads * head_dim)
         return self.resid_dropout(row_parallel(self.proj, y, self.group))
 
