@@ -141,7 +141,9 @@ def build_plan(inputs: PlanInputs) -> dict:
                         "precision": "bf16/fp16 weights and gradients, fp32 optimizer state",
                         "checkpointing": inputs.checkpointing, "mfu": inputs.mfu},
         "fit": fit_advice(inputs, cfg, fits, chosen["total"][inputs.optimizer] <= limit),
-        "trainer": trainer_support(chosen),
+        "trainer": trainer_support(chosen, inputs.optimizer),
+        "tensor_traffic": tensor_parallel_traffic(cfg, inputs, seq_len, chosen["tensor_parallel"],
+                                                  chosen["pipeline_parallel"]),
         "gpu_mem_bytes": int(limit),
         "checkpointing": inputs.checkpointing,
         "optimizer": inputs.optimizer,
@@ -174,17 +176,26 @@ def pipeline_cut(inputs: PlanInputs, cfg, seq_len: int) -> dict:
                          "table": schedule_table(schedule)}}
 
 
-# What hvdllm's own trainer can run today (the planner sizes Megatron-style layouts too):
-# pipeline stages across ranks, but no tensor parallelism.
-TRAINER_MAX_TENSOR_PARALLEL = 1
-
-
-def trainer_support(layout: dict) -> dict:
-    """Whether ``hvdllm train`` can run a layout of :func:`build_plan`, and why not."""
+def trainer_support(layout: dict, optimizer: str) -> dict:
+    """Whether ``hvdllm train`` can run a layout of :func:`build_plan` (parallel.tensor,
+    parallel.pipeline, parallel.data), and why not."""
     why_not = []
-    if layout["tensor_parallel"] > TRAINER_MAX_TENSOR_PARALLEL:
-        why_not.append(f"tensor parallel {layout['tensor_parallel']}: not implemented in hvdllm's trainer")
+    if layout["tensor_parallel"] > 1 and optimizer != "adamw":
+        why_not.append(f"tensor parallel {layout['tensor_parallel']} with {optimizer}: its per-tensor statistics "
+                       f"are not reduced over the tensor group yet (use adamw)")
     return {"runnable": not why_not, "why_not": why_not}
+
+
+def tensor_parallel_traffic(cfg, inputs: PlanInputs, seq_len: int, tp: int, pp: int) -> dict:
+    """Bytes each GPU sends per micro-batch for tensor parallelism: four all-reduces per layer
+    (two forward, two backward; Shoeybi et al. 2019) of the bf16 activations (s, b, h), each a
+    ring moving 2 (t - 1) / t of its size, over the L / p layers of a stage."""
+    if tp == 1:
+        return {"per_micro_batch_bytes": 0, "all_reduces_per_micro_batch": 0}
+    size = 2 * seq_len * inputs.micro_batch * cfg.d_model
+    layers = cfg.n_layer // pp
+    return {"per_micro_batch_bytes": int(4 * layers * size * 2 * (tp - 1) / tp),
+            "all_reduces_per_micro_batch": 4 * layers}
 
 
 def fit_advice(inputs: PlanInputs, cfg, fits, fits_now: bool) -> list[str]:
@@ -255,8 +266,14 @@ def format_plan(plan: dict) -> str:
         f"{_gib(mem['activations']['checkpointing'])} with",
     ]
     rows += [f"  {plan['optimizer']} does not fit; it {advice}" for advice in plan["fit"]]
+    traffic = plan["tensor_traffic"]
+    if traffic["all_reduces_per_micro_batch"]:
+        rows += [f"  tensor parallel {mem['tensor_parallel']}: {traffic['all_reduces_per_micro_batch']} all-reduces "
+                 f"and {_gib(traffic['per_micro_batch_bytes'])} sent per GPU per micro-batch (activations, bf16), "
+                 f"latency-bound: keep the tensor group within a node"]
     trainer = plan["trainer"]
-    rows += ["  hvdllm train can run this layout" if trainer["runnable"] else
+    rows += ["  hvdllm train can run this layout (parallel.tensor, parallel.pipeline, parallel.data)"
+             if trainer["runnable"] else
              "  hvdllm train cannot run this layout: " + "; ".join(trainer["why_not"])]
     rows += [
         "",

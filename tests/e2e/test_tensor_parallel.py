@@ -84,3 +84,11 @@ def test_tensor_shards_checkpoint_resume_exactly_and_generate_consolidates(data,
     assert other.returncode != 0 and error_lines(other) == [
         "error: checkpoint was cut into 1 pipeline stage x 2 tensor ranks; this run has 1 pipeline stage: resume "
         "with the checkpoint's parallel.pipeline, parallel.stage_layers and parallel.tensor"] * 2
+
+
+def test_tensor_by_pipeline_by_data_on_eight_ranks_gives_the_losses_of_one_rank(data, tmp_path):
+    """The shape of the layout hvdllm plan proposes for GPT-3 175B (t x p x d), tiny."""
+    reference = run(1, data, tmp_path / "one", "--data.batch_size=8")
+    split = run(8, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.pipeline=2", "--parallel.data=2",
+                "--parallel.micro_batches=2")
+    assert_same_losses(reference, split)

@@ -101,3 +101,13 @@ def test_continue_without_dead_needs_a_launcher_that_keeps_the_survivors():
     assert not launcher_keeps_survivors({"OMPI_COMM_WORLD_SIZE": "3"})
     assert launcher_keeps_survivors({"OMPI_COMM_WORLD_SIZE": "3", "OMPI_MCA_orte_enable_recovery": "1"})
     assert launcher_keeps_survivors({"SLURM_STEP_NUM_TASKS": "3"})  # srun cannot be asked
+
+
+def test_the_gpt3_layout_config_is_the_planned_shape_on_eight_ranks():
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "gpt3-175b-layout-mini.toml"
+    strategy = build_strategy(load_config(str(config), []), world_size=8)
+    grid = strategy.layout
+    assert (grid.tensor, grid.pipeline, grid.data) == (2, 2, 2)
+    assert grid.groups(("tensor",))[0] == [0, 1] and grid.groups(("pipeline",))[0] == [0, 2]

@@ -62,10 +62,19 @@ def test_plan_states_assumptions_and_what_would_fit():
 def test_plan_marks_layouts_the_trainer_cannot_run():
     assert build_plan(PlanInputs(model="gpt3-small", gpus=8, gpu_mem_gb=80))["trainer"] == {"runnable": True,
                                                                                            "why_not": []}
-    tensor = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_mem_gb=32, checkpointing=True))["trainer"]
-    assert not tensor["runnable"] and "tensor parallel 8: not implemented" in tensor["why_not"][0]
-    out = hvdllm("plan", "--model", "gpt3-xl", "--gpus", "4", "--gpu-mem-gb", "16", "--model-parallel", "2")
-    assert "hvdllm train cannot run this layout: tensor parallel 2: not implemented" in out.stdout
+    # The seed's case: tensor 8 x pipeline 32 x data 4 for GPT-3 175B, which hvdllm train runs.
+    gpt3 = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_mem_gb=32))
+    mem = gpt3["memory_per_gpu"]
+    assert (mem["tensor_parallel"], mem["pipeline_parallel"], mem["data_parallel"]) == (8, 32, 4)
+    assert gpt3["trainer"] == {"runnable": True, "why_not": []}
+    # 4 all-reduces per layer of 96 / 32 = 3 layers, each of s b h bf16 bytes, a ring moving 2 (t - 1) / t of it.
+    assert gpt3["tensor_traffic"] == {"all_reduces_per_micro_batch": 12,
+                                      "per_micro_batch_bytes": int(12 * 2 * 2048 * 12288 * 2 * 7 / 8)}
+    lamb = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_mem_gb=32, optimizer="lamb"))
+    assert not lamb["trainer"]["runnable"] and "tensor parallel 8 with lamb" in lamb["trainer"]["why_not"][0]
+    out = hvdllm("plan", "--model", "gpt3-175b", "--gpus", "1024")
+    assert "hvdllm train can run this layout (parallel.tensor, parallel.pipeline, parallel.data)" in out.stdout
+    assert "tensor parallel 8: 12 all-reduces" in out.stdout
     piped = build_plan(PlanInputs(model="gpt3-xl", gpus=3, gpu_mem_gb=16))
     assert piped["memory_per_gpu"]["pipeline_parallel"] == 3 and piped["trainer"]["runnable"]
 
