@@ -180,9 +180,9 @@ def trainer_support(layout: dict, optimizer: str) -> dict:
     """Whether ``hvdllm train`` can run a layout of :func:`build_plan` (parallel.tensor,
     parallel.pipeline, parallel.data), and why not."""
     why_not = []
-    if layout["tensor_parallel"] > 1 and optimizer != "adamw":
-        why_not.append(f"tensor parallel {layout['tensor_parallel']} with {optimizer}: its per-tensor statistics "
-                       f"are not reduced over the tensor group yet (use adamw)")
+    if layout["tensor_parallel"] > 1 and optimizer == "adafactor":
+        why_not.append(f"tensor parallel {layout['tensor_parallel']} with adafactor: its factored moments are not "
+                       f"reduced over the tensor group (use adamw or lamb)")
     return {"runnable": not why_not, "why_not": why_not}
 
 

@@ -10,6 +10,10 @@ parameter tensor and phi the identity (optionally clamped), as NVIDIA's FusedLAM
     ratio = ||w|| / ||r||, or 1 when either norm is 0; clamped to trust_clip if set
     w = w - lr * ratio * r
 
+A parameter split over ranks (tensor parallelism) takes its trust ratio from the norms of the
+whole tensor: ``reduce_norms``, when set, turns this rank's squared norms into the whole
+tensors'.
+
 The math runs on whole lists of tensors with ``torch._foreach_*`` ops, one kernel per op for
 all parameters of a group, rather than a Python loop of small kernels. The update is built
 in a per-parameter workspace kept between steps (one more parameter-sized buffer, 4 bytes
@@ -38,6 +42,8 @@ class Lamb(Optimizer):
                         bias_correction=bias_correction, trust_clip=trust_clip)
         super().__init__(params, defaults)
         self._buffers: dict[torch.Tensor, torch.Tensor] = {}
+        # (params, squared norms (2, n): weights, updates) -> those of the whole tensors; None: they are whole.
+        self.reduce_norms: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None
 
     def _workspace(self, p: torch.Tensor) -> torch.Tensor:
         """A scratch tensor shaped like p, reused every step (not part of the state dict)."""
@@ -99,6 +105,8 @@ class Lamb(Optimizer):
         w_norm = torch.stack(torch._foreach_norm(params))
         w_norm = w_norm.to(torch.promote_types(w_norm.dtype, torch.float32))
         r_norm = torch.stack(torch._foreach_norm(update)).to(w_norm.dtype)
+        if self.reduce_norms is not None:
+            w_norm, r_norm = self.reduce_norms(params, torch.stack([w_norm, r_norm]).square()).sqrt().unbind()
         ratio = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm.clamp(min=1e-30),
                             torch.ones_like(w_norm))
         if group["trust_clip"]:

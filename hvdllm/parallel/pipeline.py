@@ -12,6 +12,7 @@ import time
 import torch
 from torch import nn
 
+from hvdllm.optim.lamb import Lamb
 from hvdllm.parallel.precision import Precision
 from hvdllm.comm.p2p import MpiTransport
 from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action,
@@ -132,6 +133,19 @@ class ModelParallel(HorovodDataParallel):
     @property
     def reports_loss(self) -> bool:
         return self.coords.is_last_stage and self.coords.tensor_rank == 0
+
+    def wrap_optimizer(self, optimizer, model: nn.Module):
+        if isinstance(optimizer, Lamb) and self.layout.tensor > 1:
+            optimizer.reduce_norms = self._whole_tensor_squares  # trust ratios from whole tensors
+        return super().wrap_optimizer(optimizer, model)
+
+    def _whole_tensor_squares(self, params: list[torch.Tensor], squares: torch.Tensor) -> torch.Tensor:
+        """Collective in the tensor group: squared norms (2, n) of ``params``, summed over the
+        group where a parameter is split."""
+        split = torch.tensor([getattr(p, SPLIT_ATTRIBUTE, False) for p in params])
+        if split.any():
+            squares[:, split] = self.tensor_group.allreduce_(squares[:, split].contiguous())
+        return squares
 
     @property
     def checkpoint_shard(self) -> int:

@@ -42,6 +42,12 @@ def test_two_tensor_ranks_give_the_losses_of_one_rank(data, tmp_path, tied):
     assert val[0] and abs(val[0][-1] - val[1][-1]) / val[0][-1] < 1e-5  # evaluated on split logits
 
 
+def test_lamb_takes_trust_ratios_from_whole_tensors(data, one_rank, tmp_path):
+    reference = run(1, data, tmp_path / "one", "--optim.name=lamb")
+    split = run(2, data, tmp_path / "split", "--parallel.tensor=2", "--optim.name=lamb")
+    assert_same_losses(reference, split)
+
+
 def test_tensor_by_data_on_four_ranks_gives_the_losses_of_one_rank(data, tmp_path):
     reference = run(1, data, tmp_path / "one", "--data.batch_size=8")
     split = run(4, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.data=2")
