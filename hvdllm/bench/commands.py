@@ -11,7 +11,7 @@ import json
 from hvdllm.bench.common import write_result
 from hvdllm.bench.options import (BENCHMARKS, GrowBenchOptions, LoaderBenchOptions, OptimBenchOptions,
                                   OverheadBenchOptions, PipelineBenchOptions, PrepareBenchOptions,
-                                  ScalingBenchOptions, StragglerBenchOptions, options_from)
+                                  ScalingBenchOptions, StragglerBenchOptions, TensorBenchOptions, options_from)
 
 
 def _optim(options: OptimBenchOptions) -> tuple[dict, str]:
@@ -107,7 +107,20 @@ def _grow(options: GrowBenchOptions, overrides: list[str]) -> tuple[dict, str]:
                     f"x{result['tokens_ratio_grown_over_scratch']:.2f}")
 
 
-_FLAGS_ONLY = {"optim": _optim, "loader": _loader, "prepare": _prepare, "pipeline": _pipeline}
+def _tensor(options: TensorBenchOptions) -> tuple[dict, str]:
+    from hvdllm.bench.tensor import bench_tensor
+
+    result = bench_tensor(options)
+    rows = [f"{name}: activations' all-reduce {b['all_reduce_s'] * 1e6:.0f} us (a block's four "
+            f"{b['block_all_reduces_s'] * 1e3:.2f} ms), a token vector's {b['token_vector_all_reduce_s'] * 1e6:.0f} us, "
+            f"step {b['step_s'] * 1e3:.1f} ms of which collectives {b['collective_share']:.0%}"
+            for name, b in result["backends"].items()]
+    return result, ("\n".join(rows) + f"\nhorovod / mpi4py: activations x{result['horovod_over_mpi4py_latency']:.1f}, "
+                    f"token vector x{result['horovod_over_mpi4py_token_vector']:.1f}, "
+                    f"step x{result['horovod_over_mpi4py_step']:.2f}")
+
+
+_FLAGS_ONLY = {"optim": _optim, "loader": _loader, "prepare": _prepare, "pipeline": _pipeline, "tensor": _tensor}
 _TRAINING = {"overhead": _overhead, "scaling": _scaling, "straggler": _straggler, "grow": _grow}
 
 

@@ -270,10 +270,28 @@ class GrowBenchOptions(LossRaceBenchOptions):
                "--small-steps and --eval-every must be >= 1")
 
 
+@dataclass
+class TensorBenchOptions(BenchOptions):
+    summary: ClassVar[str] = ("tensor parallelism's all-reduces at t = 2 over an mpi4py communicator against a Horovod "
+                              "process set: latency per block and share of a training step")
+
+    preset: str = _flag("gpt-mini", "model preset split over 2 ranks (its heads and vocabulary divide by 2)")
+    batch_size: int = _flag(8, "samples per step")
+    seq_len: int = _flag(128, "tokens per sample")
+    steps: int = _flag(5, "timed steps per backend")
+    warmup: int = _flag(2, "untimed steps per backend first")
+
+    def __post_init__(self) -> None:
+        _known_preset(self.preset, "--preset")
+        _check(self.batch_size >= 1 and self.seq_len >= 1, "--batch-size", "and --seq-len must be >= 1")
+        _check(self.steps >= 1 and self.warmup >= 0, "--steps", "must be >= 1 (and --warmup >= 0)")
+
+
 BENCHMARKS: dict[str, type[BenchOptions]] = {
     "comm": CommBenchOptions, "optim": OptimBenchOptions, "loader": LoaderBenchOptions,
     "prepare": PrepareBenchOptions, "overhead": OverheadBenchOptions, "scaling": ScalingBenchOptions,
     "pipeline": PipelineBenchOptions, "straggler": StragglerBenchOptions, "grow": GrowBenchOptions,
+    "tensor": TensorBenchOptions,
 }
 
 
