@@ -15,6 +15,7 @@ without CUDA, and the result says so) it measures, in the same run:
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -69,9 +70,13 @@ def _latency(reduce, shape: tuple[int, ...], repeats: int) -> float:
 
 def _worker(preset: str, batch: int, seq_len: int, steps: int, warmup: int, out: str) -> None:
     from hvdllm import comm
+    from hvdllm.config import ParallelConfig
     from hvdllm.model import GPT, preset_config
+    from hvdllm.parallel import horovod_environment
     from hvdllm.parallel.tensor import apply_tensor_parallel
 
+    # MPI and Horovod started as a training job starts them (Open MPI yields the core when idle).
+    os.environ.update(horovod_environment(ParallelConfig()))
     groups = comm.init({("tensor",): [[0, 1]]}, threads=1, mpi=True)
     hvd = comm.horovod()
     cfg = preset_config(preset)
