@@ -1,9 +1,10 @@
 """``hvdllm bench tensor``: how tensor parallelism's collectives should travel, measured.
 
-One ``mpirun -np 2`` job of this module's worker (t = 2). For each backend the tensor group
-can use (an mpi4py communicator, what hvdllm runs; a Horovod process set, whose background
-thread negotiates every collective; NCCL through torch.distributed is not measured here
-without CUDA, and the result says so) it measures, in the same run:
+One ``mpirun -np 2`` job of this module's worker (t = 2). For each ``parallel.tensor_backend``
+(a Horovod process set, whose background thread negotiates every collective while the caller
+sleeps; the group's mpi4py communicator, which the caller polls; NCCL through
+torch.distributed is not measured here without CUDA, and the result says so) it measures, in
+the same run:
 
 - the latency of one all-reduce of a block's activations (B, T, C) and of one block's four
   (two forward, two backward), and of the cross entropy's per-token vectors (B T,), where only
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from hvdllm.comm.groups import HorovodReduction
 from hvdllm.comm.launch import mpi_environment, mpirun_command
 
 BLOCK_ALL_REDUCES = 4  # per block and micro-batch: g after attention and MLP forward, f for both backward
@@ -46,17 +48,9 @@ class _TimedGroup:
 
 
 def _backends(groups, hvd) -> dict:
-    """The tensor group's all-reduce over each backend, in place."""
-    mpi_group = groups.group(("tensor",))
-
-    def over_mpi(tensor, op):
-        mpi_group.allreduce_(tensor, op)
-
-    def over_horovod(tensor, op):
-        reduced = hvd.allreduce(tensor, op=hvd.Sum if op == "sum" else hvd.Max, name="bench_tensor")
-        tensor.copy_(reduced)
-
-    return {"mpi4py": over_mpi, "horovod": over_horovod}
+    """The tensor group's all-reduce (in place) over each ``parallel.tensor_backend``."""
+    group = groups.group(("tensor",))
+    return {"mpi4py": group.allreduce_, "horovod": HorovodReduction(group, hvd).allreduce_}
 
 
 def _latency(reduce, shape: tuple[int, ...], repeats: int) -> float:

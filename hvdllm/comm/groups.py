@@ -59,6 +59,26 @@ class Group:
         return tensor
 
 
+class HorovodReduction:
+    """A group's reductions through its Horovod process set instead of its MPI communicator
+    (``parallel.tensor_backend = "horovod"``): the caller sleeps while Horovod's background
+    thread reduces, instead of polling MPI itself. Every member issues them in the same order."""
+
+    def __init__(self, group: Group, hvd) -> None:
+        self.group, self.hvd = group, hvd
+        self.rank, self.size = group.rank, group.size
+
+    def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """As :meth:`Group.allreduce_` (a bf16 or fp16 tensor is reduced in fp32)."""
+        wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
+        reduced = self.hvd.allreduce(wide, op=self.hvd.Sum if op == "sum" else self.hvd.Max,
+                                     process_set=self.group.process_set)
+        return tensor.copy_(reduced)
+
+    def sum(self, value: float) -> float:
+        return self.allreduce_(torch.tensor([value], dtype=torch.float64)).item()
+
+
 class Groups:
     """This rank's group along each requested set of axes: ``groups.group(("data",))``."""
 

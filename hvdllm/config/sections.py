@@ -132,6 +132,9 @@ class ParallelConfig:
     data: int = 0  # data-parallel degree; 0 = the launched ranks left after pipeline and servers
     pipeline: int = 1  # pipeline stages across ranks
     tensor: int = 1  # ranks splitting each layer (tensor parallelism)
+    # How the tensor group's all-reduces travel: horovod (its process set) | mpi4py (its MPI
+    # communicator); `hvdllm bench tensor` measures both (README: why horovod is the default).
+    tensor_backend: str = "horovod"
     servers: int = 0  # parameter-server ranks (for asynchronous updates)
     devices: list[str] = field(default_factory=list)  # devices driven by each rank; [] = its own
     stage_layers: list[int] = field(default_factory=list)  # blocks per stage; [] = cut by `balance`
@@ -173,6 +176,7 @@ class ParallelConfig:
         _one_of(self.compression, "parallel.compression", ("none", "fp16"))
         _one_of(self.balance, "parallel.balance", BALANCE_COSTS)
         _one_of(self.schedule, "parallel.schedule", PIPELINE_SCHEDULES)
+        _one_of(self.tensor_backend, "parallel.tensor_backend", ("horovod", "mpi4py"))
         _at_least(1, self, "parallel", "accum_steps", "pipeline", "tensor", "micro_batches")
         # Two MPI tags each, below 32767 (the tied embedding's gradient) and MPI's guaranteed bound.
         _require(self.micro_batches < 16383, "parallel.micro_batches", f"must be below 16383, got {self.micro_batches}")

@@ -14,6 +14,7 @@ from torch import nn
 
 from hvdllm.optim.lamb import Lamb
 from hvdllm.parallel.precision import Precision
+from hvdllm.comm.groups import HorovodReduction
 from hvdllm.comm.p2p import MpiTransport
 from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action,
                                        build_schedule, stage_rank)
@@ -128,7 +129,8 @@ class ModelParallel(HorovodDataParallel):
         super().setup(threads)
         self.transport = MpiTransport(self.groups.group(("pipeline",)).mpi)
         self.pipeline_rank = self.coords.stage  # this rank's index in its pipeline's communicator
-        self.tensor_group = self.groups.group(("tensor",))
+        group = self.groups.group(("tensor",))
+        self.tensor_group = group if self.cfg.tensor_backend == "mpi4py" else HorovodReduction(group, self.hvd)
 
     @property
     def reports_loss(self) -> bool:

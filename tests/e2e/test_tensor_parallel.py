@@ -42,6 +42,11 @@ def test_two_tensor_ranks_give_the_losses_of_one_rank(data, tmp_path, tied):
     assert val[0] and abs(val[0][-1] - val[1][-1]) / val[0][-1] < 1e-5  # evaluated on split logits
 
 
+def test_the_mpi4py_tensor_backend_gives_the_same_losses(data, one_rank, tmp_path):
+    split = run(2, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.tensor_backend=mpi4py")
+    assert_same_losses(one_rank, split)
+
+
 def test_lamb_takes_trust_ratios_from_whole_tensors(data, one_rank, tmp_path):
     reference = run(1, data, tmp_path / "one", "--optim.name=lamb")
     split = run(2, data, tmp_path / "split", "--parallel.tensor=2", "--optim.name=lamb")
