@@ -58,6 +58,27 @@ class Group:
             tensor.copy_(host)
         return tensor
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Collective: the members' tensors (alike in shape) concatenated along dimension 0."""
+        host = _host_fp32(tensor)
+        out = torch.empty((self.size * host.shape[0], *host.shape[1:]), dtype=host.dtype)
+        self.mpi.Allgather(host.numpy(), out.numpy())
+        return out.to(tensor.device, tensor.dtype)
+
+    def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Collective: the members' tensors summed, and this member's slice of dimension 0 (which
+        the members divide) returned."""
+        host = _host_fp32(tensor)
+        out = torch.empty((host.shape[0] // self.size, *host.shape[1:]), dtype=host.dtype)
+        self.mpi.Reduce_scatter_block(host.numpy(), out.numpy())
+        return out.to(tensor.device, tensor.dtype)
+
+
+def _host_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor numpy can hold (bf16 and fp16 widened to fp32)."""
+    wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
+    return wide.to("cpu").contiguous()
+
 
 class HorovodReduction:
     """A group's reductions through its Horovod process set instead of its MPI communicator
@@ -77,6 +98,17 @@ class HorovodReduction:
 
     def sum(self, value: float) -> float:
         return self.allreduce_(torch.tensor([value], dtype=torch.float64)).item()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """As :meth:`Group.all_gather`."""
+        wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
+        return self.hvd.allgather(wide.contiguous(), process_set=self.group.process_set).to(tensor.dtype)
+
+    def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
+        """As :meth:`Group.reduce_scatter`."""
+        wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
+        return self.hvd.reducescatter(wide.contiguous(), op=self.hvd.Sum,
+                                      process_set=self.group.process_set).to(tensor.dtype)
 
 
 class Groups:

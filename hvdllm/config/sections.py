@@ -135,6 +135,8 @@ class ParallelConfig:
     # How the tensor group's all-reduces travel: horovod (its process set) | mpi4py (its MPI
     # communicator); `hvdllm bench tensor` measures both (README: why horovod is the default).
     tensor_backend: str = "horovod"
+    # Cut the residual stream between split regions along the sequence (LayerNorms and dropout see T / t tokens).
+    sequence_parallel: bool = False
     servers: int = 0  # parameter-server ranks (for asynchronous updates)
     devices: list[str] = field(default_factory=list)  # devices driven by each rank; [] = its own
     stage_layers: list[int] = field(default_factory=list)  # blocks per stage; [] = cut by `balance`

@@ -67,6 +67,9 @@ def check_tensor_layout(cfg, layout: Grid) -> None:
     communication (the vocabulary is checked when the model is split: it may come from the data)."""
     t = layout.tensor
     if t == 1:
+        if cfg.parallel.sequence_parallel:
+            raise UserError("parallel.sequence_parallel splits the tensor group's work along the sequence: it needs "
+                            "parallel.tensor > 1")
         return
     try:
         n_head = gpt_config_from(cfg.model).n_head

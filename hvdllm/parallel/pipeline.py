@@ -20,7 +20,7 @@ from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, S
                                        build_schedule, stage_rank)
 from hvdllm.parallel.stage_model import GPTStage, cut_model, plan_cut
 from hvdllm.parallel.sync import HorovodDataParallel
-from hvdllm.parallel.tensor import SPLIT_ATTRIBUTE, apply_tensor_parallel
+from hvdllm.parallel.tensor import SEQUENCE_ATTRIBUTE, SPLIT_ATTRIBUTE, apply_tensor_parallel
 
 
 # MPI guarantees tags up to 32767: a transfer to a rank's c-th stage of micro-batch i uses
@@ -169,7 +169,7 @@ class ModelParallel(HorovodDataParallel):
         self.device = device
         self.stage = cut_model(model, self.cut, self.coords.stage)
         if self.layout.tensor > 1:
-            apply_tensor_parallel(self.stage.gpt, self.tensor_group)
+            apply_tensor_parallel(self.stage.gpt, self.tensor_group, self.cfg.sequence_parallel)
         self.stage.to(device)
         schedule = build_schedule(self.cfg.schedule, stages, self.cfg.micro_batches)
         self.executor = PipelineExecutor({self.coords.stage: self.stage}, schedule[self.pipeline_rank],
@@ -208,7 +208,18 @@ class ModelParallel(HorovodDataParallel):
         return loss_sum, finite
 
     def after_gradients(self) -> None:
+        self._sum_sequence_parallel_gradients()
         self._sum_tied_embedding_gradients()
+
+    def _sum_sequence_parallel_gradients(self) -> None:
+        """Collective in the tensor group: under sequence parallelism each rank's replicated
+        LayerNorm and bias gradients come from its part of the sequence: summed, in one message."""
+        grads = [p.grad for p in self.stage.parameters() if getattr(p, SEQUENCE_ATTRIBUTE, False) and p.grad is not None]
+        if not grads:
+            return
+        flat = self.tensor_group.allreduce_(torch.cat([g.reshape(-1) for g in grads]))
+        for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(summed.view_as(grad))
 
     def _tied_parameter(self) -> nn.Parameter | None:
         """This stage's copy of a tied embedding, when the first and last stages differ."""

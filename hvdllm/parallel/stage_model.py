@@ -94,10 +94,12 @@ class GPTStage(nn.Module):
 
     def activation_spec(self, tokens_shape: tuple[int, ...]) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of the activations between stages for a micro-batch of
-        ``tokens_shape`` (B, T): the residual stream (B, T, C), in the weights' dtype (under
-        autocast the blocks' low-precision outputs are added to it and promoted)."""
+        ``tokens_shape`` (B, T): the residual stream (B, T, C) (T / t under sequence parallelism),
+        in the weights' dtype (under autocast the blocks' low-precision outputs are added to it
+        and promoted)."""
         dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
-        return (*tokens_shape, self.cfg.d_model), dtype
+        batch, time = tokens_shape
+        return (batch, time // self.gpt.sequence_shards, self.cfg.d_model), dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:

@@ -29,6 +29,7 @@ from hvdllm.errors import UserError
 from hvdllm.model.gpt import GPT, apply_rope, rope_tables
 
 SPLIT_ATTRIBUTE = "tensor_parallel_split"  # set on parameters each rank holds a slice of
+SEQUENCE_ATTRIBUTE = "sequence_parallel_partial"  # replicated parameters whose gradients each rank has in part
 
 
 # --- the conjugate operators f and g ------------------------------------------------------------
@@ -55,6 +56,56 @@ class _ReduceFromTensorRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+def _along_time(collective, x: torch.Tensor) -> torch.Tensor:
+    """A collective along dimension 1 (time) of x (B, T, C), through its dimension-0 form."""
+    return collective(x.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Sequence parallelism's entry to a split region: all-gather along time forward,
+    reduce-scatter backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _along_time(group.all_gather, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _along_time(ctx.group.reduce_scatter, grad), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    """Sequence parallelism's exit from a split region: reduce-scatter along time forward,
+    all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _along_time(group.reduce_scatter, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _along_time(ctx.group.all_gather, grad), None
+
+
+class _SliceSequence(torch.autograd.Function):
+    """This rank's part of a replicated (B, T, C) along time forward; all-gather backward (every
+    rank's gradient of the replicated tensor complete)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        if x.shape[1] % group.size:
+            raise UserError(f"a sequence of {x.shape[1]} tokens does not divide over parallel.tensor={group.size} "
+                            f"ranks (parallel.sequence_parallel): use a sequence length that does")
+        return x.chunk(group.size, dim=1)[group.rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _along_time(ctx.group.all_gather, grad), None
 
 
 def copy_to_tensor_region(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -117,19 +168,48 @@ def merge_tensor_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 
 # --- the split layers ------------------------------------------------------------------------------
+def enter_split_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """A column-parallel layer's input: replicated (``f``), or gathered from the sequence's parts."""
+    return _GatherSequence.apply(x, group) if sequence_parallel else copy_to_tensor_region(x, group)
+
+
+def leave_split_region(partial: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """A row-parallel layer's partial output summed: replicated (``g``), or this rank's part of the
+    sequence."""
+    return _ScatterSequence.apply(partial, group) if sequence_parallel else reduce_from_tensor_region(partial, group)
+
+
+class SequenceDropout(nn.Module):
+    """Dropout where the residual stream is split along the sequence: each rank's part draws
+    its own masks."""
+
+    def __init__(self, dropout: nn.Dropout, group: Group) -> None:
+        super().__init__()
+        self.dropout, self.group = dropout, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropout.p == 0:
+            return x
+        with split_region_rng(self.group, x.device):
+            return self.dropout(x)
+
+
 class TensorParallelAttention(nn.Module):
     """Causal self-attention over this rank's heads (column-parallel qkv, row-parallel proj)."""
 
-    def __init__(self, attn: nn.Module, group: Group, n_head: int) -> None:
+    def __init__(self, attn: nn.Module, group: Group, n_head: int, sequence_parallel: bool = False) -> None:
         super().__init__()
         self.group, self.rope, self.dropout = group, attn.rope, attn.dropout
+        self.sequence_parallel = sequence_parallel
         self.local_heads = n_head // group.size
-        self.qkv, self.proj, self.resid_dropout = attn.qkv, attn.proj, attn.resid_dropout
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.resid_dropout = SequenceDropout(attn.resid_dropout, group) if sequence_parallel else attn.resid_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
+        x = enter_split_region(x, self.group, self.sequence_parallel)
+        B, T, _ = x.shape
         head_dim = self.qkv.weight.shape[0] // (3 * self.local_heads)
-        q, k, v = self.qkv(copy_to_tensor_region(x, self.group)).split(self.local_heads * head_dim, dim=2)
+        q, k, v = self.qkv(x).split(self.local_heads * head_dim, dim=2)
         # (B, T, H/t * D) -> (B, H/t, T, D)
         q, k, v = (t.view(B, T, self.local_heads, head_dim).transpose(1, 2) for t in (q, k, v))
         if self.rope:
@@ -141,25 +221,26 @@ class TensorParallelAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, self.local_heads * head_dim)
-        return self.resid_dropout(row_parallel(self.proj, y, self.group))
+        return self.resid_dropout(row_parallel(self.proj, y, self.group, self.sequence_parallel))
 
 
 class TensorParallelMLP(nn.Module):
     """The MLP over this rank's hidden units (column-parallel fc, row-parallel proj)."""
 
-    def __init__(self, mlp: nn.Module, group: Group) -> None:
+    def __init__(self, mlp: nn.Module, group: Group, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.group, self.fc, self.proj, self.dropout = group, mlp.fc, mlp.proj, mlp.dropout
+        self.group, self.fc, self.proj, self.sequence_parallel = group, mlp.fc, mlp.proj, sequence_parallel
+        self.dropout = SequenceDropout(mlp.dropout, group) if sequence_parallel else mlp.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.gelu(self.fc(copy_to_tensor_region(x, self.group)), approximate="tanh")
-        return self.dropout(row_parallel(self.proj, hidden, self.group))
+        hidden = F.gelu(self.fc(enter_split_region(x, self.group, self.sequence_parallel)), approximate="tanh")
+        return self.dropout(row_parallel(self.proj, hidden, self.group, self.sequence_parallel))
 
 
-def row_parallel(linear: nn.Linear, x: torch.Tensor, group: Group) -> torch.Tensor:
-    """A row-parallel layer: this rank's partial product summed over the group, then the
-    (replicated) bias once."""
-    out = reduce_from_tensor_region(F.linear(x, linear.weight), group)
+def row_parallel(linear: nn.Linear, x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """A row-parallel layer: this rank's partial product summed over the group (or scattered
+    over the sequence's parts), then the (replicated) bias once."""
+    out = leave_split_region(F.linear(x, linear.weight), group, sequence_parallel)
     return out + linear.bias if linear.bias is not None else out
 
 
@@ -182,12 +263,24 @@ class VocabParallelEmbedding(nn.Module):
 class VocabParallelHead(nn.Module):
     """The LM head's rows for this rank's vocabulary slice: logits (B, T, V/t)."""
 
-    def __init__(self, head: nn.Linear, group: Group) -> None:
+    def __init__(self, head: nn.Linear, group: Group, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.group, self.weight = group, head.weight
+        self.group, self.weight, self.sequence_parallel = group, head.weight, sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tensor_region(x, self.group), self.weight)
+        return F.linear(enter_split_region(x, self.group, self.sequence_parallel), self.weight)
+
+
+class SequenceSplit(nn.Module):
+    """Where the embedding's replicated output enters the sequence-split residual stream: this
+    rank's part of the sequence, then dropout with masks of its own."""
+
+    def __init__(self, dropout: nn.Dropout, group: Group) -> None:
+        super().__init__()
+        self.group, self.dropout = group, SequenceDropout(dropout, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(_SliceSequence.apply(x, self.group))
 
 
 # --- the loss over split logits --------------------------------------------------------------------
@@ -247,10 +340,14 @@ class VocabParallelLoss:
 
 
 # --- the transform -----------------------------------------------------------------------------------
-def apply_tensor_parallel(model: GPT, group: Group) -> GPT:
+def apply_tensor_parallel(model: GPT, group: Group, sequence_parallel: bool = False) -> GPT:
     """Split ``model`` (whole, or a pipeline stage's GPT with other parts removed) in place for
     this rank of ``group``; returns it. Parameters are replaced by this rank's slices of the
-    whole model's and marked with :data:`SPLIT_ATTRIBUTE`."""
+    whole model's and marked with :data:`SPLIT_ATTRIBUTE`. With ``sequence_parallel`` the
+    residual stream between the split regions is cut along the sequence (Korthikanti et al.
+    2022): LayerNorms and dropout see T/t tokens, and the parameters they (and the row-parallel
+    biases) hold get partial gradients, marked with :data:`SEQUENCE_ATTRIBUTE`, to be summed
+    over the group."""
     rank, ranks = group.rank, group.size
     vocab = model.cfg.vocab_size
     if vocab % ranks:
@@ -267,14 +364,30 @@ def apply_tensor_parallel(model: GPT, group: Group) -> GPT:
     for block in model.blocks:
         if isinstance(block, nn.Identity):  # another pipeline stage's block
             continue
-        block.attn = TensorParallelAttention(block.attn, group, model.cfg.n_head)
-        block.mlp = TensorParallelMLP(block.mlp, group)
+        block.attn = TensorParallelAttention(block.attn, group, model.cfg.n_head, sequence_parallel)
+        block.mlp = TensorParallelMLP(block.mlp, group, sequence_parallel)
+        if sequence_parallel:
+            _mark_sequence_parallel(block.ln_1, block.ln_2, block.attn.proj.bias, block.mlp.proj.bias)
     if model.wte is not None:
         model.wte = VocabParallelEmbedding(model.wte, group, vocab_start)
+        if sequence_parallel:
+            model.drop = SequenceSplit(model.drop, group)
     if model.lm_head is not None:
-        model.lm_head = VocabParallelHead(model.lm_head, group)
+        model.lm_head = VocabParallelHead(model.lm_head, group, sequence_parallel)
+        if sequence_parallel:
+            _mark_sequence_parallel(model.ln_f)
+    if sequence_parallel:
+        model.sequence_shards = ranks
     model.loss_function = VocabParallelLoss(group, vocab_start)
     return model
+
+
+def _mark_sequence_parallel(*parts) -> None:
+    for part in parts:
+        params = part.parameters() if isinstance(part, nn.Module) else [part]
+        for param in params:
+            if param is not None:
+                setattr(param, SEQUENCE_ATTRIBUTE, True)
 
 
 def _replace_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -33,10 +33,12 @@ def one_rank(data, tmp_path_factory):
     return run(1, data, tmp_path_factory.mktemp("one") / "run")
 
 
-@pytest.mark.parametrize("tied", ["true", "false"])
-def test_two_tensor_ranks_give_the_losses_of_one_rank(data, tmp_path, tied):
+@pytest.mark.parametrize("tied, sequence", [("true", "false"), ("false", "false"), ("true", "true"),
+                                            ("false", "true")])
+def test_two_tensor_ranks_give_the_losses_of_one_rank(data, tmp_path, tied, sequence):
     reference = run(1, data, tmp_path / "one", f"--model.tie_weights={tied}")
-    split = run(2, data, tmp_path / "split", "--parallel.tensor=2", f"--model.tie_weights={tied}")
+    split = run(2, data, tmp_path / "split", "--parallel.tensor=2", f"--model.tie_weights={tied}",
+                f"--parallel.sequence_parallel={sequence}")
     assert_same_losses(reference, split)
     val = [[r["val_loss"] for r in read_metrics(d) if "val_loss" in r] for d in (reference, split)]
     assert val[0] and abs(val[0][-1] - val[1][-1]) / val[0][-1] < 1e-5  # evaluated on split logits
@@ -59,9 +61,10 @@ def test_tensor_by_data_on_four_ranks_gives_the_losses_of_one_rank(data, tmp_pat
     assert_same_losses(reference, split)
 
 
-def test_tensor_by_pipeline_on_four_ranks_gives_the_losses_of_one_rank(data, one_rank, tmp_path):
+@pytest.mark.parametrize("sequence", ["false", "true"])
+def test_tensor_by_pipeline_on_four_ranks_gives_the_losses_of_one_rank(data, one_rank, tmp_path, sequence):
     split = run(4, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.pipeline=2",
-                "--parallel.micro_batches=2")
+                "--parallel.micro_batches=2", f"--parallel.sequence_parallel={sequence}")
     assert_same_losses(one_rank, split)
 
 
@@ -101,5 +104,5 @@ def test_tensor_by_pipeline_by_data_on_eight_ranks_gives_the_losses_of_one_rank(
     """The shape of the layout hvdllm plan proposes for GPT-3 175B (t x p x d), tiny."""
     reference = run(1, data, tmp_path / "one", "--data.batch_size=8")
     split = run(8, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.pipeline=2", "--parallel.data=2",
-                "--parallel.micro_batches=2")
+                "--parallel.micro_batches=2", "--parallel.sequence_parallel=true")
     assert_same_losses(reference, split)

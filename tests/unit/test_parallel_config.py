@@ -51,6 +51,8 @@ def test_old_data_parallel_key_names_its_replacement():
     (["--parallel.tensor=2", "--parallel.strategy=async", "--parallel.servers=1"], 3,
      "parallel.strategy=async pushes whole-model gradients: use parallel.pipeline=1, parallel.tensor=1"),
     (["--parallel.tensor=2"], 3, "3 launched ranks cannot hold parallel.pipeline=1 x parallel.tensor=2 model parts"),
+    (["--parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel splits the tensor group's work along the "
+                                               "sequence: it needs parallel.tensor > 1"),
 ])
 def test_layouts_that_cannot_run_are_refused_before_any_communication(overrides, world, message):
     with pytest.raises(UserError) as err:
