@@ -51,7 +51,8 @@ class Group:
             return tensor
         from mpi4py import MPI
 
-        exact = tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and tensor.is_contiguous()
+        exact = (tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
+                 and tensor.is_contiguous())
         host = tensor.detach() if exact else tensor.detach().to("cpu", torch.float32).contiguous()
         self.mpi.Allreduce(MPI.IN_PLACE, host.numpy(), op={"sum": MPI.SUM, "max": MPI.MAX}[op])
         if not exact:

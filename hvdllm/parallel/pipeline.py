@@ -214,7 +214,8 @@ class ModelParallel(HorovodDataParallel):
     def _sum_sequence_parallel_gradients(self) -> None:
         """Collective in the tensor group: under sequence parallelism each rank's replicated
         LayerNorm and bias gradients come from its part of the sequence: summed, in one message."""
-        grads = [p.grad for p in self.stage.parameters() if getattr(p, SEQUENCE_ATTRIBUTE, False) and p.grad is not None]
+        grads = [p.grad for p in self.stage.parameters()
+                 if getattr(p, SEQUENCE_ATTRIBUTE, False) and p.grad is not None]
         if not grads:
             return
         flat = self.tensor_group.allreduce_(torch.cat([g.reshape(-1) for g in grads]))

@@ -30,8 +30,8 @@ RankActions = list[Action]
 
 def gpipe(ranks: int, micro_batches: int) -> list[RankActions]:
     """All forwards, then all backwards, on every rank (one stage per rank)."""
-    return [[Action(r, FORWARD, i) for i in range(micro_batches)] + [Action(r, BACKWARD, i) for i in range(micro_batches)]
-            for r in range(ranks)]
+    return [[Action(r, FORWARD, i) for i in range(micro_batches)] +
+            [Action(r, BACKWARD, i) for i in range(micro_batches)] for r in range(ranks)]
 
 
 def one_f_one_b(ranks: int, micro_batches: int) -> list[RankActions]:

@@ -22,8 +22,11 @@ from hvdllm.parallel.partition import UnitCosts, balanced_cut, check_manual_cut,
 from hvdllm.parallel.schedules import peak_activations
 
 
-def unit_costs(cfg: GPTConfig, balance: str, seq_len: int, micro_batch: int, optimizer: str = "adamw") -> UnitCosts:
-    """Costs of the embedding, each block and the head under ``balance`` (params | flops | memory)."""
+def unit_costs(cfg: GPTConfig, balance: str, seq_len: int, micro_batch: int, optimizer: str = "adamw",
+               tensor: int = 1) -> UnitCosts:
+    """Costs of the embedding, each block and the head under ``balance`` (params | flops | memory),
+    per rank of a tensor group of ``tensor`` (each holds and computes 1/t of every unit; of the
+    activations, what Korthikanti et al.'s formula says a rank keeps)."""
     with torch.device("meta"):
         model = GPT(cfg)
 
@@ -34,26 +37,28 @@ def unit_costs(cfg: GPTConfig, balance: str, seq_len: int, micro_batch: int, opt
     blocks = [count(b) for b in model.blocks]
     head = count(model.ln_f) + model.lm_head.weight.numel()  # a tied head still holds (a copy of) it
     if balance == "params":
-        return UnitCosts(embedding, tuple(blocks), head)
+        return UnitCosts(embedding / tensor, tuple(n / tensor for n in blocks), head / tensor)
     if balance == "flops":  # per token, forward and backward
         attention = 12 * cfg.d_model * seq_len  # 12 H Q T, with H Q = d_model
-        return UnitCosts(0.0, tuple(6 * n + attention for n in blocks), 6 * cfg.d_model * cfg.vocab_size)
+        return UnitCosts(0.0, tuple((6 * n + attention) / tensor for n in blocks),
+                         6 * cfg.d_model * cfg.vocab_size / tensor)
     # As `hvdllm plan` counts them: bf16 weights and gradients, fp32 optimizer state, and one
     # layer's activations per micro-batch (Korthikanti et al. 2022); the head adds its logits.
     def static(*modules) -> float:
-        return 4 * count(*modules) + sum(optimizer_state_bytes(m, optimizer) for m in modules if m is not None)
+        whole = 4 * count(*modules) + sum(optimizer_state_bytes(m, optimizer) for m in modules if m is not None)
+        return whole / tensor
 
     head_static = static(model.ln_f, model.lm_head)  # a tied head still holds (a copy of) its weight
-    acts = activation_bytes(cfg, micro_batch, seq_len, 1, False) / cfg.n_layer
+    acts = activation_bytes(cfg, micro_batch, seq_len, tensor, False) / cfg.n_layer
     return UnitCosts(static(model.wte, model.wpe), tuple(static(b) for b in model.blocks),
-                     head_static + 4 * micro_batch * seq_len * cfg.vocab_size, (acts,) * len(blocks))
+                     head_static + 4 * micro_batch * seq_len * cfg.vocab_size / tensor, (acts,) * len(blocks))
 
 
 def plan_cut(cfg: GPTConfig, parallel_cfg, stages: int, seq_len: int, micro_batch: int,
              optimizer: str = "adamw") -> tuple[list[int], list[float]]:
     """Blocks per stage (``parallel.stage_layers``, else balanced by ``parallel.balance``) and
-    each stage's cost."""
-    costs = unit_costs(cfg, parallel_cfg.balance, seq_len, micro_batch, optimizer)
+    each stage's cost per rank (its tensor group, ``parallel.tensor``, dividing it)."""
+    costs = unit_costs(cfg, parallel_cfg.balance, seq_len, micro_batch, optimizer, parallel_cfg.tensor)
     held = peak_activations(parallel_cfg.schedule, stages, parallel_cfg.micro_batches).__getitem__
 
     if parallel_cfg.stage_layers:

@@ -159,3 +159,16 @@ def test_plan_cut_uses_stage_layers_or_balances():
     cut, costs = plan_cut(cfg, ParallelConfig(pipeline=2), 2, 256, 4)
     assert sum(cut) == 4 and len(costs) == 2
     assert plan_cut(cfg, ParallelConfig(pipeline=2, stage_layers=[1, 3]), 2, 256, 4)[0] == [1, 3]
+
+
+def test_a_tensor_group_divides_the_stage_costs():
+    from hvdllm.config import ParallelConfig
+
+    cfg = preset_config("gpt-mini")
+    for balance in ("params", "flops"):
+        whole = plan_cut(cfg, ParallelConfig(pipeline=2, balance=balance), 2, 256, 4)
+        split = plan_cut(cfg, ParallelConfig(pipeline=2, tensor=2, balance=balance), 2, 256, 4)
+        assert split[0] == whole[0] and split[1] == pytest.approx([c / 2 for c in whole[1]])
+    memory = plan_cut(cfg, ParallelConfig(pipeline=2, tensor=2, balance="memory"), 2, 256, 4)[1]
+    assert max(memory) < max(plan_cut(cfg, ParallelConfig(pipeline=2, balance="memory"), 2, 256, 4)[1])
+
