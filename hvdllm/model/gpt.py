@@ -124,7 +124,8 @@ class GPT(nn.Module):
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.loss_function = WholeVocabularyLoss()  # tensor parallelism puts a vocabulary-parallel one here
-        self.sequence_shards = 1  # parts the residual stream between blocks is cut into along time (sequence parallelism)
+        # Parts the residual stream between blocks is cut into along time (sequence parallelism sets it).
+        self.sequence_shards = 1
         init_weights(self, cfg)
 
     def compile_blocks(self) -> None:
