@@ -92,6 +92,8 @@ class HorovodReduction:
 
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """As :meth:`Group.allreduce_` (a bf16 or fp16 tensor is reduced in fp32)."""
+        if self.size == 1:  # a group of one has no process set, and nothing to reduce
+            return tensor
         wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
         reduced = self.hvd.allreduce(wide, op=self.hvd.Sum if op == "sum" else self.hvd.Max,
                                      process_set=self.group.process_set)
@@ -102,11 +104,15 @@ class HorovodReduction:
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """As :meth:`Group.all_gather`."""
+        if self.size == 1:
+            return tensor
         wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
         return self.hvd.allgather(wide.contiguous(), process_set=self.group.process_set).to(tensor.dtype)
 
     def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
         """As :meth:`Group.reduce_scatter`."""
+        if self.size == 1:
+            return tensor
         wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
         return self.hvd.reducescatter(wide.contiguous(), op=self.hvd.Sum,
                                       process_set=self.group.process_set).to(tensor.dtype)
