@@ -75,10 +75,14 @@ class Group:
         return out.to(tensor.device, tensor.dtype)
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached, bf16 and fp16 widened to fp32 (what numpy holds and reduces exactly)."""
+    return tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
+
+
 def _host_fp32(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU tensor numpy can hold (bf16 and fp16 widened to fp32)."""
-    wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
-    return wide.to("cpu").contiguous()
+    """A contiguous CPU tensor numpy can hold."""
+    return _wide(tensor).to("cpu").contiguous()
 
 
 class HorovodReduction:
@@ -94,8 +98,7 @@ class HorovodReduction:
         """As :meth:`Group.allreduce_` (a bf16 or fp16 tensor is reduced in fp32)."""
         if self.size == 1:  # a group of one has no process set, and nothing to reduce
             return tensor
-        wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
-        reduced = self.hvd.allreduce(wide, op=self.hvd.Sum if op == "sum" else self.hvd.Max,
+        reduced = self.hvd.allreduce(_wide(tensor), op=self.hvd.Sum if op == "sum" else self.hvd.Max,
                                      process_set=self.group.process_set)
         return tensor.copy_(reduced)
 
@@ -106,15 +109,13 @@ class HorovodReduction:
         """As :meth:`Group.all_gather`."""
         if self.size == 1:
             return tensor
-        wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
-        return self.hvd.allgather(wide.contiguous(), process_set=self.group.process_set).to(tensor.dtype)
+        return self.hvd.allgather(_wide(tensor).contiguous(), process_set=self.group.process_set).to(tensor.dtype)
 
     def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
         """As :meth:`Group.reduce_scatter`."""
         if self.size == 1:
             return tensor
-        wide = tensor.detach() if tensor.dtype in (torch.float32, torch.float64) else tensor.detach().float()
-        return self.hvd.reducescatter(wide.contiguous(), op=self.hvd.Sum,
+        return self.hvd.reducescatter(_wide(tensor).contiguous(), op=self.hvd.Sum,
                                       process_set=self.group.process_set).to(tensor.dtype)
 
 

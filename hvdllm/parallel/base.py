@@ -89,8 +89,9 @@ class ParallelStrategy(ABC):
 
     @property
     def checkpoint_shard(self) -> int:
-        """Which shard of a checkpoint this rank's state is: its pipeline stage."""
-        return self.coords.stage
+        """Which shard of a checkpoint this rank's state is: its model part, stage-major with the
+        tensor rank within (stage s of a run without tensor parallelism is shard s)."""
+        return self.coords.stage * self.layout.tensor + self.coords.tensor_rank
 
     def parallelize(self, model: nn.Module, device: torch.device) -> nn.Module:
         """Cut, place and wrap the model; returns the part this rank trains. With several

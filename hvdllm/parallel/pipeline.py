@@ -141,20 +141,13 @@ class ModelParallel(HorovodDataParallel):
             optimizer.reduce_norms = self._whole_tensor_squares  # trust ratios from whole tensors
         return super().wrap_optimizer(optimizer, model)
 
-    def _whole_tensor_squares(self, params: list[torch.Tensor], squares: torch.Tensor) -> torch.Tensor:
+    def _whole_tensor_squares(self, params: list[torch.Tensor], squared: torch.Tensor) -> torch.Tensor:
         """Collective in the tensor group: squared norms (2, n) of ``params``, summed over the
         group where a parameter is split."""
         split = torch.tensor([getattr(p, SPLIT_ATTRIBUTE, False) for p in params])
         if split.any():
-            squares[:, split] = self.tensor_group.allreduce_(squares[:, split].contiguous())
-        return squares
-
-    @property
-    def checkpoint_shard(self) -> int:
-        """Stage-major, tensor rank within: stage s of a run without tensor parallelism is shard s."""
-        if self.update_rule.replicas_differ:
-            return self.coords.rank
-        return self.coords.stage * self.layout.tensor + self.coords.tensor_rank
+            squared[:, split] = self.tensor_group.allreduce_(squared[:, split].contiguous())
+        return squared
 
     @property
     def backward_passes_per_step(self) -> int:
