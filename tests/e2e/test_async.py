@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers.corpus import clean_env, error_lines, hvdllm_mpi, rank_pids, read_metrics, train_args
+from helpers.corpus import clean_env, error_lines, hvdllm_mpi, losses, rank_pids, read_metrics, train_args
 
 from hvdllm.comm.launch import mpirun_command
 
@@ -21,10 +21,6 @@ def run(np, data, run_dir, *overrides):
     result = hvdllm_mpi(np, *train_args(data, run_dir, "--checkpoint.every=0", *overrides), timeout=240)
     assert result.returncode == 0, result.stderr
     return run_dir
-
-
-def losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir)]
 
 
 def val_losses(run_dir):

@@ -8,23 +8,12 @@ import subprocess
 import time
 
 import pytest
-from helpers.corpus import (clean_env, error_lines, hvdllm, hvdllm_mpi, rank_pids, read_metrics, 
-                            train_args)
+from helpers.corpus import (assert_same_losses, clean_env, error_lines, hvdllm, hvdllm_mpi, losses, rank_pids,
+                            read_metrics, train_args)
 
 from hvdllm.comm.launch import mpirun_command
 
 PIPELINE = ["--parallel.pipeline=2", "--parallel.micro_batches=2"]
-
-
-def losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir)]
-
-
-def assert_same_losses(reference, other, steps, rel=1e-5):
-    a, b = losses(reference), losses(other)
-    assert len(a) == len(b) == steps
-    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-    assert worst < rel, worst
 
 
 def run(np, data, run_dir, *overrides):

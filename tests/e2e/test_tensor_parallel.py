@@ -3,22 +3,11 @@ pipeline parallelism, give the losses of one plain rank on the same data (fp32, 
 fixed seed, the same global batch)."""
 
 import pytest
-from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, read_metrics, train_args
+from helpers.corpus import assert_same_losses, error_lines, hvdllm, hvdllm_mpi, read_metrics, train_args
 
 # The byte-level test data has 259 tokens: a model vocabulary of 264 splits over 2, 4 and 8 ranks.
 VOCAB = "--model.vocab_size=264"
 STEPS = 12
-
-
-def losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir)]
-
-
-def assert_same_losses(reference, other, steps=STEPS, rel=1e-5):
-    a, b = losses(reference), losses(other)
-    assert len(a) == len(b) == steps
-    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-    assert worst < rel, worst
 
 
 def run(np, data, run_dir, *overrides):
@@ -39,21 +28,21 @@ def test_two_tensor_ranks_give_the_losses_of_one_rank(data, tmp_path, tied, sequ
     reference = run(1, data, tmp_path / "one", f"--model.tie_weights={tied}")
     split = run(2, data, tmp_path / "split", "--parallel.tensor=2", f"--model.tie_weights={tied}",
                 f"--parallel.sequence_parallel={sequence}")
-    assert_same_losses(reference, split)
+    assert_same_losses(reference, split, STEPS)
     val = [[r["val_loss"] for r in read_metrics(d) if "val_loss" in r] for d in (reference, split)]
     assert val[0] and abs(val[0][-1] - val[1][-1]) / val[0][-1] < 1e-5  # evaluated on split logits
 
 
 def test_the_mpi4py_tensor_backend_gives_the_same_losses(data, one_rank, tmp_path):
     split = run(2, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.tensor_backend=mpi4py")
-    assert_same_losses(one_rank, split)
+    assert_same_losses(one_rank, split, STEPS)
 
 
 def test_split_layers_accumulate_and_checkpoint_activations(data, tmp_path):
     both = ["--parallel.accum_steps=2", "--model.checkpoint_every=1"]
     reference = run(1, data, tmp_path / "one", *both)
     split = run(2, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.sequence_parallel=true", *both)
-    assert_same_losses(reference, split)
+    assert_same_losses(reference, split, STEPS)
 
 
 # bf16 autocast rounds each matmul's inputs: split matmuls round otherwise than whole ones.
@@ -63,26 +52,26 @@ BF16_RELATIVE_TOLERANCE = 1e-2
 def test_bf16_split_layers_give_the_losses_of_one_bf16_rank(data, tmp_path):
     reference = run(1, data, tmp_path / "one", "--train.precision=bf16")
     split = run(2, data, tmp_path / "split", "--parallel.tensor=2", "--train.precision=bf16")
-    assert_same_losses(reference, split, rel=BF16_RELATIVE_TOLERANCE)
+    assert_same_losses(reference, split, STEPS, rel=BF16_RELATIVE_TOLERANCE)
 
 
 def test_lamb_takes_trust_ratios_from_whole_tensors(data, one_rank, tmp_path):
     reference = run(1, data, tmp_path / "one", "--optim.name=lamb")
     split = run(2, data, tmp_path / "split", "--parallel.tensor=2", "--optim.name=lamb")
-    assert_same_losses(reference, split)
+    assert_same_losses(reference, split, STEPS)
 
 
 def test_tensor_by_data_on_four_ranks_gives_the_losses_of_one_rank(data, tmp_path):
     reference = run(1, data, tmp_path / "one", "--data.batch_size=8")
     split = run(4, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.data=2")
-    assert_same_losses(reference, split)
+    assert_same_losses(reference, split, STEPS)
 
 
 @pytest.mark.parametrize("sequence", ["false", "true"])
 def test_tensor_by_pipeline_on_four_ranks_gives_the_losses_of_one_rank(data, one_rank, tmp_path, sequence):
     split = run(4, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.pipeline=2",
                 "--parallel.micro_batches=2", f"--parallel.sequence_parallel={sequence}")
-    assert_same_losses(one_rank, split)
+    assert_same_losses(one_rank, split, STEPS)
 
 
 def test_a_vocabulary_that_does_not_split_is_one_line_on_every_rank(data, tmp_path):
@@ -129,4 +118,4 @@ def test_tensor_by_pipeline_by_data_on_eight_ranks_gives_the_losses_of_one_rank(
     reference = run(1, data, tmp_path / "one", "--data.batch_size=8")
     split = run(8, data, tmp_path / "split", "--parallel.tensor=2", "--parallel.pipeline=2", "--parallel.data=2",
                 "--parallel.micro_batches=2", "--parallel.sequence_parallel=true")
-    assert_same_losses(reference, split)
+    assert_same_losses(reference, split, STEPS)

@@ -10,14 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.corpus import (clean_env, error_lines, hvdllm, hvdllm_mpi, rank_pids, read_metrics, 
+from helpers.corpus import (clean_env, error_lines, hvdllm, hvdllm_mpi, losses, rank_pids, read_metrics,
                             train_args)
 
 from hvdllm.comm.launch import mpirun_command
-
-
-def losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir)]
 
 
 def assert_close(a, b, rel):

@@ -68,6 +68,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
 
 
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def assert_same_losses(reference: Path, other: Path, steps: int, rel: float = 1e-5) -> None:
+    """Both runs logged ``steps`` losses, each within ``rel`` (relative) of the reference's."""
+    a, b = losses(reference), losses(other)
+    assert len(a) == len(b) == steps
+    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    assert worst < rel, worst
+
+
 NANO = str(Path(__file__).resolve().parents[2] / "configs" / "test-nano.toml")
 
 
