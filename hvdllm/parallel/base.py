@@ -155,6 +155,10 @@ class ParallelStrategy(ABC):
         """Whether the job went on without ranks that died (parallel.continue_without_dead)."""
         return False
 
+    def awaited_peers(self) -> str:
+        """Whom this rank waits for inside a step, as the stall watchdog names them."""
+        return "the other ranks"
+
     def step_metrics(self) -> dict:
         """Extra fields for this step's metrics record (e.g. bytes communicated, staleness)."""
         return {}

@@ -100,12 +100,19 @@ class ParameterServerWorker(ParallelStrategy):
 
     @property
     def world_size(self) -> int:
-        """The ranks that run the training loop (RNG states, MFU, the stall watchdog): workers."""
+        """The ranks that run the training loop (RNG states, MFU): workers."""
         return self.layout.workers
 
     @property
     def peers_died(self) -> bool:
         return self.dead_workers > 0
+
+    def awaited_peers(self) -> str:
+        """A worker waits for the servers alone: they, not its peers, notice a silent worker."""
+        servers = self.link.servers
+        if len(servers) == 1:
+            return f"parameter server rank {servers[0]}"
+        return f"the parameter servers (ranks {', '.join(map(str, servers))})"
 
     # --- buffers -------------------------------------------------------------------------
     def wrap_optimizer(self, optimizer, model: nn.Module):

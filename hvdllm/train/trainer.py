@@ -134,8 +134,10 @@ class Trainer:
     def train(self, loop=None) -> int:
         """Run to the end (or an early stop, a preemption, too many bad steps); exit status.
         ``loop`` runs the steps instead of :meth:`run_steps` (Horovod elastic wraps it)."""
-        self.watchdog = StallWatchdog(self.cfg.train.stall_timeout_s, self.strategy.coords.rank,
-                                      self.strategy.world_size)
+        layout = self.strategy.layout
+        self.watchdog = StallWatchdog(self.cfg.train.stall_timeout_s, self.strategy.coords.rank, layout.world_size,
+                                      awaited=self.strategy.awaited_peers(),
+                                      role=self.strategy.coords.role if layout.servers else "")
         try:
             return (loop or self.run_steps)()
         finally:

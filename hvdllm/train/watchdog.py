@@ -15,10 +15,19 @@ from hvdllm.comm.mpi import abort_job
 
 
 class StallWatchdog:
-    """Call :meth:`beat` whenever the rank makes progress; :meth:`close` at the end."""
+    """Call :meth:`beat` whenever the rank makes progress; :meth:`close` at the end.
 
-    def __init__(self, timeout_s: float, rank: int, world_size: int) -> None:
+    Args:
+        world_size: the job's ranks, servers included.
+        awaited: whom this rank waits for inside a step (the strategy knows: a parameter-server
+            worker waits for its servers, not for the other workers).
+        role: this rank's role, named where a job has ranks of several roles ("" otherwise).
+    """
+
+    def __init__(self, timeout_s: float, rank: int, world_size: int, awaited: str = "the other ranks",
+                 role: str = "") -> None:
         self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
+        self.awaited, self.role = awaited, role
         self.step = 0
         self._last = time.monotonic()
         self._paused = False
@@ -56,11 +65,11 @@ class StallWatchdog:
                 self._abort(now - self._last, frozen)
 
     def _abort(self, waited: float, frozen: bool) -> None:
-        where = f"error: stall: rank {self.rank} of {self.world_size}"
+        where = f"error: stall: rank {self.rank} of {self.world_size}" + (f" ({self.role})" if self.role else "")
         if frozen:
             why = f"was itself frozen (stopped or hung) for about {waited:.0f} s: it is the rank behind"
         else:
-            peers = "the other ranks" if self.world_size > 1 else "its own step (one rank: a hang inside it)"
+            peers = self.awaited if self.world_size > 1 else "its own step (one rank: a hang inside it)"
             why = (f"completed step {self.step} and has waited {waited:.0f} s for {peers}: a rank that is "
                    f"stopped, hung or on a dead node is behind")
         sys.stderr.write(f"{where} {why} (train.stall_timeout_s={self.timeout_s:g}); aborting the job\n")

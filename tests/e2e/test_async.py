@@ -4,6 +4,7 @@ slowed, no applied push is staler than s, and a server's update count is its app
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -211,6 +212,16 @@ def test_a_stopped_worker_ends_the_job_naming_it(data, tmp_path):
     assert proc.returncode != 0 and seconds < 60
     assert "error: server 0: worker rank 1 sent nothing for 5 s (parallel.worker_timeout_s): dead or stopped; " \
            "ending the job" in stderr, stderr
+
+
+def test_a_stopped_server_ends_the_job_naming_it(data, tmp_path):
+    """A SIGSTOPped server: the workers' stall watchdog ends the job naming the server they
+    wait for and their own role, not "the other ranks" (the other workers are not to blame)."""
+    proc = start_long_run(data, tmp_path / "run", "--train.stall_timeout_s=4")
+    stderr, seconds = signal_rank_and_wait(proc, 2, signal.SIGSTOP)
+    assert seconds < 60
+    assert re.search(r"error: stall: rank [01] of 3 \(worker\) completed step", stderr), stderr  # either worker
+    assert "for parameter server rank 2: a rank that is stopped, hung or on a dead node is behind" in stderr, stderr
 
 
 def test_sigusr1_stops_workers_at_one_clock_checkpoints_and_ends_the_servers(data, tmp_path):
