@@ -17,7 +17,7 @@ from hvdllm.tune.report import (ERROR, STEPS, VAL_CURVE, WALL_S, best_overrides,
                                 trial_rows, write_tables)
 from hvdllm.tune.space import Dimension, parse_space
 from hvdllm.tune.study import (INTERRUPTED, counts_as_done, grid_size, lock_study, open_study, requeue_interrupted,
-                               trial_dir)
+                               storage_errors, trial_dir)
 from hvdllm.tune.trial import run_trial, train_command
 
 
@@ -115,8 +115,8 @@ def run_tune(cfg: Config, config: str | None, overrides: list[str]) -> int:
         _say(f"tune: the grid has {grid_size(space)} points: running those, not tune.trials = {target}")
         target = grid_size(space)
     folder = Path(settings.study or Path(cfg.train.run_dir) / "tune")
-    lock = lock_study(folder)
-    try:
+    # The lock is held while the returned file stays open.
+    with lock_study(folder), storage_errors(folder):
         study = open_study(folder, settings, space)
         requeue_interrupted(study, folder)
         done = sum(counts_as_done(t) for t in study.get_trials(deepcopy=False))
@@ -132,5 +132,3 @@ def run_tune(cfg: Config, config: str | None, overrides: list[str]) -> int:
             raise
         _refuse_all_failed(report_study(study, space, folder))
         return 0
-    finally:
-        lock.close()

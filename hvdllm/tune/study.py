@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+import sqlite3
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -42,6 +45,34 @@ def lock_study(folder: Path) -> IO:
         raise UserError(f"the study in {folder} is in use by another `hvdllm tune`: wait for it or set tune.study") \
             from None
     return handle
+
+
+def _database_error(err: BaseException) -> str | None:
+    """The SQLite error behind ``err`` (SQLAlchemy wraps it; Optuna may raise its own error
+    while handling it, leaving it as the context), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        orig = getattr(err, "orig", None)  # SQLAlchemy's DBAPIError keeps the driver's error
+        for candidate in (err, orig):
+            if isinstance(candidate, sqlite3.Error):
+                return str(candidate).splitlines()[0] if str(candidate) else type(candidate).__name__
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextmanager
+def storage_errors(folder: Path) -> Iterator[None]:
+    """A failure of the study's storage (a full disk, a read-only folder) as one line naming the
+    database and SQLite's error: a failed write of a trial's result otherwise surfaces as
+    Optuna's own "Should not reach." assertion."""
+    try:
+        yield
+    except Exception as err:
+        cause = _database_error(err)
+        if cause is None:
+            raise
+        raise UserError(f"{folder / DB_NAME}: the study's storage failed: {cause}") from err
 
 
 def counts_as_done(trial: FrozenTrial) -> bool:
