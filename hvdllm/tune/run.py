@@ -16,8 +16,8 @@ from hvdllm.errors import UserError
 from hvdllm.tune.report import (ERROR, STEPS, VAL_CURVE, WALL_S, best_overrides, best_row, format_table, plot_study,
                                 trial_rows, write_tables)
 from hvdllm.tune.space import Dimension, parse_space
-from hvdllm.tune.study import (INTERRUPTED, counts_as_done, grid_size, lock_study, open_study, requeue_interrupted,
-                               storage_errors, trial_dir)
+from hvdllm.tune.study import (INTERRUPTED, counts_as_done, fixed_settings, grid_size, lock_study, open_study,
+                               requeue_interrupted, storage_errors, trial_dir)
 from hvdllm.tune.trial import run_trial, train_command
 
 
@@ -117,7 +117,7 @@ def run_tune(cfg: Config, config: str | None, overrides: list[str]) -> int:
     folder = Path(settings.study or Path(cfg.train.run_dir) / "tune")
     # The lock is held while the returned file stays open.
     with lock_study(folder), storage_errors(folder):
-        study = open_study(folder, settings, space)
+        study = open_study(folder, settings, space, fixed_settings(cfg, space))
         requeue_interrupted(study, folder)
         done = sum(counts_as_done(t) for t in study.get_trials(deepcopy=False))
         _say(f"tune: study {folder}: {done} of {target} trials done, {max(target - done, 0)} to run, "

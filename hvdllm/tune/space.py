@@ -24,7 +24,7 @@ from hvdllm.config import ConfigError, load_config
 from hvdllm.config.loading import field_annotation
 
 # Set for each trial by the tuner itself, so never searched.
-_RESERVED = ("train.run_dir",)
+SET_BY_TUNER = ("train.run_dir",)
 _EXAMPLE = "a list of choices or a table such as { log = [1e-4, 1e-2] }, { uniform = [0, 1] }, { int = [1, 8] }"
 
 
@@ -141,7 +141,7 @@ def parse_dimension(key: str, value: Any) -> Dimension:
         annotation = field_annotation(key)
     except ConfigError as err:
         raise ConfigError(f"{_name(key)}: {err}") from None
-    if key.split(".")[0] == "tune" or key in _RESERVED:
+    if key.split(".")[0] == "tune" or key in SET_BY_TUNER:
         raise ConfigError(f"{_name(key)}: {key} is set by the tuner itself, it cannot be searched")
     if typing.get_origin(annotation) is not None:
         raise ConfigError(f"{_name(key)}: {key} is a list field; only single values can be searched")

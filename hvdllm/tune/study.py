@@ -5,21 +5,23 @@ that one tuner at a time drives it; and the recovery of trials a stopped tuner l
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import json
 import shutil
 import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hvdllm.config import ConfigError, TuneConfig
+from hvdllm.config import Config, ConfigError, TuneConfig
 from hvdllm.errors import UserError
-from hvdllm.tune.space import Dimension
+from hvdllm.tune.space import SET_BY_TUNER, Dimension
 
 STUDY_NAME = "hvdllm-tune"
 DB_NAME = "study.db"
@@ -121,13 +123,45 @@ def _check_space(study: optuna.Study, space: list[Dimension], folder: Path) -> N
                           f"{', '.join(changed)}): restore it, or set tune.study to a new folder")
 
 
-def open_study(folder: Path, settings: TuneConfig, space: list[Dimension]) -> optuna.Study:
-    """The study in ``folder`` (created, or loaded when it exists), with its space checked."""
+def fixed_settings(cfg: Config, space: list[Dimension]) -> dict[str, Any]:
+    """What every trial trains with, as {"section.key": value} (JSON's types): the config file
+    and the command line's overrides resolved, less the [tune] section, the searched fields and
+    what the tuner sets per trial."""
+    fields = dataclasses.asdict(cfg)
+    phases = fields.pop("phases")
+    fields.pop("tune")
+    flat = {f"{section}.{key}": value for section, values in fields.items() for key, value in values.items()}
+    for key in (*SET_BY_TUNER, *(d.key for d in space)):
+        flat.pop(key)
+    return json.loads(json.dumps({**flat, "phases": phases}))
+
+
+def _check_fixed(study: optuna.Study, fixed: dict[str, Any], folder: Path) -> None:
+    """Trials of another step count, batch or model are not comparable: once a trial has
+    finished, the study keeps the settings it ran with. Until then (every trial interrupted,
+    to run again) the current ones replace them."""
+    stored = study.user_attrs.get("fixed")
+    finished = sum(counts_as_done(t) for t in study.get_trials(deepcopy=False))
+    if stored is None or not finished:
+        study.set_user_attr("fixed", fixed)
+        return
+    changed = sorted(k for k in stored.keys() | fixed.keys() if stored.get(k) != fixed.get(k))
+    if changed:
+        what = ", ".join(f"{k} = {stored.get(k)!r}, now {fixed.get(k)!r}" for k in changed)
+        raise ConfigError(f"the study in {folder} has {finished} trials finished with other training settings "
+                          f"({what}): rerun with its config and --section.key overrides, or set tune.study to a "
+                          f"new folder")
+
+
+def open_study(folder: Path, settings: TuneConfig, space: list[Dimension], fixed: dict[str, Any]) -> optuna.Study:
+    """The study in ``folder`` (created, or loaded when it exists), with its space and its
+    trials' fixed settings (:func:`fixed_settings`) checked."""
     # The tuner prints its own line per trial (Optuna's for a failed one has a traceback).
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = optuna.storages.RDBStorage(f"sqlite:///{(folder / DB_NAME).resolve()}")
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="minimize", load_if_exists=True)
     _check_space(study, space, folder)
+    _check_fixed(study, fixed, folder)
     study.sampler = build_sampler(settings, space, len(study.trials))
     study.pruner = build_pruner(settings)
     return study

@@ -36,3 +36,27 @@ def test_a_full_disk_names_the_storage_and_its_error(tmp_path, monkeypatch):
         with pytest.raises(UserError) as err:
             tune_run.run_tune(cfg, str(config), [])
     assert str(err.value) == f"{disk / 'study' / 'study.db'}: the study's storage failed: database or disk is full"
+
+
+def _complete(trial, command, run_dir):
+    return TrialResult("complete", val_losses=[(10, 1.0)], steps=10)
+
+
+def test_a_rerun_with_other_training_settings_is_refused(tmp_path, monkeypatch):
+    """Trials of 1500 and of 300 steps are not comparable: the overrides (and the config they
+    resolve to) belong to the study like its space; the searched keys and tune.* do not."""
+    config = tmp_path / "tune.toml"
+    config.write_text(SPACE)
+    monkeypatch.setattr(tune_run, "run_trial", _complete)
+    study = f"--tune.study={tmp_path / 'study'}"
+
+    def tune(*overrides):
+        return tune_run.run_tune(load_config(config, [*overrides, study]), str(config), [*overrides, study])
+
+    assert tune("--train.steps=1500", "--tune.trials=1") == 0
+    assert tune("--train.steps=1500", "--tune.trials=2", "--tune.ranks=2") == 0  # tune.* may change
+    with pytest.raises(UserError) as err:
+        tune("--train.steps=300", "--tune.trials=3")
+    assert str(err.value) == (f"the study in {tmp_path / 'study'} has 2 trials finished with other training "
+                              "settings (train.steps = 1500, now 300): rerun with its config and --section.key "
+                              "overrides, or set tune.study to a new folder")
