@@ -14,8 +14,10 @@ the config is built with it, so the same check as ``hvdllm train`` names what is
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +167,39 @@ def check_values(dimension: Dimension, config: str | Path | None, overrides: lis
             raise ConfigError(f"{_name(dimension.key)}: {value!r} is not a valid value: {err}") from None
 
 
+def _model_values(dimension: Dimension) -> list:
+    """The values of a searched model field that can break a rule tying it to another field:
+    every choice, every integer of a range; a float range's bounds (no such rule reads a float)."""
+    if dimension.kind == "choice":
+        return list(dimension.choices)
+    if dimension.integer:
+        return list(range(int(dimension.low), int(dimension.high) + 1, int(dimension.step or 1)))
+    return [dimension.low, dimension.high]
+
+
+def check_model_combinations(dimensions: list[Dimension], config: str | Path | None, overrides: list[str]) -> None:
+    """Build the model of every combination of the searched ``model.*`` fields: the rules tying
+    fields together (d_model divisible by n_head, an even head dimension for rope) are checked
+    only when a model is built, so a trial would otherwise be the first to meet them."""
+    searched = [d for d in dimensions if d.key.startswith("model.")]
+    if not searched:
+        return
+    from hvdllm.model import gpt_config_from  # imports torch: only for a space that searches the model
+
+    model = load_config(config, overrides).model
+    for values in product(*(_model_values(d) for d in searched)):
+        fields = {d.key.split(".", 1)[1]: value for d, value in zip(searched, values)}
+        try:
+            gpt_config_from(dataclasses.replace(model, **fields))
+        except ValueError as err:
+            shown = ", ".join(f"{d.key}={value!r}" for d, value in zip(searched, values))
+            raise ConfigError(f"tune.space: {shown} makes no valid model with this config: {err}") from None
+
+
 def parse_space(space: dict[str, Any], config: str | Path | None, overrides: list[str]) -> list[Dimension]:
     """Every dimension of ``space`` (tune.space), each checked against the config at
-    ``config`` with ``overrides``. A key also given as an override is refused: the trial's
-    value would silently replace it."""
+    ``config`` with ``overrides``, and every combination of the model fields it searches. A
+    key also given as an override is refused: the trial's value would silently replace it."""
     if not space:
         raise ConfigError("tune.space is empty: add a [tune.space] table, e.g. \"optim.lr\" = { log = [1e-4, 1e-2] }")
     given = {text.lstrip("-").split("=", 1)[0] for text in overrides}
@@ -179,4 +210,5 @@ def parse_space(space: dict[str, Any], config: str | Path | None, overrides: lis
             raise ConfigError(f"--{key} is given on the command line but {key} is in tune.space: drop one of them")
         check_values(dimension, config, overrides)
         dimensions.append(dimension)
+    check_model_combinations(dimensions, config, overrides)
     return dimensions

@@ -94,6 +94,21 @@ def test_values_are_checked_against_the_config_and_overrides(tmp_path):
         parse_space({"optim.lr": [1e-3]}, config, ["--data.batch=2"])
 
 
+def test_every_combination_of_model_fields_is_built_before_any_trial(tmp_path):
+    """Each value alone is valid; together with the config's d_model 32 (gpt-nano) or another
+    searched field, some make no model: one line names the combination."""
+    config = write(tmp_path, "[model]\npreset = 'gpt-nano'\n")
+    with pytest.raises(ConfigError) as err:
+        parse_space({"model.n_head": [3, 4]}, config, [])
+    assert str(err.value) == ("tune.space: model.n_head=3 makes no valid model with this config: model.d_model 32 "
+                              "is not divisible by model.n_head 3")
+    with pytest.raises(ConfigError, match=r"model\.n_head=4, model\.d_model=34 makes no valid model"):
+        parse_space({"model.n_head": [2, 4], "model.d_model": {"int": [32, 36], "step": 2}}, config, [])
+    with pytest.raises(ConfigError, match=r"model\.n_head=2, model\.position='rope' .* even head dimension"):
+        parse_space({"model.n_head": [2], "model.position": ["learned", "rope"]}, config, ["--model.d_model=34"])
+    assert len(parse_space({"model.n_head": [2, 4], "model.dropout": {"uniform": [0, 0.2]}}, config, [])) == 2
+
+
 def test_overrides_parse_back_to_the_value():
     for key, value in (("optim.lr", 1.2345678901234567e-05), ("data.batch_size", 8), ("optim.name", "lamb"),
                        ("data.shuffle", False), ("optim.weight_decay", 0.0)):
