@@ -14,7 +14,7 @@ import traceback
 from typing import Callable, Sequence
 
 from hvdllm import __version__
-from hvdllm.errors import UserError
+from hvdllm.errors import UserError, error_line
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +163,17 @@ def _cmd_grow(args: argparse.Namespace, extra: list[str]) -> int:
 def _cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     from hvdllm.train.report import run_report
 
-    return run_report(args.run_dir)
+    run_dir = args.run_dir
+    if run_dir is None:
+        if args.config is None and not extra:
+            raise UserError("hvdllm report: give a run folder, or the training job's --config and overrides")
+        cfg = _resolve_config(args, extra)
+        if cfg is None:
+            return 0
+        run_dir = cfg.train.run_dir
+    elif args.config is not None or extra:
+        raise UserError("hvdllm report: give a run folder or a training config, not both")
+    return run_report(run_dir, job_ended=args.job_ended, since=args.since)
 
 
 def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
@@ -233,8 +243,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     grow.set_defaults(takes_overrides=True)
     handlers["grow"] = _cmd_grow
 
-    report = verbs.add_parser("report", help="summary and plot of a run folder")
-    report.add_argument("run_dir")
+    report = verbs.add_parser("report", help="summary, plot and status of a run folder; exits 1 if the run failed")
+    report.add_argument("run_dir", nargs="?", help="the run folder (or: the job's --config and overrides)")
+    _add_config_args(report)
+    report.add_argument("--job-ended", action="store_true",
+                        help="the job is over: a run still marked running (killed) fails too (for launch scripts)")
+    report.add_argument("--since", type=float, default=0.0,
+                        help="when the job started (seconds since the epoch): an older status is a previous job's")
+    report.set_defaults(takes_overrides=True)
     handlers["report"] = _cmd_report
 
     from hvdllm.bench.options import add_bench_commands
@@ -292,13 +308,6 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 _PEER_GRACE_S = 2.0
 
 
-def _rank() -> str:
-    for name in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return os.environ[name]
-    return "0"
-
-
 def _end_job(code: int) -> int:
     """After an error, end the whole job, not only this rank.
 
@@ -323,11 +332,12 @@ def _end_job(code: int) -> int:
 def _report_crash(err: BaseException) -> None:
     """One line for an unexpected exception; the traceback only on request (with several
     ranks, interleaved tracebacks bury the line that matters)."""
-    message = str(err).splitlines()[0] if str(err) else ""
+    from hvdllm.comm.launch import launched_rank
+
     hint = "" if os.environ.get("HVDLLM_TRACEBACK") == "1" else "; set HVDLLM_TRACEBACK=1 for the traceback"
     if not hint:
         traceback.print_exc(file=sys.stderr)
-    sys.stderr.write(f"error: {type(err).__name__}: {message} (rank {_rank()}{hint})\n")
+    sys.stderr.write(f"{error_line(err)} (rank {launched_rank()}{hint})\n")
     sys.stderr.flush()
 
 
@@ -351,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.verb](args, extra)
     except UserError as err:
         # One write per line: under mpirun the ranks' lines must not interleave mid-line.
-        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.write(f"{error_line(err)}\n")
         sys.stderr.flush()
         return _end_job(2)
     except KeyboardInterrupt:

@@ -10,3 +10,11 @@ def first_line(err: BaseException) -> str:
     UserError's one line."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def error_line(err: BaseException) -> str:
+    """The one line that reports ``err``: a UserError's message; for anything else (a bug, an
+    environment fault) its type and first line."""
+    if isinstance(err, UserError):
+        return f"error: {err}"
+    return f"error: {type(err).__name__}: {first_line(err)}"

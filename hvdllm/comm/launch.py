@@ -41,6 +41,16 @@ def launched_world_size(environ: dict[str, str] | None = None) -> int:
     return 1
 
 
+def launched_rank(environ: dict[str, str] | None = None) -> int:
+    """This process's rank in its job as the launcher says, read before any communication
+    runtime is initialized; 0 for a plain ``python``/``hvdllm`` command."""
+    env = os.environ if environ is None else environ
+    for name in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 0
+
+
 def mpi_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for launching a new MPI job: the caller's, less any inherited MPI job
     context, plus what Open MPI needs to run as root."""

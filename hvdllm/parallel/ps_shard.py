@@ -30,7 +30,7 @@ class ServerSetup:
     batch_size: int  # samples per worker per clock (load_balance splits workers x this)
     resumed: dict | None  # this server's shard of the checkpoint resumed from, or None
     save: Callable[[int, dict], None]  # write this server's shard of step N
-    end_job: Callable[[], None]  # end every rank of the job (MPI_Abort); never returns
+    end_job: Callable[[str], None]  # record the error line as the run's status, end every rank; never returns
 
 
 # How build_strategy is told to make server k's setup: (the run's Config, layout, k) -> ServerSetup.

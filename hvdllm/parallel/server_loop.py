@@ -110,13 +110,14 @@ class ParameterServer:
         names = ", ".join(f"rank {w}" for w in workers)
         if self.state.ending:
             why = " (worker 0 writes the log and checkpoints)" if self.cfg.parallel.continue_without_dead else ""
-            print(f"error: server {self.index}: worker {names} sent nothing for {timeout:g} s "
-                  f"(parallel.worker_timeout_s): dead or stopped; ending the job{why}", file=sys.stderr, flush=True)
+            line = (f"error: server {self.index}: worker {names} sent nothing for {timeout:g} s "
+                    f"(parallel.worker_timeout_s): dead or stopped; ending the job{why}")
+            print(line, file=sys.stderr, flush=True)
             # Under --enable-recovery MPI_Abort ends only the caller: the workers still heard
             # exit on END first. END is small, so these sends complete locally; none goes to a
             # silent worker, whose link may be down.
             wait_all(self._post(sends))
-            self.setup.end_job()
+            self.setup.end_job(line)
         print(f"warning: server {self.index}: worker {names} sent nothing for {timeout:g} s: going on with "
               f"{len(self.state.live)} workers (parallel.continue_without_dead)", file=sys.stderr, flush=True)
         return sends

@@ -11,6 +11,7 @@ from pathlib import Path
 from hvdllm.atomic import atomic_path
 from hvdllm.errors import UserError
 from hvdllm.paths import path_kind, require_file, require_folder
+from hvdllm.train.status import FAILED, RUNNING, describe_status, read_status
 
 
 # Logged values that report and plots compute with: a number, or null for a non-finite one.
@@ -128,7 +129,7 @@ def summarize(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_report(run_dir: str | Path) -> int:
+def _print_summary(run_dir: str | Path) -> None:
     records = read_metrics(run_dir)
     print(summarize(records))
     if any(r.get("loss") is not None for r in records):
@@ -137,4 +138,37 @@ def run_report(run_dir: str | Path) -> int:
             print(f"plot         {plot_run(records, path)}")
         except OSError as err:  # a read-only run folder: the summary above still stands
             _warn(f"{path}: plot not written: {err.strerror or err}")
+
+
+def run_report(run_dir: str | Path, job_ended: bool = False, since: float = 0.0) -> int:
+    """Print the run's summary, plot and status; the exit status is the run's own: 1 when its
+    status.json says it failed.
+
+    Args:
+        job_ended: the job is over (a launch script asks), so a run still marked running, or
+            with no status written since ``since``, ended without a word (killed): 1 too.
+        since: when the job started (seconds since the epoch): an older status.json is a
+            previous job's in the same run folder.
+    """
+    require_folder(run_dir, "run folder")
+    status = read_status(run_dir)
+    if status is not None and status.get("time", 0.0) < since:
+        status = None
+    if status is None and job_ended:
+        return _ended_without_a_word(run_dir, "no status.json written by this job")
+    if status is None or path_kind(Path(run_dir) / "metrics.jsonl") != "missing":
+        _print_summary(run_dir)  # a run that failed before its first step has no metrics
+    if status is None:
+        return 0
+    print(f"status       {describe_status(status)}")
+    if status["state"] == FAILED:
+        return 1
+    if job_ended and status["state"] == RUNNING:
+        return _ended_without_a_word(run_dir, "status.json still says running")
     return 0
+
+
+def _ended_without_a_word(run_dir: str | Path, said: str) -> int:
+    print(f"error: {run_dir}: the job ended without saying how the run did ({said}): a rank was killed, "
+          f"or the job ended before training started", file=sys.stderr, flush=True)
+    return 1

@@ -8,16 +8,32 @@ import signal
 import sys
 
 from hvdllm import comm
-from hvdllm.comm.launch import launched_world_size
+from hvdllm.comm.launch import launched_rank, launched_world_size
 from hvdllm.config import Config
+from hvdllm.errors import error_line
 from hvdllm.parallel import build_strategy
 from hvdllm.paths import require_writable_folder
 from hvdllm.train.elastic import check_elastic, run_elastic
 from hvdllm.train.server_setup import server_setup
+from hvdllm.train.status import RUNNING, RunStatus
 from hvdllm.train.trainer import Trainer
 
 
 def run_training(cfg: Config) -> int:
+    """Train (or serve), with the run folder's status.json saying how it went: running from
+    the start (a previous job's marker must not speak for this one), then what the rank that
+    knows writes; here, an error that ends this rank."""
+    status = RunStatus(cfg.train.run_dir)
+    if launched_rank() == 0:
+        status.write(RUNNING)
+    try:
+        return _run_training(cfg)
+    except Exception as err:
+        status.failed(error_line(err))
+        raise
+
+
+def _run_training(cfg: Config) -> int:
     ranks = launched_world_size()
     # A bad layout fails here, on every rank, before any init.
     strategy = build_strategy(cfg, ranks, server_setup=server_setup)

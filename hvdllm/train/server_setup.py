@@ -13,6 +13,7 @@ from hvdllm.parallel.ps_protocol import SERVER_SHARD
 from hvdllm.parallel.ps_shard import ServerSetup
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.phases import plan_phases
+from hvdllm.train.status import RunStatus
 from hvdllm.train.warm_start import initial_model
 
 
@@ -33,4 +34,10 @@ def server_setup(cfg: Config, layout: Grid, index: int) -> ServerSetup:
     def save(step: int, state: dict) -> None:
         ckpt.save_checkpoint({**state, **described}, cfg.train.run_dir, step, cfg.checkpoint.keep_last, False, shard)
 
-    return ServerSetup(model, phase.lr, phase.steps, phase.schedule, phase.batch_size, resumed, save, abort_job)
+    def end_job(line: str) -> None:
+        # The exit status of a job aborted under mpirun --enable-recovery says 0: the run
+        # folder's status says the truth.
+        RunStatus(cfg.train.run_dir).failed(line)
+        abort_job(1)
+
+    return ServerSetup(model, phase.lr, phase.steps, phase.schedule, phase.batch_size, resumed, save, end_job)

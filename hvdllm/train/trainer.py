@@ -25,6 +25,7 @@ from hvdllm.train.evaluate import evaluate
 from hvdllm.train.inputs import RunInputs, check_inputs
 from hvdllm.train.metrics import StepResult, banner_lines, peak_flops, print_line, start_run_log, step_record
 from hvdllm.train.phases import Phase, Phases, plan_phases
+from hvdllm.train.status import FINISHED, PREEMPTED, RUNNING, RunStatus
 from hvdllm.train.training_state import MODEL_PARTS, Checkpointer, ModelParts, RankRNG
 from hvdllm.train.warm_start import initial_model
 from hvdllm.train.watchdog import StallWatchdog
@@ -36,6 +37,7 @@ class Trainer:
         self.rank, self.dp_size = strategy.data_rank
         self.is_main = strategy.is_logging_rank
         self.run_dir = Path(cfg.train.run_dir)
+        self.status = RunStatus(self.run_dir)
         self.stop_requested = False
         self.logger, self.watchdog = None, None
         self.hosts: list[str] = []
@@ -117,6 +119,7 @@ class Trainer:
         self.logger = start_run_log(self.run_dir, config_to_toml(self.cfg), self.cfg.log, self.total_steps,
                                     self.step, resumed=resumed)
         self.logger.write("\n".join(banner_lines(self)))
+        self.status.write(RUNNING, self.step)
 
     def adopt_world(self) -> None:
         """After the strategy's world changed (Horovod elastic): this rank's data slice, the
@@ -137,7 +140,7 @@ class Trainer:
         layout = self.strategy.layout
         self.watchdog = StallWatchdog(self.cfg.train.stall_timeout_s, self.strategy.coords.rank, layout.world_size,
                                       awaited=self.strategy.awaited_peers(),
-                                      role=self.strategy.coords.role if layout.servers else "")
+                                      role=self.strategy.coords.role if layout.servers else "", status=self.status)
         try:
             return (loop or self.run_steps)()
         finally:
@@ -172,18 +175,23 @@ class Trainer:
                     self.logger.log(record)
                 self.logger.advance()
             if self.bad_steps_in_row >= cfg.max_bad_steps:
-                self.say(f"error: {self.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps): "
-                         f"stopping; the last good checkpoint is kept in {ckpt.checkpoint_dir(self.run_dir)}")
+                line = (f"error: {self.bad_steps_in_row} non-finite steps in a row (train.max_bad_steps): "
+                        f"stopping; the last good checkpoint is kept in {ckpt.checkpoint_dir(self.run_dir)}")
+                self.say(line)
+                self._record_failure(line)
                 return 1
             stop_early = bool(cfg.early_stop_patience) and self.val_loss.since_best >= cfg.early_stop_patience
             final = self.step == self.total_steps or stop_early or result.stop_requested
             saved = self.checkpointer.save_if_due(self.step, final, improved, self.bad_steps_in_row,
                                                   result.stop_requested)
             self.watchdog.beat(self.step)
-            if final and not saved:
-                return 1  # the end of the run is not on disk: a scheduler must see a failure
+            if final and not saved:  # the end of the run is not on disk: a scheduler must see a failure
+                self._record_failure(f"error: the run's last checkpoint (step {self.step}) was not written "
+                                     f"(the rank that failed to write it said why on stderr)")
+                return 1
             if result.stop_requested:
                 self.say(f"stop requested (SIGTERM or SIGUSR1): checkpoint written at step {self.step}; exiting")
+                self._record(PREEMPTED)
                 return 0
             if stop_early:
                 self.say(f"early stop at step {self.step}: no val improvement in {cfg.early_stop_patience} "
@@ -192,7 +200,17 @@ class Trainer:
             for callback in self.step_callbacks:
                 callback()
         self._finish()
+        self._record(FINISHED)
         return 0
+
+    def _record(self, state: str) -> None:
+        """The run's outcome in its status.json, written by the logging rank (the run folder's)."""
+        if self.is_main:
+            self.status.write(state, self.step)
+
+    def _record_failure(self, line: str) -> None:
+        if self.is_main:
+            self.status.failed(line)
 
     def train_step(self) -> StepResult:
         """One optimizer step (``self.step`` is the caller's to advance): forward and backward

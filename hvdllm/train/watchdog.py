@@ -12,6 +12,7 @@ import threading
 import time
 
 from hvdllm.comm.mpi import abort_job
+from hvdllm.train.status import RunStatus
 
 
 class StallWatchdog:
@@ -22,12 +23,14 @@ class StallWatchdog:
         awaited: whom this rank waits for inside a step (the strategy knows: a parameter-server
             worker waits for its servers, not for the other workers).
         role: this rank's role, named where a job has ranks of several roles ("" otherwise).
+        status: the run's status marker, told of the stall before the job is aborted (an
+            aborted job's exit status may say 0: ``mpirun --enable-recovery``).
     """
 
     def __init__(self, timeout_s: float, rank: int, world_size: int, awaited: str = "the other ranks",
-                 role: str = "") -> None:
+                 role: str = "", status: RunStatus | None = None) -> None:
         self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
-        self.awaited, self.role = awaited, role
+        self.awaited, self.role, self.status = awaited, role, status
         self.step = 0
         self._last = time.monotonic()
         self._paused = False
@@ -72,6 +75,9 @@ class StallWatchdog:
             peers = self.awaited if self.world_size > 1 else "its own step (one rank: a hang inside it)"
             why = (f"completed step {self.step} and has waited {waited:.0f} s for {peers}: a rank that is "
                    f"stopped, hung or on a dead node is behind")
-        sys.stderr.write(f"{where} {why} (train.stall_timeout_s={self.timeout_s:g}); aborting the job\n")
+        line = f"{where} {why} (train.stall_timeout_s={self.timeout_s:g}); aborting the job"
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
+        if self.status is not None:
+            self.status.failed(line)
         abort_job()

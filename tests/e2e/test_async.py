@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers.corpus import clean_env, error_lines, hvdllm_mpi, losses, rank_pids, read_metrics, train_args
+from helpers.corpus import clean_env, error_lines, hvdllm, hvdllm_mpi, losses, rank_pids, read_metrics, train_args
 
 from hvdllm.comm.launch import mpirun_command
 
@@ -194,14 +194,20 @@ def test_continue_without_dead_goes_on_with_the_live_workers(data, tmp_path, set
 
 def test_without_worker_0_the_job_ends_even_under_recovery(data, tmp_path):
     """Worker 0 writes the log and checkpoints: its death ends the job also where MPI_Abort
-    ends only the caller (--enable-recovery): the server tells the other workers to exit."""
-    proc = start_long_run(data, tmp_path / "run", TIMEOUT, "--parallel.continue_without_dead=true", np=4,
-                          recovery=True)
+    ends only the caller (--enable-recovery): the server tells the other workers to exit.
+    mpirun's exit status may say 0 there; the run folder's status.json, and `hvdllm report`'s
+    exit status from it, say the run failed and why."""
+    run_dir = tmp_path / "run"
+    proc = start_long_run(data, run_dir, TIMEOUT, "--parallel.continue_without_dead=true", np=4, recovery=True)
     stderr, seconds = signal_rank_and_wait(proc, 0, signal.SIGKILL)
     assert seconds < 60
-    assert "error: server 0: worker rank 0 sent nothing for 5 s (parallel.worker_timeout_s): dead or stopped; " \
-           "ending the job (worker 0 writes the log and checkpoints)" in stderr, stderr
+    line = ("error: server 0: worker rank 0 sent nothing for 5 s (parallel.worker_timeout_s): dead or stopped; "
+            "ending the job (worker 0 writes the log and checkpoints)")
+    assert line in stderr, stderr
     assert stderr.count("a parameter server ended the job") == 2, stderr
+    assert json.loads((run_dir / "status.json").read_text())["error"] == line
+    report = hvdllm("report", "--job-ended", str(run_dir))
+    assert report.returncode == 1 and f"status       failed: {line}" in report.stdout, report.stdout
 
 
 def test_a_stopped_worker_ends_the_job_naming_it(data, tmp_path):

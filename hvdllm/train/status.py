@@ -1,0 +1,64 @@
+"""A run's status marker, ``RUN_DIR/status.json``: running, finished, preempted or failed (with
+the error line), written atomically by the rank that knows.
+
+It exists because a launcher's exit status can lie: under ``mpirun --enable-recovery`` (which
+parallel.continue_without_dead needs) Open MPI returns 0 even after MPI_Abort(1) or a rank's
+sys.exit(3), and a SIGTERM to mpirun gives 1 for a clean preemption. ``hvdllm report`` and the
+mpi_launch/ scripts read this file and turn it into an exit status that tells the truth.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from hvdllm.atomic import write_json_atomic
+
+STATUS_NAME = "status.json"
+RUNNING, FINISHED, PREEMPTED, FAILED = "running", "finished", "preempted", "failed"
+# States after which no rank of the job trains any more.
+FINAL = (FINISHED, PREEMPTED, FAILED)
+
+
+class RunStatus:
+    """The marker of one run folder; every write replaces the whole file."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / STATUS_NAME
+
+    def write(self, state: str, step: int | None = None, error: str = "") -> None:
+        """Best effort: a run folder that cannot be written must not hide the error being
+        recorded (the rank's own line on stderr still says it)."""
+        record = {"state": state, "step": step, "error": error, "time": time.time()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, record)
+        except OSError:
+            pass
+
+    def failed(self, line: str) -> None:
+        self.write(FAILED, error=line)
+
+
+def read_status(run_dir: str | Path) -> dict | None:
+    """The run's status record, or None when there is none (a run from before the marker, or
+    one that ended before writing it) or it is not a status record."""
+    try:
+        record = json.loads((Path(run_dir) / STATUS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("state") in (RUNNING, *FINAL) else None
+
+
+def describe_status(record: dict) -> str:
+    """The status in a phrase, as ``hvdllm report`` prints it."""
+    state, step = record["state"], record.get("step")
+    if state == PREEMPTED:
+        return f"preempted at step {step}"
+    if state == FINISHED:
+        return f"finished at step {step}"
+    if state == FAILED:
+        return f"failed: {record.get('error') or 'no error line recorded'}"
+    return "running" + (f" (step {step} when last written)" if step is not None else "")
+
