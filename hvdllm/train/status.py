@@ -55,7 +55,7 @@ def describe_status(record: dict) -> str:
     """The status in a phrase, as ``hvdllm report`` prints it."""
     state, step = record["state"], record.get("step")
     if state == PREEMPTED:
-        return f"preempted at step {step}"
+        return f"preempted cleanly at step {step} (checkpoint written; resume with --checkpoint.resume=auto)"
     if state == FINISHED:
         return f"finished at step {step}"
     if state == FAILED:

@@ -11,7 +11,8 @@ from hvdllm.train.status import FINISHED, PREEMPTED, RUNNING, RunStatus, read_st
 
 @pytest.mark.parametrize("state, step, error, code, said", [
     (FINISHED, 20, "", 0, "status       finished at step 20"),
-    (PREEMPTED, 7, "", 0, "status       preempted at step 7"),
+    (PREEMPTED, 7, "", 0, "status       preempted cleanly at step 7 (checkpoint written; resume with "
+                          "--checkpoint.resume=auto)"),
     ("failed", None, "error: server 0: worker rank 0 sent nothing for 5 s", 1,
      "status       failed: error: server 0: worker rank 0 sent nothing for 5 s"),
 ])
