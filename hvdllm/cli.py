@@ -173,6 +173,11 @@ def _cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
         run_dir = cfg.train.run_dir
     elif args.config is not None or extra:
         raise UserError("hvdllm report: give a run folder or a training config, not both")
+    if args.end_left_running is not None:
+        from hvdllm.train.status import end_job_left_running
+
+        end_job_left_running(run_dir, args.end_left_running, args.since, args.grace_s)
+        return 0
     return run_report(run_dir, job_ended=args.job_ended, since=args.since)
 
 
@@ -250,6 +255,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                         help="the job is over: a run still marked running (killed) fails too (for launch scripts)")
     report.add_argument("--since", type=float, default=0.0,
                         help="when the job started (seconds since the epoch): an older status is a previous job's")
+    report.add_argument("--end-left-running", type=int, metavar="PID",
+                        help="for launch scripts: wait while process PID (mpirun) runs; end it if it outlives "
+                             "the run's end by --grace-s (a stopped rank the job went on without holds it)")
+    report.add_argument("--grace-s", type=float, default=60.0, help="see --end-left-running")
     report.set_defaults(takes_overrides=True)
     handlers["report"] = _cmd_report
 

@@ -10,6 +10,9 @@ mpi_launch/ scripts read this file and turn it into an exit status that tells th
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -62,3 +65,31 @@ def describe_status(record: dict) -> str:
         return f"failed: {record.get('error') or 'no error line recorded'}"
     return "running" + (f" (step {step} when last written)" if step is not None else "")
 
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def end_job_left_running(run_dir: str | Path, pid: int, since: float, grace_s: float, poll_s: float = 2.0) -> None:
+    """For launch scripts: wait while process ``pid`` (the job's mpirun) runs, and end it if it
+    still runs ``grace_s`` after the status written since ``since`` became final. Under
+    ``mpirun --enable-recovery`` a rank the job went on without (parallel.continue_without_dead)
+    that is stopped, not dead, never exits, and mpirun waits for it for ever, holding the
+    allocation; a SIGTERM makes mpirun end every rank left."""
+    over_at = None
+    while _alive(pid):
+        status = read_status(run_dir)
+        if status is None or status["state"] not in FINAL or status.get("time", 0.0) < since:
+            over_at = None
+        elif over_at is None:
+            over_at = time.monotonic()
+        elif time.monotonic() - over_at > grace_s:
+            print(f"warning: {run_dir}: the run is {status['state']} but its job still runs {grace_s:g} s later "
+                  f"(a rank it went on without is stopped or hung): ending it", file=sys.stderr, flush=True)
+            os.kill(pid, signal.SIGTERM)
+            return
+        time.sleep(poll_s)

@@ -7,7 +7,9 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,6 +192,45 @@ def test_continue_without_dead_goes_on_with_the_live_workers(data, tmp_path, set
     assert 0 < lost < global_batch if "--parallel.load_balance=true" in settings else lost > 15 * 4
     state = torch.load(run_dir / "checkpoints" / f"step-{last['step']:08d}.pt", weights_only=False)
     assert len(state["rng"]["ranks"]) == 2  # gathered from the live workers only
+
+
+def test_a_stopped_worker_left_behind_does_not_hold_the_launch_script(data, tmp_path):
+    """mpirun --enable-recovery waits for every rank, also a stopped one the job went on
+    without: training finishes, yet mpirun would never exit (holding a batch allocation). The
+    launch script ends it once status.json says finished, and exits 0 with the run's status."""
+    run_dir, hostfile = tmp_path / "run", tmp_path / "hosts"
+    hostfile.write_text("localhost slots=3\n")
+    args = train_args(data, run_dir, *ASYNC, "--parallel.servers=1", "--parallel.max_staleness=1", TIMEOUT,
+                      "--parallel.continue_without_dead=true", "--train.steps=60", "--train.eval_every=0",
+                      "--checkpoint.every=0")
+    env = clean_env(dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                         MPIRUN_FLAGS="--enable-recovery", HVDLLM_END_GRACE_S="3"))
+    script = Path(__file__).resolve().parents[2] / "mpi_launch" / "mpirun.sh"
+    proc = subprocess.Popen(["bash", str(script), "3", str(hostfile), *args[2:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    stopped = None
+    try:
+        wait_for_steps(run_dir, 3)
+        mpirun = subprocess.run(["pgrep", "-P", str(proc.pid), "-x", "mpirun"], capture_output=True, text=True)
+        stopped = rank_pids(int(mpirun.stdout))[1]
+        os.kill(stopped, signal.SIGSTOP)
+        out, err = proc.communicate(timeout=120)
+        left_behind = Path(f"/proc/{stopped}").exists()
+    finally:
+        if stopped is not None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(stopped, sig)
+                except ProcessLookupError:
+                    pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "warning: server 0: worker rank 1 sent nothing for 5 s: going on with 1 workers" in err, err[-3000:]
+    assert "but its job still runs 3 s later (a rank it went on without is stopped or hung): ending it" in err
+    assert "status       finished at step 60" in out, out[-2000:]
+    assert not left_behind  # mpirun ended the stopped rank too
 
 
 def test_without_worker_0_the_job_ends_even_under_recovery(data, tmp_path):

@@ -88,11 +88,13 @@ def train_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
             "--train.threads=1", *overrides]
 
 
-def rank_pids(proc: subprocess.Popen) -> list[int]:
-    """The ranks mpirun ``proc`` started, by rank: each child's OMPI_COMM_WORLD_RANK, since
-    pids wrap around (pid_max is often 32768) and their order is not the launch order."""
+def rank_pids(proc: subprocess.Popen | int) -> list[int]:
+    """The ranks mpirun ``proc`` (or the mpirun of that pid) started, by rank: each child's
+    OMPI_COMM_WORLD_RANK, since pids wrap around (pid_max is often 32768) and their order is
+    not the launch order."""
+    mpirun = proc if isinstance(proc, int) else proc.pid
     ranks = {}
-    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+    for pid in subprocess.run(["pgrep", "-P", str(mpirun)], capture_output=True, text=True).stdout.split():
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:

@@ -1,12 +1,13 @@
 """A run's status.json and what `hvdllm report` makes of it: the exit status a launch script
 passes on, whatever mpirun returned (under --enable-recovery it says 0 for a failed job)."""
 
+import subprocess
 import time
 
 import pytest
 
 from hvdllm.train.report import run_report
-from hvdllm.train.status import FINISHED, PREEMPTED, RUNNING, RunStatus, read_status
+from hvdllm.train.status import FINISHED, PREEMPTED, RUNNING, RunStatus, end_job_left_running, read_status
 
 
 @pytest.mark.parametrize("state, step, error, code, said", [
@@ -37,3 +38,14 @@ def test_an_unwritable_run_folder_loses_the_status_not_the_error(tmp_path):
     RunStatus(tmp_path / "file" / "run").failed("error: something")  # no exception
     assert read_status(tmp_path / "file" / "run") is None
 
+
+def test_a_launcher_that_outlives_the_run_is_ended(tmp_path):
+    launcher = subprocess.Popen(["sleep", "60"])  # mpirun waiting for a stopped rank
+    try:
+        started = time.time()
+        RunStatus(tmp_path).write(FINISHED, 20)
+        end_job_left_running(tmp_path, launcher.pid, since=started - 1, grace_s=0.5, poll_s=0.1)
+        assert launcher.wait(timeout=10) != 0 and time.time() - started < 5
+    finally:
+        launcher.kill()
+        launcher.wait()
