@@ -26,10 +26,14 @@ import torch
 from hvdllm.data.tokenizer import load_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPTConfig
+from hvdllm.paths import require_replaceable
 
 # hvdllm's block names -> GPT-2's, and whether the weight is a Linear's (transposed for Conv1D).
 BLOCK_NAMES = {"ln_1": ("ln_1", False), "attn.qkv": ("attn.c_attn", True), "attn.proj": ("attn.c_proj", True),
                "ln_2": ("ln_2", False), "mlp.fc": ("mlp.c_fc", True), "mlp.proj": ("mlp.c_proj", True)}
+
+
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 def gpt2_config(cfg: GPTConfig) -> dict:
@@ -63,9 +67,7 @@ def export_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_js
     whole or not at all."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists: choose another --out, or add --overwrite to replace it")
+    out = require_replaceable(out, "--out", overwrite, [Path(source)], is_hf_export, "hvdllm export folder")
     if cfg.position != "learned" or not cfg.bias:
         raise UserError(f"{source}: export --format hf writes GPT-2, which has learned positions and biases; this "
                         f"model has model.position={cfg.position!r} and model.bias={cfg.bias}")
@@ -86,6 +88,12 @@ def export_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_js
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def is_hf_export(folder: Path) -> bool:
+    """``folder`` holds what export_hf writes and nothing else."""
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    return "config.json" in names and names <= set(HF_FILES)
 
 
 # GPT-2 config fields whose value must be this for hvdllm's GPT to compute the same function.
@@ -140,7 +148,7 @@ def load_hf(folder: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, str
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in HF_FILES:
         if not (folder / name).is_file():
             raise UserError(f"{folder}: no {name} (a transformers GPT-2 folder has config.json, "
                             f"model.safetensors and tokenizer.json)")

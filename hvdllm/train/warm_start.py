@@ -15,6 +15,7 @@ from hvdllm.data.tokenizer import same_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPT, GPTConfig
 from hvdllm.model.growth import grow_state_dict, growth_problem
+from hvdllm.paths import require_replaceable
 
 HF_PREFIX = "hf:"
 _SHAPE = ("n_layer", "n_head", "d_model", "block_size", "vocab_size", "position", "bias", "tie_weights")
@@ -102,8 +103,8 @@ def grow_checkpoint(spec: str, cfg: Config, out: Path, overwrite: bool) -> tuple
     from hvdllm.model import gpt_config_from
     from hvdllm.train.checkpoint import write_state
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists: choose another --out, or add --overwrite to replace it")
+    read_from = Path(spec.removeprefix(HF_PREFIX))
+    require_replaceable(out, "--out", overwrite, [read_from], is_grown_checkpoint, "hvdllm grow checkpoint")
     source = read_source(spec)
     try:
         target = gpt_config_from(cfg.model, vocab_size=source.cfg.vocab_size)
@@ -115,3 +116,11 @@ def grow_checkpoint(spec: str, cfg: Config, out: Path, overwrite: bool) -> tuple
     write_state({"model": state, "optimizer": {}, "step": 0, "config_toml": config_to_toml(cfg),
                  "model_config": vars(target), "tokenizer_json": source.tokenizer_json}, out)
     return source.cfg, target
+
+
+def is_grown_checkpoint(path: Path) -> bool:
+    """``path`` looks like what grow_checkpoint writes: a checkpoint file with its checksum
+    beside it, outside a run's checkpoints/ folder (whose files are a run's, never grow's)."""
+    from hvdllm.train.checkpoint import checksum_path
+
+    return path.is_file() and checksum_path(path).is_file() and path.parent.name != "checkpoints"

@@ -128,6 +128,8 @@ def run_trial(trial, command: list[str], run_dir: Path, poll_s: float = 0.2) -> 
     validation losses to ``trial`` (an optuna Trial) and stop it once the trial is pruned.
     A Ctrl-C (KeyboardInterrupt) stops the job too, and is raised again."""
     if run_dir.exists():  # left by a study whose storage no longer knows the trial
+        require_replaceable(run_dir, "trial folder", True, [], lambda folder: (folder / LOG_NAME).is_file(),
+                            "hvdllm tune trial folder")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     follower = MetricsFollower(run_dir / "metrics.jsonl")

@@ -107,6 +107,26 @@ def test_grow_writes_a_checkpoint_that_init_from_reads(data, small, small_loss, 
     assert again.returncode != 0 and "add --overwrite" in error_lines(again)[0]
 
 
+def test_grow_overwrite_never_replaces_its_source_or_a_run(data, small, tmp_path):
+    """--overwrite replaces an earlier grown checkpoint only: not the source it reads (nor its
+    folder), nor a file hvdllm did not write."""
+    source_bytes = small.read_bytes()
+    mine = tmp_path / "mine.pt"
+    mine.write_text("keep")
+    for out, culprit in ((small, "which this command reads"), (small.parent, "which this command reads"),
+                         (mine, "not an earlier hvdllm grow checkpoint")):
+        result = hvdllm("grow", "--from", str(small), "--out", str(out), "--overwrite", "--config", NANO,
+                        *WIDER_AND_DEEPER)
+        assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+        assert culprit in error_lines(result)[0]
+    assert small.read_bytes() == source_bytes and mine.read_text() == "keep"
+    grown = tmp_path / "grown.pt"
+    for _ in range(2):  # the second time an earlier grown checkpoint is replaced
+        result = hvdllm("grow", "--from", str(small), "--out", str(grown), "--overwrite", "--config", NANO,
+                        *WIDER_AND_DEEPER)
+        assert result.returncode == 0, result.stderr
+
+
 def test_init_from_our_hf_export(data, small, small_loss, tmp_path):
     folder = tmp_path / "hf"
     assert hvdllm("export", "--checkpoint", str(small), "--out", str(folder)).returncode == 0
