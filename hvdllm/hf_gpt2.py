@@ -26,7 +26,7 @@ import torch
 from hvdllm.data.tokenizer import load_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPTConfig
-from hvdllm.paths import require_replaceable
+from hvdllm.paths import require_replaceable, require_writable_folder
 
 # hvdllm's block names -> GPT-2's, and whether the weight is a Linear's (transposed for Conv1D).
 BLOCK_NAMES = {"ln_1": ("ln_1", False), "attn.qkv": ("attn.c_attn", True), "attn.proj": ("attn.c_proj", True),
@@ -68,6 +68,7 @@ def export_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_js
     from safetensors.torch import save_file
 
     out = require_replaceable(out, "--out", overwrite, [Path(source)], is_hf_export, "hvdllm export folder")
+    require_writable_folder(out, "--out")
     if cfg.position != "learned" or not cfg.bias:
         raise UserError(f"{source}: export --format hf writes GPT-2, which has learned positions and biases; this "
                         f"model has model.position={cfg.position!r} and model.bias={cfg.bias}")

@@ -15,7 +15,7 @@ from hvdllm.data.tokenizer import same_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPT, GPTConfig
 from hvdllm.model.growth import grow_state_dict, growth_problem
-from hvdllm.paths import require_replaceable
+from hvdllm.paths import require_replaceable, require_writable_folder
 
 HF_PREFIX = "hf:"
 _SHAPE = ("n_layer", "n_head", "d_model", "block_size", "vocab_size", "position", "bias", "tie_weights")
@@ -105,6 +105,7 @@ def grow_checkpoint(spec: str, cfg: Config, out: Path, overwrite: bool) -> tuple
 
     read_from = Path(spec.removeprefix(HF_PREFIX))
     require_replaceable(out, "--out", overwrite, [read_from], is_grown_checkpoint, "hvdllm grow checkpoint")
+    require_writable_folder(out.parent, f"--out {out}: its folder")  # not the temporary name's error
     source = read_source(spec)
     try:
         target = gpt_config_from(cfg.model, vocab_size=source.cfg.vocab_size)

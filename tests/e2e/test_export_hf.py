@@ -72,3 +72,10 @@ def test_overwrite_never_deletes_what_export_did_not_write(data, tmp_path):
         assert str(out) in error_lines(result)[0] and culprit in error_lines(result)[0]
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
+
+def test_an_out_under_a_file_names_the_users_path(data, tmp_path):
+    checkpoint = trained(data, tmp_path / "run")
+    (tmp_path / "file").write_text("x")
+    result = hvdllm("export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "file" / "sub"))
+    assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+    assert str(tmp_path / "file" / "sub") in error_lines(result)[0] and ".tmp-" not in result.stderr

@@ -127,6 +127,14 @@ def test_grow_overwrite_never_replaces_its_source_or_a_run(data, small, tmp_path
         assert result.returncode == 0, result.stderr
 
 
+def test_grow_out_under_a_file_names_the_users_path(small, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "grown.pt"
+    result = hvdllm("grow", "--from", str(small), "--out", str(out), "--config", NANO, *WIDER_AND_DEEPER)
+    assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+    assert str(out) in error_lines(result)[0] and ".tmp-" not in result.stderr
+
+
 def test_init_from_our_hf_export(data, small, small_loss, tmp_path):
     folder = tmp_path / "hf"
     assert hvdllm("export", "--checkpoint", str(small), "--out", str(folder)).returncode == 0
