@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hvdllm.errors import UserError
+from hvdllm.paths import path_kind
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl", ".jsonl.gz")
 PRESETS = ("python-stdlib",)
@@ -75,6 +76,9 @@ def _folder_file_reason(path: Path, folder: Path) -> str:
     JSONL suffix is read; other files are read when their content looks like text."""
     if any(part.startswith(".") for part in path.relative_to(folder).parts):
         return "hidden"  # .git, .venv, editor files: never the corpus
+    kind = path_kind(path)
+    if kind != "file":
+        return kind  # see resolve_inputs
     if path.name.endswith(TEXT_SUFFIXES):
         return ""
     if path.name.endswith(".gz"):
@@ -92,8 +96,9 @@ def _folder_file_reason(path: Path, folder: Path) -> str:
 def resolve_inputs(inputs: list[str], skipped: Skipped | None = None) -> list[Path]:
     """Expand files, folders (their text files, recursively) and globs into a sorted list.
 
-    Files named directly are always read. In folders, files with a known suffix are read and
-    others when their content is text; what is left out is recorded in ``skipped``.
+    Regular files named directly are always read; pipes, sockets and devices never. In
+    folders, files with a known suffix are read and others when their content is text; what
+    is left out is recorded in ``skipped``.
     """
     skipped = skipped if skipped is not None else Skipped()
     files: set[Path] = set()
@@ -102,19 +107,26 @@ def resolve_inputs(inputs: list[str], skipped: Skipped | None = None) -> list[Pa
         if not matches or not all(m.exists() for m in matches):
             raise UserError(f"{item}: no such file or folder")
         for match in matches:
-            if not match.is_dir():
+            kind = path_kind(match)
+            if kind == "file":
                 files.add(match)
-                continue
-            for path in sorted(p for p in match.rglob("*") if p.is_file()):
-                reason = _folder_file_reason(path, match)
-                if reason:
-                    skipped.add(path, reason)
-                else:
-                    files.add(path)
+            elif kind == "folder":
+                _add_folder_files(match, files, skipped)
+            else:
+                skipped.add(match, kind)  # a pipe, a socket, a device: reading one would block or never end
     if not files:
         detail = f"; {skipped.describe()}" if skipped.by_reason else ""
         raise UserError(f"no input files found in {', '.join(inputs)}{detail}")
     return sorted(files)
+
+
+def _add_folder_files(folder: Path, files: set[Path], skipped: Skipped) -> None:
+    for path in sorted(p for p in folder.rglob("*") if not p.is_dir()):
+        reason = _folder_file_reason(path, folder)
+        if reason:
+            skipped.add(path, reason)
+        else:
+            files.add(path)
 
 
 def looks_binary(head: bytes) -> bool:

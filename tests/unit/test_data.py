@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 import random
 import re
 
@@ -412,6 +413,20 @@ def test_folder_files_are_recognised_by_content_and_skips_are_named(tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["stats"]["files"] == 2
     assert (f"skipped 2 files: 1 binary ({corpus / 'image.png'}), 1 hidden ({corpus / '.git' / 'config'})"
             in result.stderr)
+
+
+@pytest.mark.parametrize("name_it", ["directly", "by a glob", "in its folder"])
+def test_a_pipe_is_skipped_and_named_not_read(tmp_path, name_it):
+    """Reading a FIFO blocks until someone writes to it: prepare never opens one."""
+    corpus = make_corpus(tmp_path / "corpus")
+    fifo = corpus / "pipe.txt"
+    os.mkfifo(fifo)
+    inputs = {"directly": [str(corpus / "doc00.txt"), str(fifo)], "by a glob": [str(corpus / "*.txt")],
+              "in its folder": [str(corpus)]}[name_it]
+    result = hvdllm("prepare", *inputs, "--out", str(tmp_path / "out"), "--tokenizer", "byte", "--seq-len", "16",
+                    "--val-fraction", "0", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"1 pipe ({fifo})" in result.stderr
 
 
 def test_folder_of_binaries_says_what_was_skipped(tmp_path):
