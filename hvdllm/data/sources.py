@@ -10,7 +10,7 @@ import glob
 import gzip
 import json
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -36,6 +36,22 @@ class ReadStats:
     replaced_bytes: int = 0  # undecodable bytes replaced with U+FFFD
     bad_json_lines: int = 0
     missing_text: int = 0  # records with a missing or empty text field
+    not_text: int = 0  # records whose text field is a number, a list, an object or null
+    not_text_at: list[str] = field(default_factory=list)  # the first few of them, as "path:line (type)"
+
+    def counts(self) -> dict[str, int]:
+        """The counters, which sum over files and ranks (``not_text_at`` is for messages)."""
+        return {name: value for name, value in asdict(self).items() if isinstance(value, int)}
+
+    def add_not_text(self, path: Path, line_no: int, value: object, examples: int = 3) -> None:
+        self.not_text += 1
+        if len(self.not_text_at) < examples:
+            self.not_text_at.append(f"{path}:{line_no} ({_json_type(value)})")
+
+
+def _json_type(value: object) -> str:
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -183,7 +199,12 @@ def read_documents(index: int, path: Path, text_field: str = "text", strict: boo
             yield Document((index, line_no), prompt + completion, prompt_chars=len(prompt))
             continue
         text = record.get(text_field)
-        if not isinstance(text, str) or not text.strip():
+        if text_field in record and not isinstance(text, str):
+            if strict:
+                raise UserError(f"{path}:{line_no}: {text_field!r} is a JSON {_json_type(text)}, not text")
+            stats.add_not_text(path, line_no, text)
+            continue
+        if not text or not text.strip():
             stats.missing_text += 1
             continue
         yield Document((index, line_no), text)

@@ -233,6 +233,25 @@ def test_bad_jsonl_line_skipped_or_strict(tmp_path):
     assert error_lines(result)[0].startswith(f"error: {corpus / 'records.jsonl'}:{line_no}: not a JSON object")
 
 
+def test_jsonl_text_that_is_not_a_string_is_counted_as_not_text_with_its_lines(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", files=2)
+    records = corpus / "records.jsonl"
+    first = len(records.read_text().splitlines()) + 1
+    with open(records, "a") as f:
+        for value in (7, ["a", "list"], None, {"a": 1}, ""):
+            f.write(json.dumps({"text": value}) + "\n")
+    result = hvdllm("prepare", str(corpus), "--out", str(tmp_path / "out"), "--tokenizer", "byte", "--seq-len", "16",
+                    "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((tmp_path / "out" / "manifest.json").read_text())["stats"]
+    assert stats["not_text"] == 4 and stats["missing_text"] == 1
+    assert (f"4 JSONL record(s) whose 'text' is not text, skipped: {records}:{first} (number), "
+            f"{records}:{first + 1} (array), {records}:{first + 2} (null), ..." in result.stderr)
+    assert "1 empty, 4 not text" in result.stdout
+    result = hvdllm("prepare", str(corpus), "--strict", "--out", str(tmp_path / "strict"))
+    assert error_lines(result) == [f"error: {records}:{first}: 'text' is a JSON number, not text"]
+
+
 @pytest.fixture
 def dataset(tmp_path):
     make_corpus(tmp_path / "corpus", files=6)
