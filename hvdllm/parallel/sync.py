@@ -137,6 +137,8 @@ class HorovodDataParallel(ParallelStrategy):
         rule_state = self.update_rule.state_dict()
         if rule_state is not None:
             state["update_rule"] = rule_state
+        if self.update_rule.replicas_differ:
+            state["layout"]["replicas_differ"] = True  # every rank wrote its own file (checkpoint_shard)
         return state
 
     def load_state_dict(self, model: nn.Module, optimizer, state: dict) -> None:

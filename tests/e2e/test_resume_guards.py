@@ -80,6 +80,16 @@ def test_another_number_of_data_ranks_continues_at_the_same_sample(data, tmp_pat
     assert "stopped at sample 24 of epoch 0" in line and "global batch 16" in line
 
 
+def test_a_corrupt_parameter_server_shard_falls_back(data, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(data, run, "--parallel.strategy=async", "--parallel.servers=1", "--checkpoint.every=2")
+    assert hvdllm_mpi(2, *args, "--train.steps=4").returncode == 0
+    _poison_largest_tensor(run / "checkpoints" / "step-00000004.stage-1000.pt")
+    resumed = hvdllm_mpi(2, *args, "--train.steps=6", "--checkpoint.resume=auto", timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {run / 'checkpoints' / 'step-00000002.pt'} at step 2" in resumed.stdout
+
+
 def test_resume_auto_says_what_it_did(data, tmp_path):
     fresh = hvdllm(*train_args(data, tmp_path / "fresh", "--train.steps=2", "--checkpoint.resume=auto"))
     assert fresh.returncode == 0, fresh.stderr
