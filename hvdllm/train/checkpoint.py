@@ -192,11 +192,17 @@ def check_shard(path: Path, checksum_required: bool) -> None:
 
 
 def resume_state(cfg, run_dir: Path, model_config: dict, tokenizer_json: str,
-                 say: Callable[[str], None], shard: int = 0) -> tuple[Path | None, dict | None]:
-    """The checkpoint ``checkpoint.resume`` asks for (pipeline stage ``shard``'s file of it),
-    checked against this run's model and tokenizer; refuses to start a fresh run over a run
-    folder that holds checkpoints. ``say`` prints a note on the logging rank."""
+                 say: Callable[[str], None], shard: int,
+                 layout_problem: Callable[[dict], str]) -> tuple[Path | None, dict | None]:
+    """The checkpoint ``checkpoint.resume`` asks for (shard ``shard``'s file of it), checked
+    against this run's model and tokenizer, and with ``layout_problem`` (the strategy's: what
+    keeps this run's layout from taking the checkpoint's, "" if nothing) against its layout,
+    on every rank before any reads a file another layout lacks; refuses to start a fresh run
+    over a run folder that holds checkpoints. ``say`` prints a note on the logging rank."""
     path, state = resolve_resume(cfg.checkpoint.resume, run_dir)
+    problem = "" if state is None else layout_problem(state.get("layout", {}))
+    if problem:
+        raise UserError(f"{path}: {problem}")
     if state is not None and shard:
         first_step, path = state["step"], shard_path(path, shard)
         state = load_checkpoint(path)
