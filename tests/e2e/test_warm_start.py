@@ -165,6 +165,21 @@ def test_init_from_a_gpt2_made_by_transformers(data, tmp_path):
         assert (ours(ids)[0] - theirs(ids).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("field, value, culprit", [
+    ("n_layer", 1, "model.safetensors holds h.1."),  # a trained layer would be dropped
+    ("n_layer", 3, "no tensor h.2.ln_1.weight"),
+    ("n_embd", 64, ", 32), but config.json's model (n_layer=2, n_embd=64"),
+])
+def test_an_hf_config_that_contradicts_its_weights_is_one_line(data, small, tmp_path, field, value, culprit):
+    folder = tmp_path / "hf"
+    assert hvdllm("export", "--checkpoint", str(small), "--out", str(folder)).returncode == 0
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, field: value, "n_head": 2}))
+    result = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=1", f"--train.init_from=hf:{folder}"))
+    assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+    assert culprit in error_lines(result)[0] and "grow" not in error_lines(result)[0]
+
+
 def test_bad_sources_are_one_line(data, small, tmp_path):
     def refused(*overrides) -> str:
         result = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=1", *overrides))
