@@ -298,6 +298,26 @@ def test_token_id_beyond_vocab(dataset):
     assert any("token id 300" in p for p in verify_folder(dataset))
 
 
+def test_a_shard_header_declaring_more_than_its_file_holds_is_named(dataset):
+    """A 6 KB file whose header says (10**12, 17), and a manifest that agrees: refused by its
+    name before anything is read, by the loader and by verify alike."""
+    shard = dataset / "train-00000.h5"
+    shard.unlink()
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    with h5py.File(shard, "w") as f:
+        f.attrs.update(format_version=1, seq_len=16, vocab_size=manifest["vocab_size"],
+                       tokenizer_sha256=manifest["tokenizer"]["sha256"])
+        f.create_dataset("tokens", shape=(10**12, 17), dtype=np.uint16, chunks=(1024, 17))  # no chunk written
+    manifest["shards"][0]["samples"] = 10**12
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    message = f"{shard}: dataset 'tokens' declares shape (1000000000000, 17)"
+    with pytest.raises(UserError, match=re.escape(message)):
+        ShardedSamples(dataset, "train")
+    assert any(p.startswith(message) for p in verify_folder(dataset))
+    result = hvdllm("verify", str(dataset))
+    assert result.returncode == 1 and message in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
 def test_missing_manifest_and_checksum(dataset):
     shard = dataset / "val-00000.h5"
     with h5py.File(shard, "r+") as f:
