@@ -102,6 +102,7 @@ def grow_checkpoint(spec: str, cfg: Config, out: Path, overwrite: bool) -> tuple
     from hvdllm.config import config_to_toml
     from hvdllm.model import gpt_config_from
     from hvdllm.train.checkpoint import write_state
+    from hvdllm.train.inputs import check_model_fits  # it imports this module
 
     read_from = Path(spec.removeprefix(HF_PREFIX))
     require_replaceable(out, "--out", overwrite, [read_from], is_grown_checkpoint, "hvdllm grow checkpoint")
@@ -111,6 +112,7 @@ def grow_checkpoint(spec: str, cfg: Config, out: Path, overwrite: bool) -> tuple
         target = gpt_config_from(cfg.model, vocab_size=source.cfg.vocab_size)
     except ValueError as err:
         raise UserError(str(err)) from None
+    check_model_fits(target, torch.device("cpu"))
     torch.manual_seed(cfg.train.seed)
     state = grow_into(spec, source, GPT(target), cfg.train.seed)
     out.parent.mkdir(parents=True, exist_ok=True)

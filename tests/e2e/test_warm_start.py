@@ -135,6 +135,14 @@ def test_grow_out_under_a_file_names_the_users_path(small, tmp_path):
     assert str(out) in error_lines(result)[0] and ".tmp-" not in result.stderr
 
 
+def test_grow_refuses_a_model_too_large_to_build_before_building_it(small, tmp_path):
+    result = hvdllm("grow", "--from", str(small), "--out", str(tmp_path / "huge.pt"), "--config", NANO,
+                    "--model.n_layer=100000", "--model.d_model=4096", "--model.n_head=32", timeout=60)
+    assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+    assert "model.n_layer=100000, model.d_model=4096" in error_lines(result)[0] and "to build" in result.stderr
+    assert not (tmp_path / "huge.pt").exists()
+
+
 def test_init_from_our_hf_export(data, small, small_loss, tmp_path):
     folder = tmp_path / "hf"
     assert hvdllm("export", "--checkpoint", str(small), "--out", str(folder)).returncode == 0
