@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdllm.comm.launch import job_error_line, mpi_environment, mpirun_command
+from hvdllm.paths import require_replaceable
 from hvdllm.tune.space import override
 
 LOG_NAME = "train.log"  # the job's stdout and stderr, in its run folder
