@@ -210,7 +210,7 @@ def test_a_leftover_trial_folder_is_removed_only_if_a_trial_made_it(tmp_path):
     """A trial folder the study's storage no longer knows is replaced when it holds a trial's
     train.log, never when it holds only a user's files."""
     from hvdllm.errors import UserError
-    from hvdllm.tune.trial import LOG_NAME, run_trial
+    from hvdllm.tune.trial import run_trial
 
     folder = tmp_path / "trial-0000"
     folder.mkdir()
