@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,11 +26,15 @@ import torch
 
 from hvdllm.data.tokenizer import load_tokenizer
 from hvdllm.errors import UserError, first_line
-from hvdllm.model import GPTConfig
+from hvdllm.model import GPT, GPTConfig
+from hvdllm.paths import require_replaceable, require_writable_folder
 
 # hvdllm's block names -> GPT-2's, and whether the weight is a Linear's (transposed for Conv1D).
 BLOCK_NAMES = {"ln_1": ("ln_1", False), "attn.qkv": ("attn.c_attn", True), "attn.proj": ("attn.c_proj", True),
                "ln_2": ("ln_2", False), "mlp.fc": ("mlp.c_fc", True), "mlp.proj": ("mlp.c_proj", True)}
+
+
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 def gpt2_config(cfg: GPTConfig) -> dict:
@@ -63,9 +68,8 @@ def export_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_js
     whole or not at all."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists: choose another --out, or add --overwrite to replace it")
+    out = require_replaceable(out, "--out", overwrite, [Path(source)], is_hf_export, "hvdllm export folder")
+    require_writable_folder(out, "--out")
     if cfg.position != "learned" or not cfg.bias:
         raise UserError(f"{source}: export --format hf writes GPT-2, which has learned positions and biases; this "
                         f"model has model.position={cfg.position!r} and model.bias={cfg.bias}")
@@ -86,6 +90,12 @@ def export_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_js
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def is_hf_export(folder: Path) -> bool:
+    """``folder`` holds what export_hf writes and nothing else."""
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    return "config.json" in names and names <= set(HF_FILES)
 
 
 # GPT-2 config fields whose value must be this for hvdllm's GPT to compute the same function.
@@ -112,9 +122,44 @@ def gpt_config_from_gpt2(config: dict, where: str) -> GPTConfig:
                      tie_weights=config.get("tie_word_embeddings", True))
 
 
+# Buffers older transformers versions saved (the causal mask), and the output embedding a
+# tied model may carry as a copy: not weights a GPT-2 of the config lacks.
+_NOT_WEIGHTS = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
+
+
+def gpt2_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a GPT-2 of ``cfg`` has, unprefixed, with its shape (from a model on the
+    meta device: no memory)."""
+    with torch.device("meta"):
+        state = GPT(cfg).state_dict()
+    return {name.removeprefix("transformer."): tuple(t.shape) for name, t in gpt2_state_dict(state, cfg).items()}
+
+
+def check_against_config(theirs: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> None:
+    """The weights are the model config.json describes: no tensor it has no place for (a layer
+    more would be dropped silently), none missing, each of its shape; else one line naming
+    the first that is not."""
+    shapes = gpt2_shapes(cfg)
+    described = (f"config.json's model (n_layer={cfg.n_layer}, n_embd={cfg.d_model}, n_head={cfg.n_head}, "
+                 f"vocab_size={cfg.vocab_size}, n_positions={cfg.block_size})")
+    extra = [name for name in theirs if name not in shapes and not _NOT_WEIGHTS.match(name)]
+    if extra:
+        raise UserError(f"{where}: model.safetensors holds {extra[0]} ({len(extra)} such tensor(s)), which "
+                        f"{described} has no place for: config.json and the weights disagree")
+    missing = [name for name in shapes if name not in theirs]
+    if missing:
+        raise UserError(f"{where}: no tensor {missing[0]} ({len(missing)} of the GPT-2 tensors missing)")
+    for name, shape in shapes.items():
+        if tuple(theirs[name].shape) != shape:
+            raise UserError(f"{where}: {name} in model.safetensors has shape {tuple(theirs[name].shape)}, but "
+                            f"{described} makes it {shape}: config.json and the weights disagree")
+
+
 def state_dict_from_gpt2(tensors: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel's (or GPT2Model's, unprefixed) tensors under hvdllm's names and layouts."""
+    """GPT2LMHeadModel's (or GPT2Model's, unprefixed) tensors under hvdllm's names and layouts,
+    once they are checked against ``cfg``."""
     theirs = {name.removeprefix("transformer."): tensor for name, tensor in tensors.items()}
+    check_against_config(theirs, cfg, where)
     wanted = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight",
               "ln_f.bias": "ln_f.bias"}
     linear = set()
@@ -126,9 +171,6 @@ def state_dict_from_gpt2(tensors: dict[str, torch.Tensor], cfg: GPTConfig, where
                 linear.add(f"blocks.{i}.{ours}.weight")
     if not cfg.tie_weights:
         wanted["lm_head.weight"] = "lm_head.weight"
-    missing = [name for name in wanted.values() if name not in theirs]
-    if missing:
-        raise UserError(f"{where}: no tensor {missing[0]} ({len(missing)} of the GPT-2 tensors missing)")
     state = {ours: theirs[name].t() if ours in linear else theirs[name] for ours, name in wanted.items()}
     if cfg.tie_weights:
         state["lm_head.weight"] = state["wte.weight"]
@@ -140,7 +182,7 @@ def load_hf(folder: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, str
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in HF_FILES:
         if not (folder / name).is_file():
             raise UserError(f"{folder}: no {name} (a transformers GPT-2 folder has config.json, "
                             f"model.safetensors and tokenizer.json)")

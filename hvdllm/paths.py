@@ -9,6 +9,7 @@ from __future__ import annotations
 import stat
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from hvdllm.errors import UserError
 
@@ -86,3 +87,39 @@ def require_writable_folder(path: str | Path, what: str) -> Path:
         place = "" if existing == path else f" (cannot be created in {existing})"
         raise UserError(f"{what} {path} is not writable{place}: {err.strerror or err}") from None
     return path
+
+
+def _holds(folder: Path, path: Path) -> bool:
+    """``path`` is ``folder`` or lies inside it (symbolic links followed)."""
+    folder, path = folder.resolve(), path.resolve()
+    return path == folder or folder in path.parents
+
+
+def require_replaceable(out: str | Path, what: str, overwrite: bool, sources: list[Path],
+                        is_earlier_output: Callable[[Path], bool], output: str) -> Path:
+    """``out`` as a Path if a command may write its output there: it does not exist, or
+    ``overwrite`` is given and it is an empty folder or recognisably an earlier ``output`` of
+    the same command (``is_earlier_output``). A command deletes only what it made, so ``out``
+    is never replaced when it holds one of ``sources`` (the run being read, say), whatever
+    ``overwrite`` says; else a UserError naming ``out``.
+
+    Args:
+        what: how the message names it, e.g. "--out".
+        output: what the command writes, e.g. "hvdllm export folder".
+    """
+    out = Path(out)
+    kind = path_kind(out)
+    if kind == "missing":
+        return out
+    for source in sources:
+        if _holds(out, source):
+            raise UserError(f"{what} {out} holds {source}, which this command reads: it is never replaced; "
+                            f"choose another {what}")
+    if not overwrite:
+        raise UserError(f"{out} exists: choose another {what}, or add --overwrite to replace it")
+    if kind == "folder" and not any(out.iterdir()):
+        return out
+    if not is_earlier_output(out):
+        raise UserError(f"{what} {out} is a {kind} that is not an earlier {output}: --overwrite replaces only "
+                        f"what hvdllm wrote there; choose another {what}")
+    return out

@@ -4,7 +4,7 @@ comment, validated in ``__post_init__`` with one line naming the field."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hvdllm.choices import (BALANCE_COSTS, INIT_STRATEGIES, OPTIMIZERS, PARALLEL_STRATEGIES, PIPELINE_SCHEDULES,
@@ -29,6 +29,15 @@ def _at_least(minimum: int, section_obj: Any, section: str, *names: str) -> None
     for name in names:
         value = getattr(section_obj, name)
         _require(value >= minimum, f"{section}.{name}", f"must be >= {minimum}, got {value}")
+
+
+def _finite_floats(section_obj: Any, section: str) -> None:
+    """No float field takes inf or nan: TOML and float() accept them, but a timeout, a rate or
+    a bound of inf passes every ">= 0" check and overflows where it is used."""
+    for f in fields(section_obj):
+        value = getattr(section_obj, f.name)
+        _require(not isinstance(value, float) or math.isfinite(value), f"{section}.{f.name}",
+                 f"must be a finite number, got {value}")
 
 
 @dataclass
@@ -65,6 +74,7 @@ class ModelConfig:
     checkpoint_every: int = 0  # activation checkpointing: 0 off, k = every k-th block
 
     def __post_init__(self) -> None:
+        _finite_floats(self, "model")
         _at_least(0, self, "model", "n_layer", "n_head", "d_model", "block_size", "vocab_size", "checkpoint_every")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _one_of(self.position, "model.position", POSITIONS)
@@ -86,6 +96,7 @@ class OptimConfig:
     fused: str = "auto"
 
     def __post_init__(self) -> None:
+        _finite_floats(self, "optim")
         _one_of(self.name, "optim.name", OPTIMIZERS)
         _one_of(self.fused, "optim.fused", ("auto", "on", "off"))
         _require(self.fused != "on" or self.name == "adamw", "optim.fused",
@@ -111,6 +122,7 @@ class ScheduleConfig:
     plateau_patience: int = 2  # evaluations without improvement before a reduction
 
     def __post_init__(self) -> None:
+        _finite_floats(self, "schedule")
         _one_of(self.name, "schedule.name", SCHEDULES)
         _one_of(self.scale_rule, "schedule.scale_rule", SCALE_RULES)
         _at_least(0, self, "schedule", "warmup_steps")
@@ -173,6 +185,7 @@ class ParallelConfig:
     continue_without_dead: bool = False
 
     def __post_init__(self) -> None:
+        _finite_floats(self, "parallel")
         _one_of(self.strategy, "parallel.strategy", PARALLEL_STRATEGIES)
         _one_of(self.op, "parallel.op", ("average", "adasum"))
         _one_of(self.compression, "parallel.compression", ("none", "fp16"))
@@ -221,11 +234,14 @@ class TrainConfig:
     slowdown_factor: float = 1.0  # its step takes this many times as long
 
     def __post_init__(self) -> None:
+        _finite_floats(self, "train")
         _one_of(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
         _require(self.slowdown_factor >= 1, "train.slowdown_factor", f"must be >= 1, got {self.slowdown_factor}")
         _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
         _at_least(1, self, "train", "steps", "eval_batches", "max_bad_steps")
         _at_least(0, self, "train", "threads", "eval_every", "peak_flops", "stall_timeout_s")
+        # "" would make the current folder the run folder, checkpoints and metrics among the user's files.
+        _require(bool(self.run_dir.strip()), "train.run_dir", "must name a folder, got an empty string")
 
 
 @dataclass
@@ -263,6 +279,7 @@ class PhaseConfig:
     warmup_steps: int = -1
 
     def __post_init__(self) -> None:
+        _finite_floats(self, "phases")
         _at_least(1, self, "phases", "steps")
         _at_least(0, self, "phases", "batch_size", "seq_len", "lr")
         if self.schedule:

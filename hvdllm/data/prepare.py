@@ -105,7 +105,11 @@ def _read_and_clean(my_files, opts: PrepareOptions, stats: Counter, rank: int) -
             else:
                 docs.append(doc)
         bar.set_postfix(docs=len(docs))
-    stats.update({k: v for k, v in asdict(read).items()})
+    stats.update(read.counts())
+    if read.not_text_at:  # one write: ranks must not interleave
+        more = ", ..." if read.not_text > len(read.not_text_at) else ""
+        print(f"warning: {read.not_text} JSONL record(s) whose {opts.text_field!r} is not text, skipped: "
+              f"{', '.join(read.not_text_at)}{more}", file=sys.stderr, flush=True)
     return docs
 
 
@@ -362,7 +366,8 @@ def _manifest(opts, size, vocab_size, tok_sha, dtype, with_mask, all_entries, al
 def print_summary(manifest: dict, file=sys.stdout) -> None:
     st = manifest["stats"]
     print(f"read {st.get('files', 0)} files ({st.get('bytes', 0) / 1e6:.1f} MB, {st.get('records', 0)} records); "
-          f"dropped: {st.get('missing_text', 0)} empty, {st.get('bad_json_lines', 0)} bad JSON, "
+          f"dropped: {st.get('missing_text', 0)} empty, {st.get('not_text', 0)} not text, "
+          f"{st.get('bad_json_lines', 0)} bad JSON, "
           f"{st.get('dropped_short', 0)} short, {st.get('dropped_noisy', 0)} noisy, "
           f"{st.get('exact_duplicates', 0)} exact duplicates, {st.get('near_duplicates', 0)} near duplicates",
           file=file)

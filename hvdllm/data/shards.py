@@ -134,6 +134,11 @@ def open_shard(path: str | Path, manifest: Mapping[str, Any]) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as err:
         raise UserError(f"{path}: not a readable HDF5 shard (truncated or corrupt): {err}") from None
+    try:
+        _check_declared_sizes(f, path)
+    except UserError:
+        f.close()
+        raise
     expected = {"format_version": FORMAT_VERSION, "seq_len": manifest["seq_len"],
                 "vocab_size": manifest["vocab_size"], "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
     for key, want in expected.items():
@@ -146,6 +151,20 @@ def open_shard(path: str | Path, manifest: Mapping[str, Any]) -> h5py.File:
         f.close()
         raise UserError(f"{path}: no dataset 'tokens' of shape (N, {manifest['seq_len'] + 1})")
     return f
+
+
+def _check_declared_sizes(f: h5py.File, path: Path) -> None:
+    """Every dataset fits in the file, as write_shard's uncompressed ones do: a corrupt or
+    forged header declaring (10**12, 33) would otherwise be believed by every reader (an index
+    of 10**12 samples, a read of the whole dataset) and end in a MemoryError naming nothing."""
+    size = path.stat().st_size
+    for name, dataset in f.items():
+        if not isinstance(dataset, h5py.Dataset) or dataset.compression is not None:
+            continue
+        declared = int(np.prod(dataset.shape, dtype=object)) * dataset.dtype.itemsize
+        if declared > size:
+            raise UserError(f"{path}: dataset {name!r} declares shape {dataset.shape} ({declared:,} bytes) in a file "
+                            f"of {size:,} bytes: a corrupt shard header")
 
 
 def verify_folder(folder: str | Path, check_tokens: bool = True) -> list[str]:

@@ -10,11 +10,12 @@ import glob
 import gzip
 import json
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from hvdllm.errors import UserError
+from hvdllm.paths import path_kind
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl", ".jsonl.gz")
 PRESETS = ("python-stdlib",)
@@ -35,6 +36,22 @@ class ReadStats:
     replaced_bytes: int = 0  # undecodable bytes replaced with U+FFFD
     bad_json_lines: int = 0
     missing_text: int = 0  # records with a missing or empty text field
+    not_text: int = 0  # records whose text field is a number, a list, an object or null
+    not_text_at: list[str] = field(default_factory=list)  # the first few of them, as "path:line (type)"
+
+    def counts(self) -> dict[str, int]:
+        """The counters, which sum over files and ranks (``not_text_at`` is for messages)."""
+        return {name: value for name, value in asdict(self).items() if isinstance(value, int)}
+
+    def add_not_text(self, path: Path, line_no: int, value: object, examples: int = 3) -> None:
+        self.not_text += 1
+        if len(self.not_text_at) < examples:
+            self.not_text_at.append(f"{path}:{line_no} ({_json_type(value)})")
+
+
+def _json_type(value: object) -> str:
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -75,6 +92,9 @@ def _folder_file_reason(path: Path, folder: Path) -> str:
     JSONL suffix is read; other files are read when their content looks like text."""
     if any(part.startswith(".") for part in path.relative_to(folder).parts):
         return "hidden"  # .git, .venv, editor files: never the corpus
+    kind = path_kind(path)
+    if kind != "file":
+        return kind  # see resolve_inputs
     if path.name.endswith(TEXT_SUFFIXES):
         return ""
     if path.name.endswith(".gz"):
@@ -92,8 +112,9 @@ def _folder_file_reason(path: Path, folder: Path) -> str:
 def resolve_inputs(inputs: list[str], skipped: Skipped | None = None) -> list[Path]:
     """Expand files, folders (their text files, recursively) and globs into a sorted list.
 
-    Files named directly are always read. In folders, files with a known suffix are read and
-    others when their content is text; what is left out is recorded in ``skipped``.
+    Regular files named directly are always read; pipes, sockets and devices never. In
+    folders, files with a known suffix are read and others when their content is text; what
+    is left out is recorded in ``skipped``.
     """
     skipped = skipped if skipped is not None else Skipped()
     files: set[Path] = set()
@@ -102,19 +123,26 @@ def resolve_inputs(inputs: list[str], skipped: Skipped | None = None) -> list[Pa
         if not matches or not all(m.exists() for m in matches):
             raise UserError(f"{item}: no such file or folder")
         for match in matches:
-            if not match.is_dir():
+            kind = path_kind(match)
+            if kind == "file":
                 files.add(match)
-                continue
-            for path in sorted(p for p in match.rglob("*") if p.is_file()):
-                reason = _folder_file_reason(path, match)
-                if reason:
-                    skipped.add(path, reason)
-                else:
-                    files.add(path)
+            elif kind == "folder":
+                _add_folder_files(match, files, skipped)
+            else:
+                skipped.add(match, kind)  # a pipe, a socket, a device: reading one would block or never end
     if not files:
         detail = f"; {skipped.describe()}" if skipped.by_reason else ""
         raise UserError(f"no input files found in {', '.join(inputs)}{detail}")
     return sorted(files)
+
+
+def _add_folder_files(folder: Path, files: set[Path], skipped: Skipped) -> None:
+    for path in sorted(p for p in folder.rglob("*") if not p.is_dir()):
+        reason = _folder_file_reason(path, folder)
+        if reason:
+            skipped.add(path, reason)
+        else:
+            files.add(path)
 
 
 def looks_binary(head: bytes) -> bool:
@@ -171,7 +199,12 @@ def read_documents(index: int, path: Path, text_field: str = "text", strict: boo
             yield Document((index, line_no), prompt + completion, prompt_chars=len(prompt))
             continue
         text = record.get(text_field)
-        if not isinstance(text, str) or not text.strip():
+        if text_field in record and not isinstance(text, str):
+            if strict:
+                raise UserError(f"{path}:{line_no}: {text_field!r} is a JSON {_json_type(text)}, not text")
+            stats.add_not_text(path, line_no, text)
+            continue
+        if not text or not text.strip():
             stats.missing_text += 1
             continue
         yield Document((index, line_no), text)

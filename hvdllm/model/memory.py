@@ -29,3 +29,14 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, tp: int, checkpointing
     if checkpointing:
         return int(L * 2 * s * b * h + per_layer)
     return int(L * per_layer)
+
+
+def parameter_count(cfg) -> int:
+    """The parameters of hvdllm's GPT of GPTConfig ``cfg`` (tied weights once), from its shape
+    alone: a model too large to build can be refused before it is built."""
+    C, bias = cfg.d_model, cfg.bias
+    # qkv, attention out, MLP in and out (12 C^2), two LayerNorms; biases on all six.
+    block = 12 * C * C + 2 * C + (11 * C if bias else 0)
+    embeddings = cfg.vocab_size * C + (cfg.block_size * C if cfg.position == "learned" else 0)
+    head = 0 if cfg.tie_weights else cfg.vocab_size * C
+    return cfg.n_layer * block + embeddings + head + C + (C if bias else 0)  # + the final LayerNorm

@@ -226,16 +226,31 @@ class ParallelStrategy(ABC):
         layout = {**asdict(self.layout), "cut": self.pipeline_cut()}
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "layout": layout}
 
+    def checkpoint_layout_problem(self, saved: dict) -> str:
+        """Why this run cannot take a checkpoint of layout ``saved`` (its stage 0 file's
+        "layout"), and what can; "" if it can. A pure check, so every rank makes it before any
+        rank reads a file: a model cut into other pieces is refused (its shards hold other
+        blocks, and each stage's optimizer state is its own). Where the blocks are cut is known
+        only once the model is: load_state_dict checks that."""
+        if (saved.get("pipeline", 1), saved.get("tensor", 1)) == (self.layout.pipeline, self.layout.tensor):
+            return ""
+        return self._other_cut(saved, None)
+
+    def _other_cut(self, saved: dict, my_cut: list[int] | None) -> str:
+        stages, cut, tensor = saved.get("pipeline", 1), saved.get("cut"), saved.get("tensor", 1)
+        settings = f"parallel.pipeline={stages}" + (f", parallel.stage_layers={cut}" if cut else "")
+        return (f"checkpoint was cut into {_cut_phrase(stages, cut, tensor)}, this run into "
+                f"{_cut_phrase(self.layout.pipeline, my_cut, self.layout.tensor)}: resume it with {settings}, "
+                f"parallel.tensor={tensor} (on a multiple of {stages * tensor} ranks)")
+
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Load this rank's shard; a checkpoint cut for another pipeline is refused (its
-        shards hold other blocks, and each stage's optimizer state is its own)."""
+        """Load this rank's shard of a checkpoint cut as this run's model is."""
         saved = state.get("layout", {})
-        theirs = (saved.get("pipeline", 1), saved.get("cut"), saved.get("tensor", 1))
-        mine = (self.layout.pipeline, self.pipeline_cut(), self.layout.tensor)
-        if theirs != mine:
-            raise UserError(f"checkpoint was cut into {_cut_phrase(*theirs)}; this run has {_cut_phrase(*mine)}: "
-                            f"resume with the checkpoint's parallel.pipeline, parallel.stage_layers and "
-                            f"parallel.tensor")
+        problem = self.checkpoint_layout_problem(saved)
+        if not problem and saved.get("cut") != self.pipeline_cut():
+            problem = self._other_cut(saved, self.pipeline_cut())
+        if problem:
+            raise UserError(problem)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
@@ -245,6 +260,9 @@ class ParallelStrategy(ABC):
 
 
 def _cut_phrase(stages: int, cut: list[int] | None, tensor: int) -> str:
-    """How a model is cut, in words: "2 pipeline stages of [1, 1] blocks x 2 tensor ranks"."""
+    """How a model is cut, in words: "2 pipeline stages of [1, 1] blocks x 2 tensor ranks",
+    "one piece" (no pipeline, no tensor parallelism)."""
+    if stages == 1 and tensor == 1:
+        return "one piece"
     phrase = f"{stages} pipeline stage{'s' if stages > 1 else ''}" + (f" of {cut} blocks" if cut else "")
     return phrase + (f" x {tensor} tensor ranks" if tensor > 1 else "")

@@ -255,6 +255,9 @@ class ParameterServerWorker(ParallelStrategy):
                            [np.empty(0, dtype=np.uint8)] * servers)
         return {**super().state_dict(model, optimizer), "async": {"servers": servers, "clock": self.clock}}
 
+    def checkpoint_layout_problem(self, saved: dict) -> str:
+        return super().checkpoint_layout_problem(saved) or servers_problem(saved, self.layout.servers)
+
     def load_state_dict(self, model: nn.Module, optimizer, state: dict) -> None:
         saved = state.get("async")
         if saved is None or saved["servers"] != len(self.link.servers):
@@ -287,3 +290,13 @@ def step_header(step: int) -> np.void:
 def step_message(step: int) -> np.ndarray:
     """A DONE, CHECKPOINT or EVALUATE message: its header alone."""
     return encode(step_header(step))
+
+
+def servers_problem(saved: dict, servers: int) -> str:
+    """Why a run with ``servers`` parameter servers cannot take a checkpoint of layout ``saved``
+    (each server resumes from its own file), "" if it can; the same check on workers and servers."""
+    theirs = int(saved.get("servers", 0))
+    if theirs == servers:
+        return ""
+    return (f"the checkpoint was written by {theirs} parameter server(s), this run has {servers}: resume it "
+            f"with parallel.servers={theirs}")

@@ -137,7 +137,21 @@ class HorovodDataParallel(ParallelStrategy):
         rule_state = self.update_rule.state_dict()
         if rule_state is not None:
             state["update_rule"] = rule_state
+        if self.update_rule.replicas_differ:
+            state["layout"]["replicas_differ"] = True  # every rank wrote its own file (checkpoint_shard)
         return state
+
+    def checkpoint_layout_problem(self, saved: dict) -> str:
+        """Replicas that differ were saved one file per rank: only as many ranks can resume them."""
+        problem = super().checkpoint_layout_problem(saved)
+        if problem or not (self.update_rule.replicas_differ and saved.get("replicas_differ")):
+            return problem
+        replicas = int(saved.get("data", 1))
+        if replicas == self.layout.data:
+            return ""
+        ranks = replicas * int(saved.get("pipeline", 1)) * int(saved.get("tensor", 1))
+        return (f"the checkpoint holds {replicas} replicas of parallel.strategy={self.cfg.strategy}, one file per "
+                f"rank: {ranks} ranks saved it, {self.layout.workers} launched; resume it on {ranks} ranks")
 
     def load_state_dict(self, model: nn.Module, optimizer, state: dict) -> None:
         super().load_state_dict(model, optimizer, state)

@@ -18,6 +18,7 @@ from hvdllm.atomic import atomic_path, atomic_write, write_text_atomic
 from hvdllm.data.tokenizer import same_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPTConfig
+from hvdllm.parallel.ps_protocol import SERVER_SHARD
 from hvdllm.parallel.tensor import merge_tensor_shards
 
 _STEP_FILE = re.compile(r"^step-(\d+)(?:\.stage-(\d+))?\.pt$")
@@ -118,11 +119,15 @@ def file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def verify_checksum(path: Path) -> None:
-    """Compare the file with the checksum written beside it (checkpoints of older versions
-    have none and are only checked by loading)."""
+def verify_checksum(path: Path, required: bool = False) -> None:
+    """Compare the file with the checksum written beside it. Checkpoints of older versions
+    have none and are only checked by loading, unless ``required`` (a shard of a checkpoint
+    whose stage 0 file has one: its missing checksum means a lost or foreign file)."""
     stored = checksum_path(path)
     if not stored.is_file():
+        if required:
+            raise UserError(f"{path}: checkpoint shard has no {stored.name}, though its stage 0 file has one: "
+                            f"it cannot be checked")
         return
     expected, actual = stored.read_text().strip(), file_sha256(path)
     if actual != expected:
@@ -130,14 +135,15 @@ def verify_checksum(path: Path) -> None:
                         f"says {expected[:16]}...)")
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load and check a checkpoint; a UserError naming the file if it is corrupt or truncated."""
+def load_checkpoint(path: str | Path, checksum_required: bool = False) -> dict:
+    """Load and check a checkpoint; a UserError naming the file if it is corrupt or truncated
+    (or, when ``checksum_required``, has no checksum beside it)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: checkpoint does not exist")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a checkpoint file")
-    verify_checksum(path)
+    verify_checksum(path, checksum_required)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors, zip errors...
@@ -150,37 +156,53 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def resolve_resume(resume: str, run_dir: str | Path) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from: none, an explicit path (must be sound), or ``auto``: the
-    newest sound step checkpoint of the run (corrupt ones are skipped with a warning)."""
+    """The checkpoint to resume from, with its stage 0 file's state: none, an explicit path
+    (must be sound), or ``auto``: the newest sound step checkpoint of the run (unsound ones are
+    skipped with a warning). Sound means every file of it is there and matches its checksum:
+    every rank reads this, so every rank picks the same step."""
     if not resume:
         return None, None
     if resume != "auto":
-        return Path(resume), load_checkpoint(resume)
+        return Path(resume), load_sound_checkpoint(Path(resume))
     for path in reversed(step_checkpoints(checkpoint_dir(run_dir))):
         try:
-            state = load_checkpoint(path)
-            for shard in range(1, model_shards(state)):
-                check_shard(shard_path(path, shard))  # every rank must pick the same step
-            return path, state
+            return path, load_sound_checkpoint(path)
         except UserError as err:
             sys.stderr.write(f"warning: skipping {err}\n")  # one write: ranks must not interleave
             sys.stderr.flush()
     return None, None
 
 
-def check_shard(path: Path) -> None:
-    """A pipeline stage's checkpoint file is there and matches its checksum."""
+def load_sound_checkpoint(path: Path) -> dict:
+    """Stage 0's state of the checkpoint at ``path`` once each of its other files (see
+    checkpoint_shards) is there and matches its checksum; else a UserError naming the first
+    that does not."""
+    state = load_checkpoint(path)
+    required = checksum_path(path).is_file()
+    for shard in checkpoint_shards(state)[1:]:
+        check_shard(shard_path(path, shard), required)
+    return state
+
+
+def check_shard(path: Path, checksum_required: bool) -> None:
+    """A shard's checkpoint file is there and matches its checksum."""
     if not path.is_file():
         raise UserError(f"{path}: checkpoint shard is missing")
-    verify_checksum(path)
+    verify_checksum(path, checksum_required)
 
 
 def resume_state(cfg, run_dir: Path, model_config: dict, tokenizer_json: str,
-                 say: Callable[[str], None], shard: int = 0) -> tuple[Path | None, dict | None]:
-    """The checkpoint ``checkpoint.resume`` asks for (pipeline stage ``shard``'s file of it),
-    checked against this run's model and tokenizer; refuses to start a fresh run over a run
-    folder that holds checkpoints. ``say`` prints a note on the logging rank."""
+                 say: Callable[[str], None], shard: int,
+                 layout_problem: Callable[[dict], str]) -> tuple[Path | None, dict | None]:
+    """The checkpoint ``checkpoint.resume`` asks for (shard ``shard``'s file of it), checked
+    against this run's model and tokenizer, and with ``layout_problem`` (the strategy's: what
+    keeps this run's layout from taking the checkpoint's, "" if nothing) against its layout,
+    on every rank before any reads a file another layout lacks; refuses to start a fresh run
+    over a run folder that holds checkpoints. ``say`` prints a note on the logging rank."""
     path, state = resolve_resume(cfg.checkpoint.resume, run_dir)
+    problem = "" if state is None else layout_problem(state.get("layout", {}))
+    if problem:
+        raise UserError(f"{path}: {problem}")
     if state is not None and shard:
         first_step, path = state["step"], shard_path(path, shard)
         state = load_checkpoint(path)
@@ -209,6 +231,15 @@ def _text_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def checkpoint_shards(state: dict) -> list[int]:
+    """Every shard of the checkpoint whose stage 0 file holds ``state``, as its layout
+    records it: one per model part; one per worker rank instead when the replicas differ
+    (local SGD: each rank's file is its shard); and one per parameter server."""
+    layout = state.get("layout", {})
+    workers = model_shards(state) * (int(layout.get("data", 1)) if layout.get("replicas_differ") else 1)
+    return list(range(workers)) + [SERVER_SHARD + k for k in range(int(layout.get("servers", 0)))]
+
+
 def model_shards(state: dict) -> int:
     """How many files hold the model of the checkpoint whose first file holds ``state``: one per
     pipeline stage and tensor rank (shard ``stage * tensor + tensor_rank``)."""
@@ -229,7 +260,7 @@ def full_model_state(path: Path, state: dict) -> dict:
                 slices.append(state["model"])
                 continue
             shard_file = shard_path(Path(path), shard)
-            shard_state = load_checkpoint(shard_file)
+            shard_state = load_checkpoint(shard_file, checksum_required=checksum_path(Path(path)).is_file())
             check_same_step(shard_file, shard_state, state["step"])
             slices.append(shard_state["model"])
         merged.update(merge_tensor_shards(slices) if tensor > 1 else slices[0])

@@ -7,8 +7,10 @@ from __future__ import annotations
 from hvdllm.comm.mpi import abort_job
 from hvdllm.config import Config, config_to_toml
 from hvdllm.data.shards import read_manifest, read_tokenizer_json
+from hvdllm.errors import UserError
 from hvdllm.model import gpt_config_from
 from hvdllm.parallel.grid import Grid
+from hvdllm.parallel.param_server import servers_problem
 from hvdllm.parallel.ps_protocol import SERVER_SHARD
 from hvdllm.parallel.ps_shard import ServerSetup
 from hvdllm.train import checkpoint as ckpt
@@ -25,7 +27,10 @@ def server_setup(cfg: Config, layout: Grid, index: int) -> ServerSetup:
     gpt_cfg = gpt_config_from(cfg.model, vocab_size=manifest["vocab_size"])
     phase = plan_phases(cfg, layout.data, manifest["seq_len"], gpt_cfg.block_size)[0]
     tokenizer_json = read_tokenizer_json(cfg.data.path, manifest)
-    path, _ = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.train.run_dir)
+    path, state = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.train.run_dir)
+    problem = "" if state is None else servers_problem(state.get("layout", {}), layout.servers)
+    if problem:
+        raise UserError(f"{path}: {problem}")
     model = initial_model(cfg, gpt_cfg, tokenizer_json, warm_start=path is None)
     shard = SERVER_SHARD + index
     resumed = None if path is None else ckpt.load_checkpoint(ckpt.shard_path(path, shard))

@@ -49,7 +49,8 @@ class Trainer:
         self.gpt_cfg, self.tokenizer_json = inputs.gpt_cfg, inputs.tokenizer_json
         self.shard_seq_len = inputs.shard_seq_len
         resume_path, state = ckpt.resume_state(cfg, self.run_dir, vars(self.gpt_cfg), self.tokenizer_json, self.say,
-                                               shard=strategy.checkpoint_shard)
+                                               shard=strategy.checkpoint_shard,
+                                               layout_problem=strategy.checkpoint_layout_problem)
         self._build(inputs, warm_start=state is None)
         if state is not None:
             self.resume(state)

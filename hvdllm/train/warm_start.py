@@ -15,6 +15,7 @@ from hvdllm.data.tokenizer import same_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPT, GPTConfig
 from hvdllm.model.growth import grow_state_dict, growth_problem
+from hvdllm.paths import require_replaceable, require_writable_folder
 
 HF_PREFIX = "hf:"
 _SHAPE = ("n_layer", "n_head", "d_model", "block_size", "vocab_size", "position", "bias", "tie_weights")
@@ -101,17 +102,28 @@ def grow_checkpoint(spec: str, cfg: Config, out: Path, overwrite: bool) -> tuple
     from hvdllm.config import config_to_toml
     from hvdllm.model import gpt_config_from
     from hvdllm.train.checkpoint import write_state
+    from hvdllm.train.inputs import check_model_fits  # it imports this module
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists: choose another --out, or add --overwrite to replace it")
+    read_from = Path(spec.removeprefix(HF_PREFIX))
+    require_replaceable(out, "--out", overwrite, [read_from], is_grown_checkpoint, "hvdllm grow checkpoint")
+    require_writable_folder(out.parent, f"--out {out}: its folder")  # not the temporary name's error
     source = read_source(spec)
     try:
         target = gpt_config_from(cfg.model, vocab_size=source.cfg.vocab_size)
     except ValueError as err:
         raise UserError(str(err)) from None
+    check_model_fits(target, torch.device("cpu"))
     torch.manual_seed(cfg.train.seed)
     state = grow_into(spec, source, GPT(target), cfg.train.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_state({"model": state, "optimizer": {}, "step": 0, "config_toml": config_to_toml(cfg),
                  "model_config": vars(target), "tokenizer_json": source.tokenizer_json}, out)
     return source.cfg, target
+
+
+def is_grown_checkpoint(path: Path) -> bool:
+    """``path`` looks like what grow_checkpoint writes: a checkpoint file with its checksum
+    beside it, outside a run's checkpoints/ folder (whose files are a run's, never grow's)."""
+    from hvdllm.train.checkpoint import checksum_path
+
+    return path.is_file() and checksum_path(path).is_file() and path.parent.name != "checkpoints"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdllm.comm.launch import job_error_line, mpi_environment, mpirun_command
+from hvdllm.paths import require_replaceable
 from hvdllm.tune.space import override
 
 LOG_NAME = "train.log"  # the job's stdout and stderr, in its run folder
@@ -128,6 +129,8 @@ def run_trial(trial, command: list[str], run_dir: Path, poll_s: float = 0.2) -> 
     validation losses to ``trial`` (an optuna Trial) and stop it once the trial is pruned.
     A Ctrl-C (KeyboardInterrupt) stops the job too, and is raised again."""
     if run_dir.exists():  # left by a study whose storage no longer knows the trial
+        require_replaceable(run_dir, "trial folder", True, [], lambda folder: (folder / LOG_NAME).is_file(),
+                            "hvdllm tune trial folder")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     follower = MetricsFollower(run_dir / "metrics.jsonl")

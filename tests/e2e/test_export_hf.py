@@ -1,5 +1,6 @@
 """``hvdllm export --format hf``: transformers loads the folder and its logits equal hvdllm's;
-a rotary model is refused with one line; an existing folder is kept unless --overwrite."""
+a rotary model is refused with one line; an existing folder is replaced only with --overwrite,
+and only when it is an earlier export."""
 
 import pytest
 import torch
@@ -46,9 +47,35 @@ def test_an_existing_folder_is_kept_without_overwrite(data, tmp_path):
     checkpoint = trained(data, tmp_path / "run")
     out = tmp_path / "hf"
     out.mkdir()
-    (out / "mine.txt").write_text("keep")
     result = hvdllm("export", "--checkpoint", str(checkpoint), "--out", str(out))
     assert result.returncode != 0 and "add --overwrite" in error_lines(result)[0]
-    assert (out / "mine.txt").read_text() == "keep"
+    result = hvdllm("export", "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite")
+    assert result.returncode == 0, result.stderr  # an empty folder is no one's work
+    before = (out / "model.safetensors").stat().st_ino
     assert hvdllm("export", "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite").returncode == 0
-    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").stat().st_ino != before  # an earlier export is replaced
+
+
+def test_overwrite_never_deletes_what_export_did_not_write(data, tmp_path):
+    """Not the run folder it reads, nor a folder holding it, nor a folder with a user's file:
+    each is refused in one line and left as it was."""
+    run = tmp_path / "runs" / "run"
+    checkpoint = trained(data, run)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, culprit in ((run, "which this command reads"), (tmp_path / "runs", "which this command reads"),
+                         (mine, "not an earlier hvdllm export folder")):
+        result = hvdllm("export", "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite")
+        assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+        assert str(out) in error_lines(result)[0] and culprit in error_lines(result)[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_out_under_a_file_names_the_users_path(data, tmp_path):
+    checkpoint = trained(data, tmp_path / "run")
+    (tmp_path / "file").write_text("x")
+    result = hvdllm("export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "file" / "sub"))
+    assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+    assert str(tmp_path / "file" / "sub") in error_lines(result)[0] and ".tmp-" not in result.stderr

@@ -108,7 +108,8 @@ def test_stages_checkpoint_resume_exactly_and_generate_consolidates(data, tmp_pa
     other = hvdllm_mpi(2, *train_args(data, straight, "--train.steps=14", "--checkpoint.resume=auto"), timeout=120)
     lines = error_lines(other)
     assert other.returncode != 0 and len(lines) == 2 and lines[0] == lines[1]
-    assert "checkpoint was cut into 2 pipeline stages of [1, 1] blocks; this run has 1 pipeline stage: " in lines[0]
+    assert ("checkpoint was cut into 2 pipeline stages of [1, 1] blocks, this run into one piece: resume it with "
+            "parallel.pipeline=2, parallel.stage_layers=[1, 1]") in lines[0]
 
 
 @pytest.mark.parametrize("np, overrides, message", [

@@ -80,6 +80,40 @@ def test_another_number_of_data_ranks_continues_at_the_same_sample(data, tmp_pat
     assert "stopped at sample 24 of epoch 0" in line and "global batch 16" in line
 
 
+def test_local_sgd_missing_rank_shard_falls_back_and_more_ranks_are_told_the_layout(data, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(data, run, "--parallel.strategy=local-sgd", "--checkpoint.every=2")
+    assert hvdllm_mpi(2, *args, "--train.steps=4").returncode == 0
+    (run / "checkpoints" / "step-00000004.stage-1.pt").unlink()  # rank 1's file of step 4
+    three = hvdllm_mpi(3, *args, "--train.steps=6", "--checkpoint.resume=auto", timeout=120)
+    lines = error_lines(three)
+    assert three.returncode != 0 and len(lines) == 3 and len(set(lines)) == 1, three.stderr  # every rank
+    assert "2 ranks saved it, 3 launched; resume it on 2 ranks" in lines[0] and "does not exist" not in lines[0]
+    two = hvdllm_mpi(2, *args, "--train.steps=6", "--checkpoint.resume=auto", timeout=120)
+    assert two.returncode == 0, two.stderr
+    assert f"resuming from {run / 'checkpoints' / 'step-00000002.pt'} at step 2" in two.stdout
+
+
+def test_a_corrupt_parameter_server_shard_falls_back(data, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(data, run, "--parallel.strategy=async", "--parallel.servers=1", "--checkpoint.every=2")
+    assert hvdllm_mpi(2, *args, "--train.steps=4").returncode == 0
+    _poison_largest_tensor(run / "checkpoints" / "step-00000004.stage-1000.pt")
+    resumed = hvdllm_mpi(2, *args, "--train.steps=6", "--checkpoint.resume=auto", timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {run / 'checkpoints' / 'step-00000002.pt'} at step 2" in resumed.stdout
+
+
+def test_a_pipeline_checkpoint_on_one_rank_says_what_resumes_it(data, tmp_path):
+    run = tmp_path / "run"
+    assert hvdllm_mpi(2, *train_args(data, run, "--parallel.pipeline=2", "--train.steps=2")).returncode == 0
+    one = hvdllm(*train_args(data, run, "--train.steps=4", "--checkpoint.resume=auto"))
+    (line,) = error_lines(one)
+    assert one.returncode == 2 and "None" not in line
+    assert ("checkpoint was cut into 2 pipeline stages of [1, 1] blocks, this run into one piece: resume it with "
+            "parallel.pipeline=2, parallel.stage_layers=[1, 1], parallel.tensor=1 (on a multiple of 2 ranks)") in line
+
+
 def test_resume_auto_says_what_it_did(data, tmp_path):
     fresh = hvdllm(*train_args(data, tmp_path / "fresh", "--train.steps=2", "--checkpoint.resume=auto"))
     assert fresh.returncode == 0, fresh.stderr

@@ -109,8 +109,9 @@ def test_tensor_shards_checkpoint_resume_exactly_and_generate_consolidates(data,
     other = hvdllm_mpi(2, *train_args(data, straight, VOCAB, "--train.steps=14", "--checkpoint.resume=auto"),
                        timeout=120)
     assert other.returncode != 0 and error_lines(other) == [
-        "error: checkpoint was cut into 1 pipeline stage x 2 tensor ranks; this run has 1 pipeline stage: resume "
-        "with the checkpoint's parallel.pipeline, parallel.stage_layers and parallel.tensor"] * 2
+        f"error: {straight / 'checkpoints' / 'step-00000012.pt'}: checkpoint was cut into 1 pipeline stage x 2 "
+        "tensor ranks, this run into one piece: resume it with parallel.pipeline=1, parallel.tensor=2 (on a "
+        "multiple of 2 ranks)"] * 2
 
 
 def test_tensor_by_pipeline_by_data_on_eight_ranks_gives_the_losses_of_one_rank(data, tmp_path):

@@ -130,6 +130,9 @@ def test_killed_rank_ends_the_job(data, tmp_path):
                                "was launched with 2"),
     (["--parallel.data_parallel=2"], "parallel.data_parallel was replaced by parallel.data"),
     (["--checkpoint.resume=CORRUPT"], "corrupt or truncated checkpoint"),
+    # Tens of TB: refused from its config before anything is built (it was built for minutes, RSS rising).
+    (["--model.n_layer=100000", "--model.d_model=4096", "--model.n_head=32"],
+     "model.n_layer=100000, model.d_model=4096 (20,137,"),
 ])
 def test_bad_settings_fail_every_rank_before_any_collective(data, tmp_path, overrides, message):
     if "--checkpoint.resume=CORRUPT" in overrides:

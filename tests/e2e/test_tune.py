@@ -204,3 +204,18 @@ def test_a_stopped_tuner_stops_its_trial_and_the_next_run_redoes_it(data, tmp_pa
     assert [(r["trial"], r["state"]) for r in table] == [("0", "interrupted"), ("1", "complete")]
     assert table[1]["optim.lr"] == interrupted_lr
     assert not (study / "trial-0000").exists() and trial_metrics(study, 1)[-1]["step"] == STEPS
+
+
+def test_a_leftover_trial_folder_is_removed_only_if_a_trial_made_it(tmp_path):
+    """A trial folder the study's storage no longer knows is replaced when it holds a trial's
+    train.log, never when it holds only a user's files."""
+    from hvdllm.errors import UserError
+    from hvdllm.tune.trial import run_trial
+
+    folder = tmp_path / "trial-0000"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match=f"^trial folder {folder} is a folder that is not an earlier hvdllm tune"):
+        run_trial(None, ["true"], folder)
+    assert (folder / "notes.txt").read_text() == "keep"
+

@@ -107,6 +107,42 @@ def test_grow_writes_a_checkpoint_that_init_from_reads(data, small, small_loss, 
     assert again.returncode != 0 and "add --overwrite" in error_lines(again)[0]
 
 
+def test_grow_overwrite_never_replaces_its_source_or_a_run(data, small, tmp_path):
+    """--overwrite replaces an earlier grown checkpoint only: not the source it reads (nor its
+    folder), nor a file hvdllm did not write."""
+    source_bytes = small.read_bytes()
+    mine = tmp_path / "mine.pt"
+    mine.write_text("keep")
+    for out, culprit in ((small, "which this command reads"), (small.parent, "which this command reads"),
+                         (mine, "not an earlier hvdllm grow checkpoint")):
+        result = hvdllm("grow", "--from", str(small), "--out", str(out), "--overwrite", "--config", NANO,
+                        *WIDER_AND_DEEPER)
+        assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+        assert culprit in error_lines(result)[0]
+    assert small.read_bytes() == source_bytes and mine.read_text() == "keep"
+    grown = tmp_path / "grown.pt"
+    for _ in range(2):  # the second time an earlier grown checkpoint is replaced
+        result = hvdllm("grow", "--from", str(small), "--out", str(grown), "--overwrite", "--config", NANO,
+                        *WIDER_AND_DEEPER)
+        assert result.returncode == 0, result.stderr
+
+
+def test_grow_out_under_a_file_names_the_users_path(small, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "grown.pt"
+    result = hvdllm("grow", "--from", str(small), "--out", str(out), "--config", NANO, *WIDER_AND_DEEPER)
+    assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+    assert str(out) in error_lines(result)[0] and ".tmp-" not in result.stderr
+
+
+def test_grow_refuses_a_model_too_large_to_build_before_building_it(small, tmp_path):
+    result = hvdllm("grow", "--from", str(small), "--out", str(tmp_path / "huge.pt"), "--config", NANO,
+                    "--model.n_layer=100000", "--model.d_model=4096", "--model.n_head=32", timeout=60)
+    assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+    assert "model.n_layer=100000, model.d_model=4096" in error_lines(result)[0] and "to build" in result.stderr
+    assert not (tmp_path / "huge.pt").exists()
+
+
 def test_init_from_our_hf_export(data, small, small_loss, tmp_path):
     folder = tmp_path / "hf"
     assert hvdllm("export", "--checkpoint", str(small), "--out", str(folder)).returncode == 0
@@ -135,6 +171,21 @@ def test_init_from_a_gpt2_made_by_transformers(data, tmp_path):
     ids = torch.randint(0, 258, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(ids)[0] - theirs(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("field, value, culprit", [
+    ("n_layer", 1, "model.safetensors holds h.1."),  # a trained layer would be dropped
+    ("n_layer", 3, "no tensor h.2.ln_1.weight"),
+    ("n_embd", 64, ", 32), but config.json's model (n_layer=2, n_embd=64"),
+])
+def test_an_hf_config_that_contradicts_its_weights_is_one_line(data, small, tmp_path, field, value, culprit):
+    folder = tmp_path / "hf"
+    assert hvdllm("export", "--checkpoint", str(small), "--out", str(folder)).returncode == 0
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, field: value, "n_head": 2}))
+    result = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=1", f"--train.init_from=hf:{folder}"))
+    assert result.returncode != 0 and len(error_lines(result)) == 1, result.stderr
+    assert culprit in error_lines(result)[0] and "grow" not in error_lines(result)[0]
 
 
 def test_bad_sources_are_one_line(data, small, tmp_path):

@@ -55,6 +55,20 @@ def test_out_of_range_names_field():
         load_config(None, ["--optim.name=sgd"])
 
 
+@pytest.mark.parametrize("override", ["--train.stall_timeout_s=inf", "--train.peak_flops=nan",
+                                      "--parallel.worker_timeout_s=inf", "--optim.grad_clip=inf"])
+def test_a_float_field_must_be_finite(override):
+    key = override.split("=")[0].removeprefix("--").replace(".", r"\.")
+    with pytest.raises(ConfigError, match=rf"^{key} must be a finite number"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("run_dir", ["", "  "])
+def test_an_empty_run_dir_is_refused(run_dir):
+    with pytest.raises(ConfigError, match=r"^train\.run_dir must name a folder"):
+        load_config(None, [f"--train.run_dir={run_dir}"])
+
+
 def test_config_loads_without_torch():
     # Config errors and --print-config answer without paying for torch's import.
     code = "import sys, hvdllm.config; assert 'torch' not in sys.modules, 'hvdllm.config imported torch'"

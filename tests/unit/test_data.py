@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 import random
 import re
 
@@ -232,6 +233,25 @@ def test_bad_jsonl_line_skipped_or_strict(tmp_path):
     assert error_lines(result)[0].startswith(f"error: {corpus / 'records.jsonl'}:{line_no}: not a JSON object")
 
 
+def test_jsonl_text_that_is_not_a_string_is_counted_as_not_text_with_its_lines(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", files=2)
+    records = corpus / "records.jsonl"
+    first = len(records.read_text().splitlines()) + 1
+    with open(records, "a") as f:
+        for value in (7, ["a", "list"], None, {"a": 1}, ""):
+            f.write(json.dumps({"text": value}) + "\n")
+    result = hvdllm("prepare", str(corpus), "--out", str(tmp_path / "out"), "--tokenizer", "byte", "--seq-len", "16",
+                    "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((tmp_path / "out" / "manifest.json").read_text())["stats"]
+    assert stats["not_text"] == 4 and stats["missing_text"] == 1
+    assert (f"4 JSONL record(s) whose 'text' is not text, skipped: {records}:{first} (number), "
+            f"{records}:{first + 1} (array), {records}:{first + 2} (null), ..." in result.stderr)
+    assert "1 empty, 4 not text" in result.stdout
+    result = hvdllm("prepare", str(corpus), "--strict", "--out", str(tmp_path / "strict"))
+    assert error_lines(result) == [f"error: {records}:{first}: 'text' is a JSON number, not text"]
+
+
 @pytest.fixture
 def dataset(tmp_path):
     make_corpus(tmp_path / "corpus", files=6)
@@ -276,6 +296,26 @@ def test_token_id_beyond_vocab(dataset):
     with pytest.raises(UserError, match=f"{shard}: token id 300 >= vocab size 258"):
         streamed.rows(np.arange(len(streamed)))
     assert any("token id 300" in p for p in verify_folder(dataset))
+
+
+def test_a_shard_header_declaring_more_than_its_file_holds_is_named(dataset):
+    """A 6 KB file whose header says (10**12, 17), and a manifest that agrees: refused by its
+    name before anything is read, by the loader and by verify alike."""
+    shard = dataset / "train-00000.h5"
+    shard.unlink()
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    with h5py.File(shard, "w") as f:
+        f.attrs.update(format_version=1, seq_len=16, vocab_size=manifest["vocab_size"],
+                       tokenizer_sha256=manifest["tokenizer"]["sha256"])
+        f.create_dataset("tokens", shape=(10**12, 17), dtype=np.uint16, chunks=(1024, 17))  # no chunk written
+    manifest["shards"][0]["samples"] = 10**12
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    message = f"{shard}: dataset 'tokens' declares shape (1000000000000, 17)"
+    with pytest.raises(UserError, match=re.escape(message)):
+        ShardedSamples(dataset, "train")
+    assert any(p.startswith(message) for p in verify_folder(dataset))
+    result = hvdllm("verify", str(dataset))
+    assert result.returncode == 1 and message in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_manifest_and_checksum(dataset):
@@ -412,6 +452,20 @@ def test_folder_files_are_recognised_by_content_and_skips_are_named(tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["stats"]["files"] == 2
     assert (f"skipped 2 files: 1 binary ({corpus / 'image.png'}), 1 hidden ({corpus / '.git' / 'config'})"
             in result.stderr)
+
+
+@pytest.mark.parametrize("name_it", ["directly", "by a glob", "in its folder"])
+def test_a_pipe_is_skipped_and_named_not_read(tmp_path, name_it):
+    """Reading a FIFO blocks until someone writes to it: prepare never opens one."""
+    corpus = make_corpus(tmp_path / "corpus")
+    fifo = corpus / "pipe.txt"
+    os.mkfifo(fifo)
+    inputs = {"directly": [str(corpus / "doc00.txt"), str(fifo)], "by a glob": [str(corpus / "*.txt")],
+              "in its folder": [str(corpus)]}[name_it]
+    result = hvdllm("prepare", *inputs, "--out", str(tmp_path / "out"), "--tokenizer", "byte", "--seq-len", "16",
+                    "--val-fraction", "0", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"1 pipe ({fifo})" in result.stderr
 
 
 def test_folder_of_binaries_says_what_was_skipped(tmp_path):

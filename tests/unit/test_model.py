@@ -8,6 +8,7 @@ import torch
 from hvdllm.choices import INIT_STRATEGIES, POSITIONS
 from hvdllm.config import ModelConfig
 from hvdllm.model import GPT, PRESETS, GPTConfig, gpt_config_from, masked_loss_sums, preset_config
+from hvdllm.model.memory import parameter_count
 
 
 def tiny(**kw) -> GPT:
@@ -105,6 +106,12 @@ def test_masked_loss_sums():
     assert (loss_sum.item(), tokens.item(), correct.item()) == pytest.approx((each.sum().item(), 3, 2))
     loss_sum, tokens, correct = masked_loss_sums(logits, targets, torch.tensor([[0, 1, 1]]))
     assert (loss_sum.item(), tokens.item(), correct.item()) == pytest.approx((each[1:].sum().item(), 2, 1))
+
+
+@pytest.mark.parametrize("shape", [{}, {"tie_weights": False}, {"bias": False}, {"position": "rope"}])
+def test_parameter_count_from_the_config_is_the_models(shape):
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, d_model=8, **shape)
+    assert parameter_count(cfg) == GPT(cfg).num_params()
 
 
 def test_model_config_declares_every_gpt_config_field():
