@@ -77,9 +77,6 @@ def check_tensor_layout(cfg, layout: Grid) -> None:
         raise UserError(str(err)) from None
     if n_head % t:
         raise UserError(f"parallel.tensor={t} must divide model.n_head={n_head}: each rank takes whole heads")
-    if cfg.optim.name == "adafactor":
-        raise UserError(f"parallel.tensor={t} with optim.name=adafactor: its factored second moments (means over "
-                        f"rows and columns of whole matrices) are not reduced over the tensor group; use adamw or lamb")
     if layout.devices:
         raise UserError("parallel.tensor > 1 and parallel.devices cannot be combined: choose one")
 

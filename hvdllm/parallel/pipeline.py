@@ -12,6 +12,7 @@ import time
 import torch
 from torch import nn
 
+from hvdllm.optim.adafactor import Adafactor
 from hvdllm.optim.lamb import Lamb
 from hvdllm.parallel.precision import Precision
 from hvdllm.comm.groups import HorovodReduction
@@ -20,7 +21,7 @@ from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, S
                                        build_schedule, stage_rank)
 from hvdllm.parallel.stage_model import GPTStage, cut_model, plan_cut
 from hvdllm.parallel.sync import HorovodDataParallel
-from hvdllm.parallel.tensor import SEQUENCE_ATTRIBUTE, SPLIT_ATTRIBUTE, apply_tensor_parallel
+from hvdllm.parallel.tensor import SEQUENCE_ATTRIBUTE, TensorGroupSplit, apply_tensor_parallel, split_dim
 
 
 # MPI guarantees tags up to 32767: a transfer to a rank's c-th stage of micro-batch i uses
@@ -137,17 +138,11 @@ class ModelParallel(HorovodDataParallel):
         return self.coords.is_last_stage and self.coords.tensor_rank == 0
 
     def wrap_optimizer(self, optimizer, model: nn.Module):
-        if isinstance(optimizer, Lamb) and self.layout.tensor > 1:
-            optimizer.reduce_norms = self._whole_tensor_squares  # trust ratios from whole tensors
-        return super().wrap_optimizer(optimizer, model)
-
-    def _whole_tensor_squares(self, params: list[torch.Tensor], squared: torch.Tensor) -> torch.Tensor:
-        """Collective in the tensor group: squared norms (2, n) of ``params``, summed over the
-        group where a parameter is split."""
-        split = torch.tensor([getattr(p, SPLIT_ATTRIBUTE, False) for p in params])
-        if split.any():
-            squared[:, split] = self.tensor_group.allreduce_(squared[:, split].contiguous())
-        return squared
+        # After wrapping: Horovod's DistributedOptimizer is a new instance of the optimizer's class.
+        optimizer = super().wrap_optimizer(optimizer, model)
+        if self.layout.tensor > 1 and isinstance(optimizer, (Lamb, Adafactor)):  # statistics of whole tensors
+            optimizer.split = TensorGroupSplit(self.tensor_group)
+        return optimizer
 
     @property
     def backward_passes_per_step(self) -> int:
@@ -244,8 +239,8 @@ class ModelParallel(HorovodDataParallel):
         tied_copy = self._tied_parameter() if self.stage.is_last else None
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         counted = [p for p in model.parameters() if p.grad is not None and p is not tied_copy]
-        split = [p for p in counted if getattr(p, SPLIT_ATTRIBUTE, False)]
-        replicated = [p for p in counted if not getattr(p, SPLIT_ATTRIBUTE, False)]
+        split = [p for p in counted if split_dim(p) is not None]
+        replicated = [p for p in counted if split_dim(p) is None]
         stage_sum = self.tensor_group.sum(squares(split)) + squares(replicated)
         total = self.groups.group(("pipeline",)).sum(stage_sum)
         norm = math.sqrt(total)  # inf or nan when a gradient is: the step is then skipped
