@@ -14,6 +14,7 @@ given to :func:`hvdllm.comm.init` at once, by every rank, in the same order.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
@@ -106,10 +107,24 @@ class HorovodReduction:
         return self.allreduce_(torch.tensor([value], dtype=torch.float64)).item()
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """As :meth:`Group.all_gather`."""
+        """As :meth:`Group.all_gather`, but the members' first dimensions may differ."""
         if self.size == 1:
             return tensor
         return self.hvd.allgather(_wide(tensor).contiguous(), process_set=self.group.process_set).to(tensor.dtype)
+
+    def all_gather_state(self, state: dict) -> list[dict]:
+        """Collective: every member's ``state`` (tensors, numbers, strings; torch.save's format,
+        read back with weights_only), in member order. Horovod's own allgather_object knows no
+        process sets."""
+        if self.size == 1:
+            return [state]
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        mine = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        lengths = self.hvd.allgather(torch.tensor([mine.numel()]), process_set=self.group.process_set).tolist()
+        everyone = self.hvd.allgather(mine, process_set=self.group.process_set)
+        return [torch.load(io.BytesIO(part.numpy().tobytes()), weights_only=True)
+                for part in everyone.split(lengths)]
 
     def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
         """As :meth:`Group.reduce_scatter`."""

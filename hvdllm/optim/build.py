@@ -55,3 +55,9 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float | None = None) -> tor
         # hvdllm's own, as torch's, but its statistics can span a tensor-parallel group.
         return Adafactor(groups, lr=lr, beta2_decay=-0.8)
     raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}; got {optim_cfg.name!r}")
+
+
+def state_bytes_held(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this rank holds now (under ZeRO, its own share)."""
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if torch.is_tensor(value))

@@ -53,6 +53,10 @@ def choose_update_rule(cfg, layout: Grid):
 
         check_local_sgd_layout(cfg, layout)
         return LocalSGDUpdate  # on one rank too: the outer optimizer still acts
+    if parallel.zero:
+        from hvdllm.parallel.zero import ShardedUpdate
+
+        return ShardedUpdate if layout.world_size > 1 else None
     if parallel.op == "adasum":
         from hvdllm.parallel.adasum import AdasumUpdate, check_adasum_layout
 

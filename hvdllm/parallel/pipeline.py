@@ -14,6 +14,7 @@ from torch import nn
 
 from hvdllm.optim.adafactor import Adafactor
 from hvdllm.optim.lamb import Lamb
+from hvdllm.parallel.gradients import clip_to_norm, squares
 from hvdllm.parallel.precision import Precision
 from hvdllm.comm.groups import HorovodReduction
 from hvdllm.comm.p2p import MpiTransport
@@ -104,11 +105,6 @@ class PipelineExecutor:
         if self.transport is not None:  # None when every stage is on this rank
             self.transport.wait_sends()
         return losses
-
-
-def squares(params: list[nn.Parameter]) -> float:
-    """The sum of the squares of the parameters' gradients, in float64."""
-    return sum(p.grad.detach().double().square().sum().item() for p in params)
 
 
 class ModelParallel(HorovodDataParallel):
@@ -241,14 +237,9 @@ class ModelParallel(HorovodDataParallel):
         counted = [p for p in model.parameters() if p.grad is not None and p is not tied_copy]
         split = [p for p in counted if split_dim(p) is not None]
         replicated = [p for p in counted if split_dim(p) is None]
-        stage_sum = self.tensor_group.sum(squares(split)) + squares(replicated)
+        stage_sum = self.update_rule.sum_squares(self.tensor_group.sum(squares(split)) + squares(replicated))
         total = self.groups.group(("pipeline",)).sum(stage_sum)
-        norm = math.sqrt(total)  # inf or nan when a gradient is: the step is then skipped
-        coefficient = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-        if coefficient < 1.0:
-            for grad in grads:
-                grad.mul_(coefficient)
-        return self.update_rule.agree_norm(norm)
+        return self.update_rule.agree_norm(clip_to_norm(grads, math.sqrt(total), max_norm))
 
     def update(self, optimizer, model: nn.Module, precision: Precision, max_norm: float,
                nonfinite: bool) -> tuple[float, bool]:
