@@ -18,9 +18,11 @@ Formulas and sources:
   dividing the heads) x pipeline stages (dividing the layers), as Megatron-LM lays out GPT-3
   (Narayanan et al. 2021); data parallelism (Horovod allreduce) keeps a full replica per group.
 - Activations per GPU per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation
-  in Large Transformer Models", eq. 2 with tensor parallel degree t, no sequence parallelism):
-  ``s b h (10 + 24 / t + 5 a s / (h t))`` bytes; with full activation checkpointing only each
-  layer's fp16 input is kept, ``2 s b h`` bytes, plus one layer's worth while recomputing.
+  in Large Transformer Models", eq. 2 with tensor parallel degree t): ``s b h (10 + 24 / t +
+  5 a s / (h t))`` bytes; with sequence parallelism (``--sequence-parallel``, eq. 4) the
+  LayerNorm and dropout regions are split too: ``s b h (34 / t + 5 a s / (h t))``. With full
+  activation checkpointing only each layer's fp16 input is kept, ``2 s b h`` bytes (``/ t``
+  with sequence parallelism), plus one layer's worth while recomputing.
   With a 1F1B pipeline schedule the first stage holds p micro-batches of L / p layers, so the
   per-GPU total stays that of L layers whatever the pipeline degree (ibid., section 4.2).
 - Wall time: ``train_flops / (gpus x peak FLOP/s x MFU)``.
@@ -61,6 +63,7 @@ class PlanInputs:
     balance: str = "memory"  # what that cut evens out: params | flops | memory
     schedule: str = "1f1b"  # the pipeline schedule whose table is printed (parallel.schedule)
     micro_batches: int = 0  # pipeline micro-batches per batch (parallel.micro_batches); 0 = the stages
+    sequence_parallel: bool = False  # parallel.sequence_parallel: activations split along the sequence too
 
 
 def meta_model(name: str) -> GPT:
@@ -84,8 +87,8 @@ def memory_per_gpu(model: GPT, inputs: PlanInputs, seq_len: int, mp: int) -> dic
     tp, pp = split_model(mp, cfg)
     weights, grads = 2 * n_total / mp, 2 * n_total / mp
     optim = {name: optimizer_state_bytes(model, name) / mp for name in OPTIMIZERS}
-    acts = {"no_checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, False),
-            "checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, True)}
+    acts = {"no_checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, False, inputs.sequence_parallel),
+            "checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, True, inputs.sequence_parallel)}
     chosen_acts = acts["checkpointing" if inputs.checkpointing else "no_checkpointing"]
     total = {name: int(weights + grads + optim[name] + chosen_acts) for name in OPTIMIZERS}
     return {"model_parallel": mp, "tensor_parallel": tp, "pipeline_parallel": pp,
@@ -139,9 +142,10 @@ def build_plan(inputs: PlanInputs) -> dict:
         "memory_per_gpu": chosen,
         "assumptions": {"gpu_mem_gb": inputs.gpu_mem_gb, "micro_batch": inputs.micro_batch, "seq_len": seq_len,
                         "precision": "bf16/fp16 weights and gradients, fp32 optimizer state",
-                        "checkpointing": inputs.checkpointing, "mfu": inputs.mfu},
+                        "checkpointing": inputs.checkpointing, "sequence_parallel": inputs.sequence_parallel,
+                        "mfu": inputs.mfu},
         "fit": fit_advice(inputs, cfg, fits, chosen["total"][inputs.optimizer] <= limit),
-        "trainer": trainer_support(chosen, inputs.optimizer),
+        "train_overrides": train_overrides(chosen, inputs),
         "tensor_traffic": tensor_parallel_traffic(cfg, inputs, seq_len, chosen["tensor_parallel"],
                                                   chosen["pipeline_parallel"]),
         "gpu_mem_bytes": int(limit),
@@ -176,14 +180,13 @@ def pipeline_cut(inputs: PlanInputs, cfg, seq_len: int) -> dict:
                          "table": schedule_table(schedule)}}
 
 
-def trainer_support(layout: dict, optimizer: str) -> dict:
-    """Whether ``hvdllm train`` can run a layout of :func:`build_plan` (parallel.tensor,
-    parallel.pipeline, parallel.data), and why not."""
-    why_not = []
-    if layout["tensor_parallel"] > 1 and optimizer == "adafactor":
-        why_not.append(f"tensor parallel {layout['tensor_parallel']} with adafactor: its factored moments are not "
-                       f"reduced over the tensor group (use adamw or lamb)")
-    return {"runnable": not why_not, "why_not": why_not}
+def train_overrides(layout: dict, inputs: PlanInputs) -> list[str]:
+    """The ``hvdllm train`` flags that run a layout of :func:`build_plan`."""
+    flags = [f"--parallel.tensor={layout['tensor_parallel']}", f"--parallel.pipeline={layout['pipeline_parallel']}",
+             f"--parallel.data={layout['data_parallel']}"]
+    if inputs.sequence_parallel and layout["tensor_parallel"] > 1:
+        flags.append("--parallel.sequence_parallel=true")
+    return flags
 
 
 def tensor_parallel_traffic(cfg, inputs: PlanInputs, seq_len: int, tp: int, pp: int) -> dict:
@@ -249,7 +252,8 @@ def format_plan(plan: dict) -> str:
         "",
         f"memory per GPU at model-parallel {mem['model_parallel']} (tensor {mem['tensor_parallel']} x "
         f"pipeline {mem['pipeline_parallel']}) x data-parallel {mem['data_parallel']}, "
-        f"mixed precision, activations {ckpt} checkpointing:",
+        f"mixed precision, activations {ckpt} checkpointing"
+        f"{', split along the sequence' if plan['assumptions']['sequence_parallel'] else ''}:",
         f"  {'':<12}{'weights':>12}{'gradients':>12}{'optimizer':>12}{'activations':>13}{'total':>12}"
         f"{'fits':>6}{'min MP':>8}",
     ]
@@ -271,10 +275,7 @@ def format_plan(plan: dict) -> str:
         rows += [f"  tensor parallel {mem['tensor_parallel']}: {traffic['all_reduces_per_micro_batch']} all-reduces "
                  f"and {_gib(traffic['per_micro_batch_bytes'])} sent per GPU per micro-batch (activations, bf16), "
                  f"latency-bound: keep the tensor group within a node"]
-    trainer = plan["trainer"]
-    rows += ["  hvdllm train can run this layout (parallel.tensor, parallel.pipeline, parallel.data)"
-             if trainer["runnable"] else
-             "  hvdllm train cannot run this layout: " + "; ".join(trainer["why_not"])]
+    rows += ["  hvdllm train runs this layout with " + " ".join(plan["train_overrides"])]
     rows += [
         "",
         f"time               {t['days']:,.1f} days on {t['gpus']} GPUs at {t['gpu_tflops']} TFLOP/s, "
@@ -309,6 +310,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
     parser.add_argument("--seq-len", type=int, default=0, help="default: the model's context")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="split the activations tensor parallelism replicates along the sequence too")
     parser.add_argument("--model-parallel", type=int, default=0, help="default: the smallest that fits")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     parser.add_argument("--pipeline", type=int, default=0, help="also print the cut into this many pipeline stages")

@@ -117,17 +117,19 @@ class Mpi4pyBackend:
         return Case(runs[op], lambda: recv.copy())
 
 
+def free_tcp_address() -> str:
+    """A ``tcp://host:port`` init method for torch.distributed, on a port free here now."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return f"tcp://{socket.gethostname()}:{s.getsockname()[1]}"
+
+
 class TorchDistBackend:
     def __init__(self, backend: str, control: Control, device: torch.device) -> None:
         import torch.distributed as dist
 
         self.dist, self.device, self.name = dist, device, f"torch-{backend}"
-        address = None
-        if control.rank == 0:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                address = f"tcp://{socket.gethostname()}:{s.getsockname()[1]}"
-        address = control.allgather(address)[0]
+        address = control.allgather(free_tcp_address() if control.rank == 0 else None)[0]
         dist.init_process_group(backend, init_method=address, rank=control.rank, world_size=control.size)
         self.n, self.rank = control.size, control.rank
 

@@ -2,9 +2,9 @@
 
 One ``mpirun -np 2`` job of this module's worker (t = 2). For each ``parallel.tensor_backend``
 (a Horovod process set, whose background thread negotiates every collective while the caller
-sleeps; the group's mpi4py communicator, which the caller polls; NCCL through
-torch.distributed is not measured here without CUDA, and the result says so) it measures, in
-the same run:
+sleeps; the group's mpi4py communicator, which the caller polls) and for torch.distributed
+over the same ranks (NCCL on the GPUs where CUDA is, Gloo on the CPU elsewhere: the library
+Megatron-LM's tensor groups use, as a yardstick) it measures, in the same run:
 
 - the latency of one all-reduce of a block's activations (B, T, C) and of one block's four
   (two forward, two backward), and of the cross entropy's per-token vectors (B T,), where only
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from hvdllm.comm.groups import HorovodReduction
+from hvdllm.bench.comm_backends import free_tcp_address
 from hvdllm.comm.launch import mpi_environment, mpirun_command
 
 BLOCK_ALL_REDUCES = 4  # per block and micro-batch: g after attention and MLP forward, f for both backward
@@ -42,23 +43,52 @@ class _TimedGroup:
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         start = time.perf_counter()
         self._reduce(tensor, op)
+        _finish(tensor.device)  # NCCL only queues the all-reduce
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return tensor
 
 
 def _backends(groups, hvd) -> dict:
-    """The tensor group's all-reduce (in place) over each ``parallel.tensor_backend``."""
+    """The tensor group's all-reduce (in place) over each ``parallel.tensor_backend``, and
+    torch.distributed's: name -> (all-reduce, the device its tensors live on)."""
     group = groups.group(("tensor",))
-    return {"mpi4py": group.allreduce_, "horovod": HorovodReduction(group, hvd).allreduce_}
+    cpu = torch.device("cpu")
+    return {"mpi4py": (group.allreduce_, cpu), "horovod": (HorovodReduction(group, hvd).allreduce_, cpu),
+            **_torch_distributed(hvd)}
 
 
-def _latency(reduce, shape: tuple[int, ...], repeats: int) -> float:
-    buffer = torch.randn(shape)
+def _torch_distributed(hvd) -> dict:
+    import torch.distributed as dist
+
+    nccl = torch.cuda.is_available() and dist.is_nccl_available()
+    device = torch.device("cuda", hvd.local_rank()) if nccl else torch.device("cpu")
+    address = hvd.broadcast_object(free_tcp_address() if hvd.rank() == 0 else None, root_rank=0, name="tcp")
+    dist.init_process_group("nccl" if nccl else "gloo", init_method=address, rank=hvd.rank(), world_size=hvd.size(),
+                            device_id=device if nccl else None)
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+    def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        dist.all_reduce(tensor, op=ops[op])
+        return tensor
+
+    return {"torch-nccl" if nccl else "torch-gloo": (all_reduce, device)}
+
+
+def _finish(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer stopped next measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _latency(reduce, shape: tuple[int, ...], repeats: int, device: torch.device) -> float:
+    buffer = torch.randn(shape, device=device)
     reduce(buffer, "sum")  # warm-up: buffers and (Horovod) the first negotiation
+    _finish(device)
     start = time.perf_counter()
     for _ in range(repeats):
         reduce(buffer, "sum")
+    _finish(device)
     return (time.perf_counter() - start) / repeats
 
 
@@ -76,19 +106,21 @@ def _worker(preset: str, batch: int, seq_len: int, steps: int, warmup: int, out:
     cfg = preset_config(preset)
     shape = (batch, seq_len, cfg.d_model)
     result = {}
-    for name, reduce in _backends(groups, hvd).items():
-        latency = _latency(reduce, shape, repeats=20)
-        small = _latency(reduce, (batch * seq_len,), repeats=50)
+    for name, (reduce, device) in _backends(groups, hvd).items():
+        latency = _latency(reduce, shape, repeats=20, device=device)
+        small = _latency(reduce, (batch * seq_len,), repeats=50, device=device)
         timed = _TimedGroup(hvd.rank(), 2, reduce)
         torch.manual_seed(0)
-        model = apply_tensor_parallel(GPT(cfg), timed)
+        model = apply_tensor_parallel(GPT(cfg), timed).to(device)
         tokens = torch.randint(cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(1))
+        tokens = tokens.to(device)
         times, shares = [], []
         for step in range(warmup + steps):
             timed.seconds = 0.0
             start = time.perf_counter()
             _, loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
+            _finish(device)
             elapsed = time.perf_counter() - start
             model.zero_grad(set_to_none=True)
             if step >= warmup:
@@ -116,7 +148,7 @@ def bench_tensor(options) -> dict:
     mpi, horovod = backends["mpi4py"], backends["horovod"]
     return {"benchmark": "tensor", "tensor": 2, "preset": options.preset, "batch_size": options.batch_size,
             "seq_len": options.seq_len, "steps": options.steps, "backends": backends,
-            "nccl": "not measured: the job runs its tensors on the CPU",
+            "nccl": "measured" if "torch-nccl" in backends else "not measured: no CUDA here (Gloo instead)",
             "horovod_over_mpi4py_latency": horovod["all_reduce_s"] / mpi["all_reduce_s"],
             "horovod_over_mpi4py_token_vector": horovod["token_vector_all_reduce_s"] / mpi["token_vector_all_reduce_s"],
             "horovod_over_mpi4py_step": horovod["step_s"] / mpi["step_s"]}

@@ -14,6 +14,7 @@ given to :func:`hvdllm.comm.init` at once, by every rank, in the same order.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
@@ -93,29 +94,54 @@ class HorovodReduction:
     def __init__(self, group: Group, hvd) -> None:
         self.group, self.hvd = group, hvd
         self.rank, self.size = group.rank, group.size
+        self._calls = 0
+
+    def _name(self) -> str:
+        """A name for the next collective, alike on every member. Horovod matches unnamed
+        collectives by a count of this process's Horovod calls, which differs between the
+        members when they differ in other groups' traffic (ZeRO owners reducing their own
+        parameters' statistics over their tensor groups): the group's own count does not."""
+        self._calls += 1
+        return f"group.{self.group.process_set.process_set_id}.{self._calls}"
 
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """As :meth:`Group.allreduce_` (a bf16 or fp16 tensor is reduced in fp32)."""
         if self.size == 1:  # a group of one has no process set, and nothing to reduce
             return tensor
         reduced = self.hvd.allreduce(_wide(tensor), op=self.hvd.Sum if op == "sum" else self.hvd.Max,
-                                     process_set=self.group.process_set)
+                                     name=self._name(), process_set=self.group.process_set)
         return tensor.copy_(reduced)
 
     def sum(self, value: float) -> float:
         return self.allreduce_(torch.tensor([value], dtype=torch.float64)).item()
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """As :meth:`Group.all_gather`."""
+        """As :meth:`Group.all_gather`, but the members' first dimensions may differ."""
         if self.size == 1:
             return tensor
-        return self.hvd.allgather(_wide(tensor).contiguous(), process_set=self.group.process_set).to(tensor.dtype)
+        return self.hvd.allgather(_wide(tensor).contiguous(), name=self._name(),
+                                  process_set=self.group.process_set).to(tensor.dtype)
+
+    def all_gather_state(self, state: dict) -> list[dict]:
+        """Collective: every member's ``state`` (tensors, numbers, strings; torch.save's format,
+        read back with weights_only), in member order. Horovod's own allgather_object knows no
+        process sets."""
+        if self.size == 1:
+            return [state]
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        mine = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        lengths = self.hvd.allgather(torch.tensor([mine.numel()]), name=self._name(),
+                                     process_set=self.group.process_set).tolist()
+        everyone = self.hvd.allgather(mine, name=self._name(), process_set=self.group.process_set)
+        return [torch.load(io.BytesIO(part.numpy().tobytes()), weights_only=True)
+                for part in everyone.split(lengths)]
 
     def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
         """As :meth:`Group.reduce_scatter`."""
         if self.size == 1:
             return tensor
-        return self.hvd.reducescatter(_wide(tensor).contiguous(), op=self.hvd.Sum,
+        return self.hvd.reducescatter(_wide(tensor).contiguous(), op=self.hvd.Sum, name=self._name(),
                                       process_set=self.group.process_set).to(tensor.dtype)
 
 

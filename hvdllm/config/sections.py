@@ -149,6 +149,8 @@ class ParallelConfig:
     tensor_backend: str = "horovod"
     # Cut the residual stream between split regions along the sequence (LayerNorms and dropout see T / t tokens).
     sequence_parallel: bool = False
+    # ZeRO over the data axis (hvdllm/parallel/zero.py): 1 shards the optimizer state, 2 the gradients too.
+    zero: int = 0
     servers: int = 0  # parameter-server ranks (for asynchronous updates)
     devices: list[str] = field(default_factory=list)  # devices driven by each rank; [] = its own
     stage_layers: list[int] = field(default_factory=list)  # blocks per stage; [] = cut by `balance`
@@ -197,6 +199,10 @@ class ParallelConfig:
         _require(self.micro_batches < 16383, "parallel.micro_batches", f"must be below 16383, got {self.micro_batches}")
         _at_least(0, self, "parallel", "data", "servers", "max_staleness", "outer_momentum")
         _at_least(1, self, "parallel", "local_steps", "elastic_commit_every")
+        _require(self.zero in (0, 1, 2), "parallel.zero", f"must be 0, 1 or 2, got {self.zero}")
+        _require(not self.zero or (self.strategy == "sync" and self.op == "average" and not self.elastic),
+                 "parallel.zero", "shards the optimizer state of a synchronous data group: it needs "
+                 "parallel.strategy=sync, parallel.op=average and parallel.elastic=false")
         _require(not self.load_balance or self.strategy == "async", "parallel.load_balance",
                  "needs parallel.strategy=async (server 0 splits the global batches)")
         _require(self.outer_lr > 0, "parallel.outer_lr", f"must be > 0, got {self.outer_lr}")

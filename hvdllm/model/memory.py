@@ -22,12 +22,17 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
 
 
-def activation_bytes(cfg, micro_batch: int, seq_len: int, tp: int, checkpointing: bool) -> int:
-    """Activations kept for backward by all layers of one micro-batch (Korthikanti et al. 2022)."""
+def activation_bytes(cfg, micro_batch: int, seq_len: int, tp: int, checkpointing: bool,
+                     sequence_parallel: bool = False) -> int:
+    """Activations kept for backward by all layers of one micro-batch (Korthikanti et al. 2022,
+    eq. 2; eq. 4 with sequence parallelism, which also splits the LayerNorm and dropout regions'
+    10 s b h bytes, and each checkpointed layer input, over the t ranks)."""
     s, b, h, a, L = seq_len, micro_batch, cfg.d_model, cfg.n_head, cfg.n_layer
-    per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+    replicated = 10 / tp if sequence_parallel else 10
+    per_layer = s * b * h * (replicated + 24 / tp + 5 * a * s / (h * tp))
     if checkpointing:
-        return int(L * 2 * s * b * h + per_layer)
+        layer_input = 2 * s * b * h / (tp if sequence_parallel else 1)
+        return int(L * layer_input + per_layer)
     return int(L * per_layer)
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from hvdllm.choices import OPTIMIZERS
+from hvdllm.optim.adafactor import Adafactor
 from hvdllm.optim.lamb import Lamb
 
 
@@ -50,6 +51,13 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float | None = None) -> tor
         return Lamb(groups, lr=lr, betas=betas, eps=optim_cfg.eps,
                     trust_clip=optim_cfg.trust_clip or None)
     if optim_cfg.name == "adafactor":
-        # Factored second moments: O(n + m) state for an n x m matrix (Shazeer & Stern 2018).
-        return torch.optim.Adafactor(groups, lr=lr, beta2_decay=-0.8, foreach=True)
+        # Factored second moments: O(n + m) state for an n x m matrix (Shazeer & Stern 2018);
+        # hvdllm's own, as torch's, but its statistics can span a tensor-parallel group.
+        return Adafactor(groups, lr=lr, beta2_decay=-0.8)
     raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}; got {optim_cfg.name!r}")
+
+
+def state_bytes_held(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this rank holds now (under ZeRO, its own share)."""
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if torch.is_tensor(value))

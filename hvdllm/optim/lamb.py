@@ -11,8 +11,8 @@ parameter tensor and phi the identity (optionally clamped), as NVIDIA's FusedLAM
     w = w - lr * ratio * r
 
 A parameter split over ranks (tensor parallelism) takes its trust ratio from the norms of the
-whole tensor: ``reduce_norms``, when set, turns this rank's squared norms into the whole
-tensors'.
+whole tensor: with ``split`` set (see :mod:`hvdllm.optim.split`), this rank's squared norms of
+the split parameters are summed over the ranks holding the other slices.
 
 The math runs on whole lists of tensors with ``torch._foreach_*`` ops, one kernel per op for
 all parameters of a group, rather than a Python loop of small kernels. The update is built
@@ -26,6 +26,8 @@ from typing import Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
+
+from hvdllm.optim.split import SplitParameters, sum_parts
 
 
 class Lamb(Optimizer):
@@ -42,8 +44,7 @@ class Lamb(Optimizer):
                         bias_correction=bias_correction, trust_clip=trust_clip)
         super().__init__(params, defaults)
         self._buffers: dict[torch.Tensor, torch.Tensor] = {}
-        # (params, squared norms (2, n): weights, updates) -> those of the whole tensors; None: they are whole.
-        self.reduce_norms: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None
+        self.split: SplitParameters | None = None
 
     def _workspace(self, p: torch.Tensor) -> torch.Tensor:
         """A scratch tensor shaped like p, reused every step (not part of the state dict)."""
@@ -105,8 +106,8 @@ class Lamb(Optimizer):
         w_norm = torch.stack(torch._foreach_norm(params))
         w_norm = w_norm.to(torch.promote_types(w_norm.dtype, torch.float32))
         r_norm = torch.stack(torch._foreach_norm(update)).to(w_norm.dtype)
-        if self.reduce_norms is not None:
-            w_norm, r_norm = self.reduce_norms(params, torch.stack([w_norm, r_norm]).square()).sqrt().unbind()
+        if self.split is not None:
+            w_norm, r_norm = self._whole_tensor_norms(params, torch.stack([w_norm, r_norm]))
         ratio = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm.clamp(min=1e-30),
                             torch.ones_like(w_norm))
         if group["trust_clip"]:
@@ -115,3 +116,12 @@ class Lamb(Optimizer):
         # One scale per tensor: the 0-d tensors broadcast, so this stays on the device.
         torch._foreach_mul_(update, [r.to(u.dtype) for r, u in zip(ratio.unbind(), update)])
         torch._foreach_add_(params, update)
+
+    def _whole_tensor_norms(self, params: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
+        """Norms (2, n) of the weights and updates of ``params``, those of split parameters taken
+        over the whole tensors (a collective over the split's ranks)."""
+        split = torch.tensor([self.split.split_dim(p) is not None for p in params])
+        if split.any():
+            squares, = sum_parts(self.split, [norms[:, split].square()])
+            norms[:, split] = squares.sqrt().to(norms.dtype)
+        return norms

@@ -53,6 +53,10 @@ def choose_update_rule(cfg, layout: Grid):
 
         check_local_sgd_layout(cfg, layout)
         return LocalSGDUpdate  # on one rank too: the outer optimizer still acts
+    if parallel.zero:
+        from hvdllm.parallel.zero import ShardedUpdate
+
+        return ShardedUpdate if layout.world_size > 1 else None
     if parallel.op == "adasum":
         from hvdllm.parallel.adasum import AdasumUpdate, check_adasum_layout
 
@@ -77,9 +81,6 @@ def check_tensor_layout(cfg, layout: Grid) -> None:
         raise UserError(str(err)) from None
     if n_head % t:
         raise UserError(f"parallel.tensor={t} must divide model.n_head={n_head}: each rank takes whole heads")
-    if cfg.optim.name == "adafactor":
-        raise UserError(f"parallel.tensor={t} with optim.name=adafactor: its factored second moments (means over "
-                        f"rows and columns of whole matrices) are not reduced over the tensor group; use adamw or lamb")
     if layout.devices:
         raise UserError("parallel.tensor > 1 and parallel.devices cannot be combined: choose one")
 

@@ -224,7 +224,23 @@ class ParallelStrategy(ABC):
         """This rank's shard of the training state: its part of the model, its optimizer
         state, and the layout it was cut for."""
         layout = {**asdict(self.layout), "cut": self.pipeline_cut()}
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "layout": layout}
+        return {"model": model.state_dict(), "optimizer": self.optimizer_state(optimizer), "layout": layout}
+
+    @property
+    def gathers_checkpoint_state(self) -> bool:
+        """Whether :meth:`state_dict` is a collective, to be called on every rank (ZeRO)."""
+        return False
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer state this rank's checkpoint shard holds."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    def banner_notes(self) -> list[str]:
+        """Lines for the run's banner about how this strategy spreads the state."""
+        return []
 
     def checkpoint_layout_problem(self, saved: dict) -> str:
         """Why this run cannot take a checkpoint of layout ``saved`` (its stage 0 file's
@@ -252,7 +268,7 @@ class ParallelStrategy(ABC):
         if problem:
             raise UserError(problem)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        self.load_optimizer_state(optimizer, state["optimizer"])
 
     def pipeline_cut(self) -> list[int] | None:
         """Blocks per pipeline stage, as recorded in checkpoints (None without a pipeline)."""

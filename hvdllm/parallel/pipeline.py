@@ -12,7 +12,9 @@ import time
 import torch
 from torch import nn
 
+from hvdllm.optim.adafactor import Adafactor
 from hvdllm.optim.lamb import Lamb
+from hvdllm.parallel.gradients import clip_to_norm, squares
 from hvdllm.parallel.precision import Precision
 from hvdllm.comm.groups import HorovodReduction
 from hvdllm.comm.p2p import MpiTransport
@@ -20,7 +22,7 @@ from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, S
                                        build_schedule, stage_rank)
 from hvdllm.parallel.stage_model import GPTStage, cut_model, plan_cut
 from hvdllm.parallel.sync import HorovodDataParallel
-from hvdllm.parallel.tensor import SEQUENCE_ATTRIBUTE, SPLIT_ATTRIBUTE, apply_tensor_parallel
+from hvdllm.parallel.tensor import SEQUENCE_ATTRIBUTE, TensorGroupSplit, apply_tensor_parallel, split_dim
 
 
 # MPI guarantees tags up to 32767: a transfer to a rank's c-th stage of micro-batch i uses
@@ -105,11 +107,6 @@ class PipelineExecutor:
         return losses
 
 
-def squares(params: list[nn.Parameter]) -> float:
-    """The sum of the squares of the parameters' gradients, in float64."""
-    return sum(p.grad.detach().double().square().sum().item() for p in params)
-
-
 class ModelParallel(HorovodDataParallel):
     """Each rank one model part: a pipeline stage (one stage: the whole model), split across a
     tensor group when ``parallel.tensor > 1``; each part's replicas a data group, updated by the
@@ -137,17 +134,11 @@ class ModelParallel(HorovodDataParallel):
         return self.coords.is_last_stage and self.coords.tensor_rank == 0
 
     def wrap_optimizer(self, optimizer, model: nn.Module):
-        if isinstance(optimizer, Lamb) and self.layout.tensor > 1:
-            optimizer.reduce_norms = self._whole_tensor_squares  # trust ratios from whole tensors
-        return super().wrap_optimizer(optimizer, model)
-
-    def _whole_tensor_squares(self, params: list[torch.Tensor], squared: torch.Tensor) -> torch.Tensor:
-        """Collective in the tensor group: squared norms (2, n) of ``params``, summed over the
-        group where a parameter is split."""
-        split = torch.tensor([getattr(p, SPLIT_ATTRIBUTE, False) for p in params])
-        if split.any():
-            squared[:, split] = self.tensor_group.allreduce_(squared[:, split].contiguous())
-        return squared
+        # After wrapping: Horovod's DistributedOptimizer is a new instance of the optimizer's class.
+        optimizer = super().wrap_optimizer(optimizer, model)
+        if self.layout.tensor > 1 and isinstance(optimizer, (Lamb, Adafactor)):  # statistics of whole tensors
+            optimizer.split = TensorGroupSplit(self.tensor_group)
+        return optimizer
 
     @property
     def backward_passes_per_step(self) -> int:
@@ -244,16 +235,11 @@ class ModelParallel(HorovodDataParallel):
         tied_copy = self._tied_parameter() if self.stage.is_last else None
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         counted = [p for p in model.parameters() if p.grad is not None and p is not tied_copy]
-        split = [p for p in counted if getattr(p, SPLIT_ATTRIBUTE, False)]
-        replicated = [p for p in counted if not getattr(p, SPLIT_ATTRIBUTE, False)]
-        stage_sum = self.tensor_group.sum(squares(split)) + squares(replicated)
+        split = [p for p in counted if split_dim(p) is not None]
+        replicated = [p for p in counted if split_dim(p) is None]
+        stage_sum = self.update_rule.sum_squares(self.tensor_group.sum(squares(split)) + squares(replicated))
         total = self.groups.group(("pipeline",)).sum(stage_sum)
-        norm = math.sqrt(total)  # inf or nan when a gradient is: the step is then skipped
-        coefficient = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-        if coefficient < 1.0:
-            for grad in grads:
-                grad.mul_(coefficient)
-        return self.update_rule.agree_norm(norm)
+        return self.update_rule.agree_norm(clip_to_norm(grads, math.sqrt(total), max_norm))
 
     def update(self, optimizer, model: nn.Module, precision: Precision, max_norm: float,
                nonfinite: bool) -> tuple[float, bool]:

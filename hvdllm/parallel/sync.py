@@ -5,6 +5,7 @@ Adasum or local SGD. The step's statistics travel in the same Horovod cycle as t
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from hvdllm import comm
 from hvdllm.parallel.base import ParallelStrategy
+from hvdllm.parallel.gradients import clip_to_norm, squares
 from hvdllm.parallel.grid import rank_coordinates
 from hvdllm.parallel.update import UpdateRule
 
@@ -103,8 +105,9 @@ class HorovodDataParallel(ParallelStrategy):
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         # A fresh optimizer has no state on any rank, so there is nothing to send. (Horovod's
         # broadcast_optimizer_state would first create it with a zero-gradient step, which for
-        # AdamW applies weight decay and advances the bias-correction step count.)
-        if optimizer.state_dict()["state"]:
+        # AdamW applies weight decay and advances the bias-correction step count.) Under ZeRO
+        # each rank holds its own share, read from the same checkpoint.
+        if optimizer.state_dict()["state"] and not self.update_rule.gathers_optimizer_state:
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     def finish_gradients(self, optimizer, step_stats: torch.Tensor) -> torch.Tensor:
@@ -119,6 +122,10 @@ class HorovodDataParallel(ParallelStrategy):
         """Once the data group's gradients are complete (a pipeline sums its tied copies here)."""
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+        if self.update_rule.shards_gradients:  # each replica holds its own share of the gradients
+            grads = [p for p in model.parameters() if p.grad is not None]
+            norm = math.sqrt(self.update_rule.sum_squares(squares(grads)))
+            return clip_to_norm([p.grad for p in grads], norm, max_norm)
         return self.update_rule.agree_norm(super().clip_grad_norm_(model, max_norm))
 
     def apply_update(self, optimizer, scaler) -> None:
@@ -131,6 +138,19 @@ class HorovodDataParallel(ParallelStrategy):
 
     def step_metrics(self) -> dict:
         return self.update_rule.step_metrics()
+
+    @property
+    def gathers_checkpoint_state(self) -> bool:
+        return self.update_rule.gathers_optimizer_state
+
+    def optimizer_state(self, optimizer) -> dict:
+        return self.update_rule.full_optimizer_state(optimizer)
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        self.update_rule.load_optimizer_state(optimizer, state)
+
+    def banner_notes(self) -> list[str]:
+        return self.update_rule.banner_notes()
 
     def state_dict(self, model: nn.Module, optimizer) -> dict:
         state = super().state_dict(model, optimizer)

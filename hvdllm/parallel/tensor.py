@@ -6,8 +6,8 @@ rank computes its heads or its quarter of the hidden units), the attention outpu
 MLP's second layer row-parallel (each rank multiplies its slice of the input; the partial
 outputs are summed): one all-reduce per block half in forward (``g``) and one in backward
 (``f``, the gradient of the replicated input). The embedding and the LM head are split by
-vocabulary; :func:`vocab_parallel_cross_entropy` takes the loss from each rank's slice of
-the logits with three small all-reduces and never gathers them. A tied embedding stays tied:
+vocabulary; :mod:`hvdllm.parallel.vocab_parallel_loss` takes the loss from each rank's slice
+of the logits with three small all-reduces and never gathers them. A tied embedding stays tied:
 the head's slice is the embedding's.
 
 :func:`apply_tensor_parallel` slices a whole, seeded model in place, so t ranks start from the
@@ -27,8 +27,9 @@ from torch import nn
 from hvdllm.comm.groups import Group
 from hvdllm.errors import UserError
 from hvdllm.model.gpt import GPT, apply_rope, rope_tables
+from hvdllm.parallel.vocab_parallel_loss import VocabParallelLoss
 
-SPLIT_ATTRIBUTE = "tensor_parallel_split"  # set on parameters each rank holds a slice of
+SPLIT_ATTRIBUTE = "tensor_parallel_split"  # the dimension a parameter is cut along, on those each rank holds a slice of
 SEQUENCE_ATTRIBUTE = "sequence_parallel_partial"  # replicated parameters whose gradients each rank has in part
 
 
@@ -283,62 +284,6 @@ class SequenceSplit(nn.Module):
         return self.dropout(_SliceSequence.apply(x, self.group))
 
 
-# --- the loss over split logits --------------------------------------------------------------------
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, start, group):
-        local = logits.float()  # (N, V/t)
-        top = group.allreduce_(local.max(dim=-1).values, op="max")  # (N,)
-        shifted = local - top[:, None]
-        exp = shifted.exp()
-        sum_exp = group.allreduce_(exp.sum(dim=-1))  # (N,)
-        ids = targets - start
-        here = (ids >= 0) & (ids < local.shape[-1])
-        ids = ids.clamp(0, local.shape[-1] - 1)
-        target = group.allreduce_(shifted.gather(1, ids[:, None]).squeeze(1) * here)  # (N,) its shifted logit
-        ctx.save_for_backward(exp / sum_exp[:, None], ids, here)
-        ctx.dtype = logits.dtype
-        ctx.mark_non_differentiable(target)
-        return sum_exp.log() - target, target
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_target):
-        softmax, ids, here = ctx.saved_tensors
-        grad = softmax.clone()
-        grad[torch.arange(len(ids)), ids] -= here.to(grad.dtype)
-        return (grad * grad_loss[:, None]).to(ctx.dtype), None, None, None
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, start: int,
-                                 group: Group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross entropy (N,) in fp32 from each rank's logits (N, V/t) for the vocabulary
-    [start, start + V/t), and whether the target has the largest logit (N,; ties count as
-    right). Collective: every rank of ``group`` calls it with its slice."""
-    losses, target = _VocabParallelCrossEntropy.apply(logits, targets, start, group)
-    return losses, target >= 0
-
-
-class VocabParallelLoss:
-    """The model's loss functions over vocabulary-parallel logits (as language_model_loss and
-    masked_loss_sums over whole ones)."""
-
-    def __init__(self, group: Group, start: int) -> None:
-        self.group, self.start = group, start
-
-    def _tokens(self, logits, targets, loss_mask):
-        losses, right = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.flatten(), self.start, self.group)
-        weights = torch.ones_like(losses) if loss_mask is None else loss_mask.flatten().to(losses.dtype)
-        return losses, right, weights
-
-    def __call__(self, logits, targets, loss_mask=None) -> torch.Tensor:
-        losses, _, weights = self._tokens(logits, targets, loss_mask)
-        return (losses * weights).sum() / weights.sum().clamp(min=1.0)
-
-    def sums(self, logits, targets, loss_mask=None):
-        losses, right, weights = self._tokens(logits, targets, loss_mask)
-        return (losses * weights).sum(), weights.sum(), (right.to(losses.dtype) * weights).sum()
-
-
 # --- the transform -----------------------------------------------------------------------------------
 def apply_tensor_parallel(model: GPT, group: Group, sequence_parallel: bool = False) -> GPT:
     """Split ``model`` (whole, or a pipeline stage's GPT with other parts removed) in place for
@@ -357,7 +302,7 @@ def apply_tensor_parallel(model: GPT, group: Group, sequence_parallel: bool = Fa
         for name, param in list(model.named_parameters()):
             split = tensor_split(name)
             if split is not None:
-                _replace_parameter(model, name, shard_of(param.data, *split, rank, ranks))
+                _replace_parameter(model, name, shard_of(param.data, *split, rank, ranks), split[0])
         if model.cfg.tie_weights and model.wte is not None and model.lm_head is not None:
             model.lm_head.weight = model.wte.weight
     vocab_start = rank * (model.cfg.vocab_size // ranks)
@@ -382,6 +327,23 @@ def apply_tensor_parallel(model: GPT, group: Group, sequence_parallel: bool = Fa
     return model
 
 
+def split_dim(param: torch.Tensor) -> int | None:
+    """The dimension ``param`` is cut along over its tensor group, or None when it is replicated."""
+    return getattr(param, SPLIT_ATTRIBUTE, None)
+
+
+class TensorGroupSplit:
+    """The tensor group as the optimizers see it (:class:`hvdllm.optim.split.SplitParameters`)."""
+
+    def __init__(self, group: Group) -> None:
+        self.group, self.ranks = group, group.size
+
+    split_dim = staticmethod(split_dim)
+
+    def sum_(self, values: torch.Tensor) -> torch.Tensor:
+        return self.group.allreduce_(values)
+
+
 def _mark_sequence_parallel(*parts) -> None:
     for part in parts:
         params = part.parameters() if isinstance(part, nn.Module) else [part]
@@ -390,11 +352,11 @@ def _mark_sequence_parallel(*parts) -> None:
                 setattr(param, SEQUENCE_ATTRIBUTE, True)
 
 
-def _replace_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def _replace_parameter(model: nn.Module, name: str, value: torch.Tensor, dim: int) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     old = getattr(owner, leaf)
     new = nn.Parameter(value, requires_grad=old.requires_grad)
     new.__dict__.update(old.__dict__)  # marks such as tied_embedding
-    setattr(new, SPLIT_ATTRIBUTE, True)
+    setattr(new, SPLIT_ATTRIBUTE, dim)
     setattr(owner, leaf, new)

@@ -38,6 +38,11 @@ class UpdateRule:
     # Whether the replicas hold different parameters between exchanges (each writes its own
     # checkpoint shard and none is broadcast over the others on resume).
     replicas_differ = False
+    # Whether each replica holds the optimizer state of only some parameters (ZeRO), so that a
+    # checkpoint gathers it from every replica (a collective) and no replica broadcasts its own.
+    gathers_optimizer_state = False
+    # Whether each replica holds only some parameters' gradients after the exchange (ZeRO-2).
+    shards_gradients = False
 
     def __init__(self, parallel_cfg, hvd, data_group: Group, backward_passes_per_step: int) -> None:
         self.cfg, self.hvd, self.data_group = parallel_cfg, hvd, data_group
@@ -59,6 +64,11 @@ class UpdateRule:
     def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """Collective in the data group, after the last backward of a step."""
 
+    def sum_squares(self, squares: float) -> float:
+        """Collective where the replicas hold different gradients: the sum of the squares of
+        this model part's gradients over the data group, from this replica's sum."""
+        return squares
+
     def agree_norm(self, norm: float) -> float:
         """Collective where a rule needs one: the norm every replica decides the step on."""
         return norm
@@ -71,6 +81,17 @@ class UpdateRule:
 
     def step_metrics(self) -> dict:
         return {}
+
+    def banner_notes(self) -> list[str]:
+        """Lines for the run's banner about what this rule keeps where."""
+        return []
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer state a checkpoint holds (a collective where it is gathered)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
 
     def state_dict(self) -> dict | None:
         """The rule's own state for a checkpoint (None: it has none)."""

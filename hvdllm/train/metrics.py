@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from hvdllm.atomic import write_json_atomic, write_text_atomic
+from hvdllm.optim.build import state_bytes_held
 from hvdllm.train.report import read_metrics_file
 
 
@@ -235,7 +236,8 @@ def step_record(trainer, result: StepResult) -> dict:
             "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "skipped": result.skipped,
             "tokens_per_s": tokens_per_s, "step_time_s": result.step_time_s, "mfu": mfu,
             "peak_flops": trainer.peak_flops or None, "peak_flops_source": trainer.peak_flops_source or None,
-            "mem_peak_bytes": peak_memory_bytes(trainer.device), **trainer.strategy.step_metrics()}
+            "mem_peak_bytes": peak_memory_bytes(trainer.device),
+            "optimizer_state_bytes": state_bytes_held(trainer.optimizer), **trainer.strategy.step_metrics()}
 
 
 def duration(seconds: float) -> str:
@@ -265,4 +267,5 @@ def banner_lines(trainer) -> list[str]:
             f"device       {trainer.device} ({torch.get_num_threads()} threads), precision {trainer.precision.name}"
             + (", blocks compiled (torch.compile)" if trainer.cfg.train.compile else ""),
             f"mfu peak     {trainer.peak_flops / 1e12:,.3f} TFLOP/s per rank ({trainer.peak_flops_source})",
+            *trainer.strategy.banner_notes(),
             f"run          steps {trainer.step + 1}..{trainer.total_steps} -> {trainer.run_dir}"]

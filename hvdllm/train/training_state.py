@@ -39,6 +39,7 @@ class ModelParts:
 
     def __init__(self, strategy, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.strategy, self.model, self.optimizer = strategy, model, optimizer
+        self.collective = strategy.gathers_checkpoint_state  # ZeRO gathers the optimizer state
 
     def state_dict(self) -> dict:
         return self.strategy.state_dict(self.model, self.optimizer)
@@ -81,12 +82,15 @@ def assemble_state(parts: Mapping[str, Stateful], step: int, facts: dict, collec
     state = {"step": step, **facts}
     for name, part in parts.items():
         if getattr(part, "collective", False):
-            if name in collective_states:
-                state[name] = collective_states[name]
-        elif name == MODEL_PARTS:
-            state.update(part.state_dict())
+            if name not in collective_states:
+                continue
+            part_state = collective_states[name]
         else:
-            state[name] = part.state_dict()
+            part_state = part.state_dict()
+        if name == MODEL_PARTS:
+            state.update(part_state)
+        else:
+            state[name] = part_state
     return state
 
 

@@ -1,9 +1,10 @@
-"""fp16 loss scaling across 2 pipeline stages (a CPU GradScaler stands in for CUDA's): the
-stages share one scale, unscaling gives the unscaled update, and an overflow on one stage
-skips the step and backs the scale off on both."""
+"""fp16 loss scaling across 2 pipeline stages, or 2 tensor ranks (a CPU GradScaler stands in for
+CUDA's): the model parts share one scale, unscaling gives the unscaled update, and an overflow
+on one part skips the step and backs the scale off on both."""
 
 import math
 
+import pytest
 import torch
 from helpers.corpus import NANO
 
@@ -17,9 +18,12 @@ def weights(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def one_step(scale: float, overflow_on_last_stage: bool = False):
-    """One optimizer step of a 2-stage gpt-nano; returns (weights before, after, the scaler)."""
-    cfg = load_config(NANO, ["--parallel.pipeline=2", "--parallel.micro_batches=2", "--optim.grad_clip=0"])
+LAYOUTS = {"pipeline": ["--parallel.pipeline=2", "--parallel.micro_batches=2"], "tensor": ["--parallel.tensor=2"]}
+
+
+def one_step(layout: str, scale: float, overflow_on_rank_1: bool = False):
+    """One optimizer step of gpt-nano cut over 2 ranks; returns (weights before, after, the scaler)."""
+    cfg = load_config(NANO, [*LAYOUTS[layout], "--optim.grad_clip=0"])
     strategy = build_strategy(cfg, world_size=2)
     strategy.setup(threads=1)
     torch.manual_seed(0)
@@ -30,22 +34,24 @@ def one_step(scale: float, overflow_on_last_stage: bool = False):
     precision.scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
     tokens = torch.randint(64, (4, 17), generator=torch.Generator().manual_seed(1))
     strategy.forward_backward(model, [Batch(tokens[:, :-1], tokens[:, 1:])], precision)
-    if overflow_on_last_stage and strategy.coords.is_last_stage:
+    if overflow_on_rank_1 and strategy.coords.rank == 1:  # the last stage, or the second tensor rank
         next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.inf
     strategy.finish_gradients(optimizer, torch.zeros(3, dtype=torch.float64))
     strategy.update(optimizer, model, precision, max_norm=0.0, nonfinite=False)
     return before, weights(model), precision.scaler
 
 
-def test_scaled_stages_step_as_unscaled_ones(horovod):
-    _, plain, _ = one_step(scale=0)
-    _, scaled, scaler = one_step(scale=2.0 ** 10)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scaled_parts_step_as_unscaled_ones(horovod, layout):
+    _, plain, _ = one_step(layout, scale=0)
+    _, scaled, scaler = one_step(layout, scale=2.0 ** 10)
     assert torch.allclose(plain, scaled, rtol=1e-5, atol=1e-7)
     assert scaler.get_scale() == 2.0 ** 10  # no overflow: no back-off
 
 
-def test_an_overflow_on_one_stage_skips_and_backs_off_on_both(horovod):
-    before, after, scaler = one_step(scale=2.0 ** 10, overflow_on_last_stage=True)
-    # The first stage's own gradients were finite, yet it skipped and backed off with the last.
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_overflow_on_one_part_skips_and_backs_off_on_both(horovod, layout):
+    before, after, scaler = one_step(layout, scale=2.0 ** 10, overflow_on_rank_1=True)
+    # Rank 0's own gradients were finite, yet it skipped and backed off with rank 1.
     assert torch.equal(before, after)
     assert horovod.allgather_object(scaler.get_scale(), name="scales") == [2.0 ** 9, 2.0 ** 9]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from hvdllm import comm
 from hvdllm.model import GPT, GPTConfig
-from hvdllm.parallel.tensor import apply_tensor_parallel, split_region_rng, vocab_parallel_cross_entropy
+from hvdllm.parallel.tensor import apply_tensor_parallel, split_region_rng
+from hvdllm.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
 
 
 def tensor_group():

@@ -1,4 +1,5 @@
 import io
+import threading
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from hvdllm.choices import OPTIMIZERS, SCALE_RULES, SCHEDULES
 from hvdllm.config import OptimConfig, ScheduleConfig
 from hvdllm.model import GPT, GPTConfig
-from hvdllm.optim import Lamb, LRSchedule, build_optimizer, lr_factor, param_groups, scaled_lr
+from hvdllm.optim import Adafactor, Lamb, LRSchedule, build_optimizer, lr_factor, param_groups, scaled_lr
 
 
 def reference_lamb(params, grads_per_step, lr, betas, eps, wd, trust_clip=None):
@@ -77,11 +78,124 @@ def test_lamb_state_dict_roundtrip():
 def test_adafactor_state_is_factored():
     w = torch.nn.Parameter(torch.randn(300, 200))
     opt = build_optimizer(torch.nn.Linear(1, 1), OptimConfig(name="adafactor"))
-    opt = torch.optim.Adafactor([w], lr=1e-2)
+    assert isinstance(opt, Adafactor)
+    opt = Adafactor([w], lr=1e-2)
     w.grad = torch.randn_like(w)
     opt.step()
     state_numel = sum(t.numel() for t in opt.state[w].values() if torch.is_tensor(t) and t.dim() > 0)
     assert state_numel == 300 + 200  # O(n + m), not n * m
+
+
+def _pair_of_models():
+    torch.manual_seed(0)
+    first = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    second = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    second.load_state_dict(first.state_dict())
+    return first, second
+
+
+def _groups(model):
+    return [{"params": [model[0].weight, model[2].weight], "weight_decay": 0.1},
+            {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}]
+
+
+def test_adafactor_takes_torchs_steps_and_reads_its_state():
+    """hvdllm's Adafactor is torch's update (written again so its statistics can span ranks)."""
+    theirs, ours = _pair_of_models()
+    reference = torch.optim.Adafactor(_groups(theirs), lr=1e-2, beta2_decay=-0.8, foreach=True)
+    optimizer = Adafactor(_groups(ours), lr=1e-2, beta2_decay=-0.8)
+    for _ in range(2):
+        for _ in range(10):
+            x = torch.randn(5, 8)
+            for model, opt in ((theirs, reference), (ours, optimizer)):
+                opt.zero_grad()
+                model(x).square().mean().backward()
+                opt.step()
+        for mine, reference_param in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(mine, reference_param, rtol=1e-5, atol=1e-7)
+        saved = io.BytesIO()  # a checkpoint of torch's Adafactor resumes
+        torch.save(reference.state_dict(), saved)
+        saved.seek(0)
+        optimizer.load_state_dict(torch.load(saved, weights_only=True))
+
+
+class _ThreadGroup:
+    """t threads as the ranks of a tensor group: ``sum_`` adds every thread's values."""
+
+    def __init__(self, ranks: int) -> None:
+        self.ranks, self.parts = ranks, [None] * ranks
+        self.barrier = threading.Barrier(ranks)
+
+    def member(self, rank: int):
+        group = self
+
+        class Member:
+            ranks = group.ranks
+
+            @staticmethod
+            def split_dim(param):
+                return getattr(param, "cut", None)
+
+            @staticmethod
+            def sum_(values):
+                group.parts[rank] = values.clone()
+                group.barrier.wait()
+                total = sum(group.parts[1:], group.parts[0].clone())
+                group.barrier.wait()
+                return total
+
+        return Member()
+
+
+@pytest.mark.parametrize("kind", [Lamb, Adafactor])
+def test_split_parameters_take_the_whole_tensors_step(kind):
+    """Slices of matrices cut along rows and along columns, of a vector, and a replicated vector,
+    each stepped by its rank with the statistics summed over the ranks, are the slices of the
+    whole tensors stepped by one optimizer (LAMB's trust ratios, Adafactor's factors and RMS)."""
+    torch.manual_seed(0)
+    ranks, steps = 2, 6
+    cuts = [0, 1, 0, None]  # a column-parallel weight, a row-parallel weight, a split bias, a replicated one
+    whole = [torch.nn.Parameter(torch.randn(shape)) for shape in ((8, 6), (6, 8), (8,), (6,))]
+    grads = [[torch.randn_like(p) for p in whole] for _ in range(steps)]
+
+    def slices(tensors, rank):
+        return [t if cut is None else t.chunk(ranks, dim=cut)[rank] for t, cut in zip(tensors, cuts)]
+
+    def build(params):
+        return kind([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}],
+                    lr=1e-2)
+
+    optimizer = build(whole)
+    for step_grads in grads:
+        for p, g in zip(whole, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+    torch.manual_seed(0)
+    start = [torch.randn(p.shape) for p in whole]
+    group, results = _ThreadGroup(ranks), [None] * ranks
+
+    def rank_steps(rank: int) -> None:
+        params = [torch.nn.Parameter(t.clone()) for t in slices(start, rank)]
+        for p, cut in zip(params, cuts):
+            if cut is not None:
+                p.cut = cut
+        opt = build(params)
+        opt.split = group.member(rank)
+        for step_grads in grads:
+            for p, g in zip(params, slices(step_grads, rank)):
+                p.grad = g.clone()
+            opt.step()
+        results[rank] = params
+
+    threads = [threading.Thread(target=rank_steps, args=(rank,)) for rank in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for rank in range(ranks):
+        for mine, expected in zip(results[rank], slices([p.detach() for p in whole], rank)):
+            torch.testing.assert_close(mine.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_param_groups_exclude_biases_norms_embeddings():

@@ -44,8 +44,6 @@ def test_old_data_parallel_key_names_its_replacement():
                                "but the job was launched with 2"),
     (["--parallel.tensor=4", "--model.preset=gpt-micro"], 4, "parallel.tensor=4 must divide model.n_head=6: "
                                                               "each rank takes whole heads"),
-    (["--parallel.tensor=2", "--optim.name=adafactor"], 2, "parallel.tensor=2 with optim.name=adafactor: its "
-                                                           "factored second moments"),
     (["--parallel.tensor=2", "--parallel.devices=['cpu','cpu']"], 2, "parallel.tensor > 1 and parallel.devices"),
     (["--parallel.tensor=2", "--parallel.op=adasum"], 2, "not per model part"),
     (["--parallel.tensor=2", "--parallel.strategy=async", "--parallel.servers=1"], 3,

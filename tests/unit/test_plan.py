@@ -32,6 +32,21 @@ def test_memory_and_min_model_parallel():
     assert small["min_model_parallel"]["adamw"] == 1
 
 
+def test_sequence_parallel_splits_the_replicated_activations():
+    # Korthikanti et al. 2022: per layer s b h (10 + 24 / t + 5 a s / (h t)) bytes, and with sequence
+    # parallelism s b h (34 / t + 5 a s / (h t)); a checkpointed layer keeps 2 s b h, or 2 s b h / t.
+    whole = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_mem_gb=32))
+    split = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_mem_gb=32, sequence_parallel=True))
+    s, b, h, a, L, t = 2048, 1, 12288, 96, 96, 8
+    assert whole["memory_per_gpu"]["tensor_parallel"] == split["memory_per_gpu"]["tensor_parallel"] == t
+    attention = 5 * a * s / (h * t)
+    assert whole["memory_per_gpu"]["activations"]["no_checkpointing"] == int(L * s * b * h * (10 + 24 / t + attention))
+    assert split["memory_per_gpu"]["activations"]["no_checkpointing"] == int(L * s * b * h * (34 / t + attention))
+    assert split["memory_per_gpu"]["activations"]["checkpointing"] == int(
+        L * 2 * s * b * h / t + s * b * h * (34 / t + attention))
+    assert split["assumptions"]["sequence_parallel"]
+
+
 def test_time_estimate():
     plan = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_tflops=125, mfu=0.4))
     assert plan["time"]["seconds"] == pytest.approx(plan["train_flops"] / (1024 * 125e12 * 0.4))
@@ -59,24 +74,25 @@ def test_plan_states_assumptions_and_what_would_fit():
     assert build_plan(PlanInputs(model="gpt3-small", gpus=8, gpu_mem_gb=80))["fit"] == []
 
 
-def test_plan_marks_layouts_the_trainer_cannot_run():
-    assert build_plan(PlanInputs(model="gpt3-small", gpus=8, gpu_mem_gb=80))["trainer"] == {"runnable": True,
-                                                                                           "why_not": []}
-    # The seed's case: tensor 8 x pipeline 32 x data 4 for GPT-3 175B, which hvdllm train runs.
-    gpt3 = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_mem_gb=32))
-    mem = gpt3["memory_per_gpu"]
-    assert (mem["tensor_parallel"], mem["pipeline_parallel"], mem["data_parallel"]) == (8, 32, 4)
-    assert gpt3["trainer"] == {"runnable": True, "why_not": []}
+def test_plan_names_the_train_flags_of_its_layout():
+    assert build_plan(PlanInputs(model="gpt3-small", gpus=8, gpu_mem_gb=80))["train_overrides"] == [
+        "--parallel.tensor=1", "--parallel.pipeline=1", "--parallel.data=8"]
+    # The seed's case: tensor 8 x pipeline 32 x data 4 for GPT-3 175B, which hvdllm train runs,
+    # with any optimizer (Adafactor's factored moments are reduced over the tensor group).
+    for optimizer in ("adamw", "adafactor"):
+        gpt3 = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_mem_gb=32, optimizer=optimizer))
+        mem = gpt3["memory_per_gpu"]
+        assert (mem["tensor_parallel"], mem["pipeline_parallel"], mem["data_parallel"]) == (8, 32, 4)
+        assert gpt3["train_overrides"] == ["--parallel.tensor=8", "--parallel.pipeline=32", "--parallel.data=4"]
     # 4 all-reduces per layer of 96 / 32 = 3 layers, each of s b h bf16 bytes, a ring moving 2 (t - 1) / t of it.
     assert gpt3["tensor_traffic"] == {"all_reduces_per_micro_batch": 12,
                                       "per_micro_batch_bytes": int(12 * 2 * 2048 * 12288 * 2 * 7 / 8)}
-    factored = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_mem_gb=32, optimizer="adafactor"))
-    assert not factored["trainer"]["runnable"] and "with adafactor" in factored["trainer"]["why_not"][0]
-    out = hvdllm("plan", "--model", "gpt3-175b", "--gpus", "1024")
-    assert "hvdllm train can run this layout (parallel.tensor, parallel.pipeline, parallel.data)" in out.stdout
+    out = hvdllm("plan", "--model", "gpt3-175b", "--gpus", "1024", "--sequence-parallel")
+    assert ("hvdllm train runs this layout with --parallel.tensor=8 --parallel.pipeline=32 --parallel.data=4 "
+            "--parallel.sequence_parallel=true") in out.stdout
     assert "tensor parallel 8: 12 all-reduces" in out.stdout
     piped = build_plan(PlanInputs(model="gpt3-xl", gpus=3, gpu_mem_gb=16))
-    assert piped["memory_per_gpu"]["pipeline_parallel"] == 3 and piped["trainer"]["runnable"]
+    assert piped["memory_per_gpu"]["pipeline_parallel"] == 3
 
 
 def test_plan_prints_the_pipeline_cut():

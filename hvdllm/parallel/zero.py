@@ -1,0 +1,159 @@
+"""ZeRO stages 1 and 2 over a data group (Rajbhandari et al. 2020), as an update rule.
+
+Each replica of a model part (its data group: the whole world, or the ranks holding one
+pipeline stage / tensor slice) owns a share of the part's parameters, and keeps optimizer
+state only for those:
+
+- ``parallel.zero = 1``: gradients are all-reduced as in plain data parallelism (Horovod's
+  DistributedOptimizer, overlapped with backward); each rank steps the parameters it owns;
+  the updated parameters are all-gathered (Horovod allgather on the group's process set).
+- ``parallel.zero = 2``: after backward the gradients are reduce-scattered instead (Horovod
+  reducescatter), so each rank keeps only its own parameters' averaged gradients; the global
+  norm for clipping and the non-finite skip add every rank's share.
+
+Ownership is by whole tensors, not by slices of one flat buffer (DeepSpeed, Megatron's
+distributed optimizer): LAMB's trust ratio and Adafactor's factored moments are statistics of
+whole tensors, and a rank owning whole tensors computes them as one rank would, with no
+extra reductions; the cost is balance: the tensors are dealt largest first to the least
+loaded rank, so a rank holds at most 1/d of the parameters plus its largest tensor.
+
+A checkpoint holds the whole optimizer state, gathered from the owners when it is written:
+it is the same file as without ZeRO, so it resumes with any ``parallel.zero`` and data degree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hvdllm.comm.groups import HorovodReduction
+from hvdllm.parallel.update import AllreduceUpdate
+
+
+def assign_owners(sizes: list[int], ranks: int, pinned: dict[int, int] | None = None) -> list[int]:
+    """The rank owning each of the tensors of ``sizes`` elements: the largest first, each to
+    the least loaded rank (the lowest on ties); ``pinned`` (index -> rank) are placed first."""
+    pinned = pinned or {}
+    owners, loads = [0] * len(sizes), [0] * ranks
+    for index, rank in pinned.items():
+        owners[index] = rank
+        loads[rank] += sizes[index]
+    for index in sorted((i for i in range(len(sizes)) if i not in pinned), key=lambda i: (-sizes[i], i)):
+        rank = min(range(ranks), key=lambda r: (loads[r], r))
+        owners[index] = rank
+        loads[rank] += sizes[index]
+    return owners
+
+
+class ShardedUpdate(AllreduceUpdate):
+    gathers_optimizer_state = True
+
+    def __init__(self, parallel_cfg, hvd, data_group, backward_passes_per_step: int) -> None:
+        super().__init__(parallel_cfg, hvd, data_group, backward_passes_per_step)
+        self.stage = parallel_cfg.zero
+        self.collectives = HorovodReduction(data_group, hvd)
+        self.gradient_bytes = 0  # those this rank held in the last step
+
+    @property
+    def shards_gradients(self) -> bool:
+        return self.stage == 2
+
+    def wrap_optimizer(self, optimizer, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # A tied embedding's copies on the first and last pipeline stages add their gradients
+        # between the stages' ranks of one data index: both copies belong to data rank 0.
+        tied = {i: 0 for i, p in enumerate(self.params) if getattr(p, "tied_embedding", False)}
+        owners = assign_owners([p.numel() for p in self.params], self.data_group.size, tied)
+        self.by_rank = [[p for p, owner in zip(self.params, owners) if owner == rank]
+                        for rank in range(self.data_group.size)]
+        self.mine = self.by_rank[self.data_group.rank]
+        if self.stage == 1:
+            return super().wrap_optimizer(optimizer, model)  # the all-reduce overlaps backward
+        self.wrapped = False
+        return optimizer
+
+    # --- gradients ------------------------------------------------------------------------------
+    def reduce_gradients(self, optimizer) -> None:
+        if self.stage == 1:
+            super().reduce_gradients(optimizer)
+        elif self.data_group.size > 1:
+            self._reduce_scatter_gradients()
+
+    def _reduce_scatter_gradients(self) -> None:
+        """Collective in the data group: every rank's gradients, laid out rank by rank (each
+        rank's own parameters, padded to the longest rank's length), summed and scattered:
+        this rank keeps the average of its own parameters' gradients, and no other."""
+        size = self.data_group.size
+        length = max(sum(p.numel() for p in params) for params in self.by_rank)
+        first = self.params[0]
+        flat = torch.zeros(size * length, dtype=torch.promote_types(first.dtype, torch.float32), device=first.device)
+        for rank, params in enumerate(self.by_rank):
+            offset = rank * length
+            for p in params:
+                if p.grad is not None:
+                    flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+                offset += p.numel()
+        averaged = self.collectives.reduce_scatter(flat).div_(size)
+        mine = {id(p) for p in self.mine}
+        offset = 0
+        for p in self.params:
+            if id(p) in mine:
+                p.grad = averaged[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                offset += p.numel()
+            else:
+                p.grad = None
+
+    def sum_squares(self, squares: float) -> float:
+        """ZeRO-2: each rank holds its own parameters' gradients; their squares add up over the group."""
+        return self.collectives.sum(squares) if self.stage == 2 else squares
+
+    # --- the step ---------------------------------------------------------------------------------
+    def step(self, optimizer, scaler) -> None:
+        self.gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
+        mine = {id(p) for p in self.mine}
+        for p in self.params:
+            if id(p) not in mine:
+                p.grad = None  # the optimizer skips it: no state, no update (its owner's comes below)
+        super().step(optimizer, scaler)
+        self._gather_parameters()
+
+    def _gather_parameters(self) -> None:
+        """Collective in the data group: each owner's updated parameters on every rank."""
+        if self.data_group.size == 1:
+            return
+        first = self.params[0]
+        mine = [p.detach().reshape(-1) for p in self.mine]
+        flat = torch.cat(mine) if mine else first.new_empty(0)
+        everyone = self.collectives.all_gather(flat)
+        offset = 0
+        with torch.no_grad():
+            for params in self.by_rank:
+                for p in params:
+                    p.copy_(everyone[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+
+    def step_metrics(self) -> dict:
+        return {"gradient_bytes": self.gradient_bytes}
+
+    def banner_notes(self) -> list[str]:
+        owned, total = sum(p.numel() for p in self.mine), sum(p.numel() for p in self.params)
+        what = "optimizer state and gradients" if self.stage == 2 else "optimizer state"
+        return [f"zero         stage {self.stage} over data {self.data_group.size}: this rank keeps the {what} of "
+                f"{owned:,} of {total:,} parameters ({len(self.mine)} of {len(self.params)} tensors)"]
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def full_optimizer_state(self, optimizer) -> dict:
+        """Collective in the data group: the whole optimizer state, each entry from its owner."""
+        state = optimizer.state_dict()
+        merged = {}
+        for part in self.collectives.all_gather_state(state["state"]):
+            merged.update(part)
+        return {**state, "state": dict(sorted(merged.items()))}
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """A whole optimizer state (from any ZeRO stage or none): this rank keeps its own share."""
+        optimizer.load_state_dict(state)
+        mine = {id(p) for p in self.mine}
+        for p in self.params:
+            if id(p) not in mine:
+                optimizer.state.pop(p, None)
