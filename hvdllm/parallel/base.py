@@ -28,6 +28,7 @@ from torch import nn
 from hvdllm.errors import UserError
 from hvdllm.parallel.grid import Grid, RankCoords, build_grid, rank_coordinates
 from hvdllm.parallel.precision import Precision
+from hvdllm.parallel.reshard import model_slice, optimizer_parameter_names, optimizer_slice
 from hvdllm.parallel.update import step_optimizer
 
 
@@ -223,8 +224,13 @@ class ParallelStrategy(ABC):
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """This rank's shard of the training state: its part of the model, its optimizer
         state, and the layout it was cut for."""
-        layout = {**asdict(self.layout), "cut": self.pipeline_cut()}
-        return {"model": model.state_dict(), "optimizer": self.optimizer_state(optimizer), "layout": layout}
+        return {"model": model.state_dict(), "optimizer": self.optimizer_state(optimizer),
+                "layout": self.checkpoint_layout(), "optimizer_names": optimizer_parameter_names(model, optimizer)}
+
+    def checkpoint_layout(self) -> dict:
+        """The layout a checkpoint records; "named_optimizer": its shards name their optimizer's
+        parameters ("optimizer_names"), so that another cut can take them."""
+        return {**asdict(self.layout), "cut": self.pipeline_cut(), "zero": self.cfg.zero, "named_optimizer": True}
 
     @property
     def gathers_checkpoint_state(self) -> bool:
@@ -245,22 +251,38 @@ class ParallelStrategy(ABC):
     def checkpoint_layout_problem(self, saved: dict) -> str:
         """Why this run cannot take a checkpoint of layout ``saved`` (its stage 0 file's
         "layout"), and what can; "" if it can. A pure check, so every rank makes it before any
-        rank reads a file: a model cut into other pieces is refused (its shards hold other
-        blocks, and each stage's optimizer state is its own). Where the blocks are cut is known
-        only once the model is: load_state_dict checks that."""
-        if (saved.get("pipeline", 1), saved.get("tensor", 1)) == (self.layout.pipeline, self.layout.tensor):
-            return ""
-        return self._other_cut(saved, None)
+        rank reads a file. A model cut into other pieces is re-sliced (parallel/reshard.py),
+        unless the checkpoint predates named optimizer parameters or holds replicas that differ
+        (local SGD's: no one whole model to re-slice); those need the layout they were cut for."""
+        same_pieces = (saved.get("pipeline", 1), saved.get("tensor", 1)) == (self.layout.pipeline, self.layout.tensor)
+        return "" if same_pieces or _recuttable(saved) else self._other_cut(saved, None)
+
+    def cuts_like(self, saved: dict) -> bool:
+        """Whether this run's model is cut as the checkpoint of layout ``saved`` was (known
+        once the model is): if so each rank takes its own shard's file, else the whole state
+        re-sliced."""
+        return (saved.get("pipeline", 1), saved.get("tensor", 1), saved.get("cut")) == (
+            self.layout.pipeline, self.layout.tensor, self.pipeline_cut())
 
     def _other_cut(self, saved: dict, my_cut: list[int] | None) -> str:
         stages, cut, tensor = saved.get("pipeline", 1), saved.get("cut"), saved.get("tensor", 1)
         settings = f"parallel.pipeline={stages}" + (f", parallel.stage_layers={cut}" if cut else "")
+        why = "its local-SGD replicas differ, one file per rank" if saved.get("replicas_differ") else (
+            "it predates re-slicing")
         return (f"checkpoint was cut into {_cut_phrase(stages, cut, tensor)}, this run into "
-                f"{_cut_phrase(self.layout.pipeline, my_cut, self.layout.tensor)}: resume it with {settings}, "
-                f"parallel.tensor={tensor} (on a multiple of {stages * tensor} ranks)")
+                f"{_cut_phrase(self.layout.pipeline, my_cut, self.layout.tensor)}, and {why}: resume it with "
+                f"{settings}, parallel.tensor={tensor} (on a multiple of {stages * tensor} ranks)")
 
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Load this rank's shard of a checkpoint cut as this run's model is."""
+        """Load this rank's shard of a checkpoint cut as this run's model is, or cut this rank's
+        part out of a whole one (checkpoint.whole_state: another cut)."""
+        if state.get("whole"):
+            rank, ranks = self.coords.tensor_rank, self.layout.tensor
+            model.load_state_dict(model_slice(model, state["model"], rank, ranks))
+            names = optimizer_parameter_names(model, optimizer)
+            self.load_optimizer_state(optimizer, optimizer_slice(optimizer, names, state["optimizer"], state["model"],
+                                                                 rank, ranks))
+            return
         saved = state.get("layout", {})
         problem = self.checkpoint_layout_problem(saved)
         if not problem and saved.get("cut") != self.pipeline_cut():
@@ -273,6 +295,17 @@ class ParallelStrategy(ABC):
     def pipeline_cut(self) -> list[int] | None:
         """Blocks per pipeline stage, as recorded in checkpoints (None without a pipeline)."""
         return None
+
+
+def _recuttable(saved: dict) -> bool:
+    """Whether a checkpoint of layout ``saved`` can be re-sliced for another cut."""
+    return bool(saved.get("named_optimizer")) and not saved.get("replicas_differ")
+
+
+def layout_phrase(layout: dict) -> str:
+    """A run's layout as a checkpoint records it, in words: "data 2 x zero 1, one piece"."""
+    data = f"data {layout.get('data', 1)}" + (f" x zero {layout['zero']}" if layout.get("zero") else "")
+    return f"{data}, {_cut_phrase(layout.get('pipeline', 1), layout.get('cut'), layout.get('tensor', 1))}"
 
 
 def _cut_phrase(stages: int, cut: list[int] | None, tensor: int) -> str:

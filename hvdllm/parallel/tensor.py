@@ -154,18 +154,18 @@ def shard_of(full: torch.Tensor, dim: int, parts: int, rank: int, ranks: int) ->
     return torch.cat([block.chunk(ranks, dim=dim)[rank] for block in blocks], dim=dim).clone()
 
 
+def merge_slices(name: str, slices: list[torch.Tensor]) -> torch.Tensor:
+    """The whole of split parameter ``name`` (or a tensor cut as it is) from the tensor ranks'
+    slices, in rank order: the inverse of :func:`shard_of`."""
+    dim, parts = tensor_split(name)
+    pieces = [piece.chunk(parts, dim=dim) for piece in slices]
+    return torch.cat([torch.cat([p[i] for p in pieces], dim=dim) for i in range(parts)], dim=dim)
+
+
 def merge_tensor_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The whole model's state dict from the tensor ranks' state dicts, in rank order."""
-    merged = {}
-    for name, first in shards[0].items():
-        split = tensor_split(name)
-        if split is None:
-            merged[name] = first
-            continue
-        dim, parts = split
-        pieces = [shard[name].chunk(parts, dim=dim) for shard in shards]
-        merged[name] = torch.cat([torch.cat([p[i] for p in pieces], dim=dim) for i in range(parts)], dim=dim)
-    return merged
+    return {name: first if tensor_split(name) is None else merge_slices(name, [shard[name] for shard in shards])
+            for name, first in shards[0].items()}
 
 
 # --- the split layers ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from hvdllm.data.tokenizer import same_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPTConfig
 from hvdllm.parallel.ps_protocol import SERVER_SHARD
+from hvdllm.parallel.reshard import merge_optimizer_slices, optimizer_state_by_name
 from hvdllm.parallel.tensor import merge_tensor_shards
 
 _STEP_FILE = re.compile(r"^step-(\d+)(?:\.stage-(\d+))?\.pt$")
@@ -192,21 +193,18 @@ def check_shard(path: Path, checksum_required: bool) -> None:
 
 
 def resume_state(cfg, run_dir: Path, model_config: dict, tokenizer_json: str,
-                 say: Callable[[str], None], shard: int,
+                 say: Callable[[str], None],
                  layout_problem: Callable[[dict], str]) -> tuple[Path | None, dict | None]:
-    """The checkpoint ``checkpoint.resume`` asks for (shard ``shard``'s file of it), checked
-    against this run's model and tokenizer, and with ``layout_problem`` (the strategy's: what
-    keeps this run's layout from taking the checkpoint's, "" if nothing) against its layout,
-    on every rank before any reads a file another layout lacks; refuses to start a fresh run
-    over a run folder that holds checkpoints. ``say`` prints a note on the logging rank."""
+    """The checkpoint ``checkpoint.resume`` asks for (its stage 0 file's state: see
+    state_for_rank), checked against this run's model and tokenizer, and with
+    ``layout_problem`` (the strategy's: what keeps this run's layout from taking the
+    checkpoint's, "" if nothing) against its layout, on every rank before any reads a file
+    another layout lacks; refuses to start a fresh run over a run folder that holds
+    checkpoints. ``say`` prints a note on the logging rank."""
     path, state = resolve_resume(cfg.checkpoint.resume, run_dir)
     problem = "" if state is None else layout_problem(state.get("layout", {}))
     if problem:
         raise UserError(f"{path}: {problem}")
-    if state is not None and shard:
-        first_step, path = state["step"], shard_path(path, shard)
-        state = load_checkpoint(path)
-        check_same_step(path, state, first_step)
     folder = checkpoint_dir(run_dir)
     if state is None and step_checkpoints(folder):
         if cfg.checkpoint.resume == "auto":
@@ -247,24 +245,55 @@ def model_shards(state: dict) -> int:
     return int(layout.get("pipeline", 1)) * int(layout.get("tensor", 1))
 
 
+def state_for_rank(path: Path, state: dict, shard: int, same_cut: bool) -> dict:
+    """What a rank resumes from, given the checkpoint's stage 0 state: shard ``shard``'s file
+    where this run cuts the model as the checkpoint does (``same_cut``), else the whole state
+    (:func:`whole_state`), out of which the strategy cuts the rank's part."""
+    if not same_cut:
+        return whole_state(path, state)
+    if not shard:
+        return state
+    shard_file = shard_path(path, shard)
+    shard_state = load_checkpoint(shard_file)
+    check_same_step(shard_file, shard_state, state["step"])
+    return shard_state
+
+
+def stage_states(path: Path, state: dict) -> list[list[dict]]:
+    """The states of every model shard of the checkpoint at ``path`` (stage 0's is ``state``),
+    a list of tensor ranks' states per pipeline stage, each checked to hold the same step."""
+    required = checksum_path(Path(path)).is_file()
+    states = [state]
+    for shard in range(1, model_shards(state)):
+        shard_file = shard_path(Path(path), shard)
+        states.append(load_checkpoint(shard_file, checksum_required=required))
+        check_same_step(shard_file, states[-1], state["step"])
+    tensor = int(state.get("layout", {}).get("tensor", 1))
+    return [states[first:first + tensor] for first in range(0, len(states), tensor)]
+
+
 def full_model_state(path: Path, state: dict) -> dict:
     """The whole model's state dict from the checkpoint at ``path``: a pipeline run's stages
     each wrote their blocks beside it, under the full model's keys, so they merge as they are;
     a tensor-parallel stage's ranks each wrote a slice of its tensors, put back together."""
-    tensor = int(state.get("layout", {}).get("tensor", 1))
     merged = {}
-    for stage in range(model_shards(state) // tensor):
-        slices = []
-        for shard in range(stage * tensor, (stage + 1) * tensor):
-            if shard == 0:
-                slices.append(state["model"])
-                continue
-            shard_file = shard_path(Path(path), shard)
-            shard_state = load_checkpoint(shard_file, checksum_required=checksum_path(Path(path)).is_file())
-            check_same_step(shard_file, shard_state, state["step"])
-            slices.append(shard_state["model"])
-        merged.update(merge_tensor_shards(slices) if tensor > 1 else slices[0])
+    for stage in stage_states(path, state):
+        merged.update(merge_tensor_shards([s["model"] for s in stage]) if len(stage) > 1 else stage[0]["model"])
     return merged
+
+
+def whole_state(path: Path, state: dict) -> dict:
+    """The checkpoint at ``path`` as one piece, for a run that cuts the model otherwise: stage
+    0's state with the whole model's state dict and the whole optimizer state by parameter
+    name (parallel/reshard.py), marked ``"whole"``. Every rank reads every shard: the memory of
+    the whole model and its optimizer state, once, at the resume."""
+    model, optimizer = {}, {}
+    for stage in stage_states(path, state):
+        models = [s["model"] for s in stage]
+        model.update(merge_tensor_shards(models) if len(stage) > 1 else models[0])
+        named = [optimizer_state_by_name(s["optimizer"], s["optimizer_names"]) for s in stage]
+        optimizer.update(merge_optimizer_slices(models, named))
+    return {**state, "model": model, "optimizer": optimizer, "whole": True}
 
 
 def check_same_step(path: Path, state: dict, step: int) -> None:

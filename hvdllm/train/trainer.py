@@ -20,6 +20,7 @@ from hvdllm.model.flops import flops_per_token
 from hvdllm.optim import build_optimizer
 from hvdllm.optim.plateau import BestTracker
 from hvdllm.parallel import ParallelStrategy, Precision
+from hvdllm.parallel.base import layout_phrase
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.evaluate import evaluate
 from hvdllm.train.inputs import RunInputs, check_inputs
@@ -49,12 +50,14 @@ class Trainer:
         self.gpt_cfg, self.tokenizer_json = inputs.gpt_cfg, inputs.tokenizer_json
         self.shard_seq_len = inputs.shard_seq_len
         resume_path, state = ckpt.resume_state(cfg, self.run_dir, vars(self.gpt_cfg), self.tokenizer_json, self.say,
-                                               shard=strategy.checkpoint_shard,
                                                layout_problem=strategy.checkpoint_layout_problem)
         self._build(inputs, warm_start=state is None)
         if state is not None:
-            self.resume(state)
-            self.say(f"resuming from {resume_path} at step {self.step}")
+            saved = state.get("layout", {})
+            self.resume(ckpt.state_for_rank(resume_path, state, strategy.checkpoint_shard, strategy.cuts_like(saved)))
+            before, now = layout_phrase(saved), layout_phrase(strategy.checkpoint_layout())
+            change = "" if before == now else f" (layout {before} -> {now})"
+            self.say(f"resuming from {resume_path} at step {self.step}{change}")
         # Under Horovod elastic a worker may join while the others sync, so the first
         # collective is the elastic State's (hvdllm/train/elastic.py), which starts the log.
         if not cfg.parallel.elastic:

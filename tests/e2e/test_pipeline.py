@@ -104,12 +104,10 @@ def test_stages_checkpoint_resume_exactly_and_generate_consolidates(data, tmp_pa
     assert [(r["step"], r["loss"]) for r in read_metrics(resumed)] == [(s, expected[s]) for s in range(9, 13)]
     sample = hvdllm("generate", "--checkpoint", str(straight), "--max-new-tokens", "8", "--temperature", "0")
     assert sample.returncode == 0 and "step 12" in sample.stderr, sample.stderr
-    # Another layout cannot take these shards: one line on every rank.
+    # Another layout takes these shards, re-sliced (tests/e2e/test_reshard.py checks its losses).
     other = hvdllm_mpi(2, *train_args(data, straight, "--train.steps=14", "--checkpoint.resume=auto"), timeout=120)
-    lines = error_lines(other)
-    assert other.returncode != 0 and len(lines) == 2 and lines[0] == lines[1]
-    assert ("checkpoint was cut into 2 pipeline stages of [1, 1] blocks, this run into one piece: resume it with "
-            "parallel.pipeline=2, parallel.stage_layers=[1, 1]") in lines[0]
+    assert other.returncode == 0, other.stderr
+    assert "at step 12 (layout data 1, 2 pipeline stages of [1, 1] blocks -> data 2, one piece)" in other.stdout
 
 
 @pytest.mark.parametrize("np, overrides, message", [

@@ -104,14 +104,22 @@ def test_a_corrupt_parameter_server_shard_falls_back(data, tmp_path):
     assert f"resuming from {run / 'checkpoints' / 'step-00000002.pt'} at step 2" in resumed.stdout
 
 
-def test_a_pipeline_checkpoint_on_one_rank_says_what_resumes_it(data, tmp_path):
+def test_an_older_pipeline_checkpoint_on_one_rank_says_what_resumes_it(data, tmp_path):
+    """Before re-slicing, shards did not name their optimizer's parameters: such a checkpoint
+    resumes only on the cut it was made for."""
     run = tmp_path / "run"
     assert hvdllm_mpi(2, *train_args(data, run, "--parallel.pipeline=2", "--train.steps=2")).returncode == 0
+    first = run / "checkpoints" / "step-00000002.pt"
+    state = torch.load(first, weights_only=True)
+    del state["layout"]["named_optimizer"], state["optimizer_names"]
+    torch.save(state, first)
+    (run / "checkpoints" / "step-00000002.pt.sha256").unlink()
     one = hvdllm(*train_args(data, run, "--train.steps=4", "--checkpoint.resume=auto"))
     (line,) = error_lines(one)
     assert one.returncode == 2 and "None" not in line
-    assert ("checkpoint was cut into 2 pipeline stages of [1, 1] blocks, this run into one piece: resume it with "
-            "parallel.pipeline=2, parallel.stage_layers=[1, 1], parallel.tensor=1 (on a multiple of 2 ranks)") in line
+    assert ("checkpoint was cut into 2 pipeline stages of [1, 1] blocks, this run into one piece, and it predates "
+            "re-slicing: resume it with parallel.pipeline=2, parallel.stage_layers=[1, 1], parallel.tensor=1 (on a "
+            "multiple of 2 ranks)") in line
 
 
 def test_resume_auto_says_what_it_did(data, tmp_path):

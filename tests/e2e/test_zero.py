@@ -51,7 +51,8 @@ def test_zero_1_inside_tensor_by_data(data, tmp_path):
 RESUME = ("--train.steps=20", "--checkpoint.every=10", "--data.global_batch_size=8", "--optim.grad_clip=0.5")
 
 
-@pytest.mark.parametrize("ranks, layout", [(1, ()), (2, ("--parallel.zero=0",)), (2, ("--parallel.zero=2",))])
+@pytest.mark.parametrize("ranks, layout", [(1, ()), (2, ("--parallel.zero=0",)), (2, ("--parallel.zero=2",)),
+                                           (2, ("--parallel.pipeline=2", "--parallel.micro_batches=2"))])
 def test_a_zero_1_checkpoint_resumes_on_another_layout(data, tmp_path_factory, tmp_path, ranks, layout):
     full = tmp_path_factory.getbasetemp() / "zero1-full"
     if not full.exists():
