@@ -17,6 +17,10 @@ Formulas and sources:
   split evenly over the model-parallel degree = tensor parallel (at most 8, within a node,
   dividing the heads) x pipeline stages (dividing the layers), as Megatron-LM lays out GPT-3
   (Narayanan et al. 2021); data parallelism (Horovod allreduce) keeps a full replica per group.
+  With ``--zero 1`` (``parallel.zero``) each of the d data ranks keeps the optimizer state of
+  1/d of its model part's parameters, ``--zero 2`` the gradients too (ZeRO's P_os and
+  P_os+g); hvdllm deals whole tensors to the owners, so a rank holds up to one tensor more
+  than 1/d: the largest tensor's share of the model-parallel group is added.
 - Activations per GPU per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation
   in Large Transformer Models", eq. 2 with tensor parallel degree t): ``s b h (10 + 24 / t +
   5 a s / (h t))`` bytes; with sequence parallelism (``--sequence-parallel``, eq. 4) the
@@ -33,7 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,6 +68,7 @@ class PlanInputs:
     schedule: str = "1f1b"  # the pipeline schedule whose table is printed (parallel.schedule)
     micro_batches: int = 0  # pipeline micro-batches per batch (parallel.micro_batches); 0 = the stages
     sequence_parallel: bool = False  # parallel.sequence_parallel: activations split along the sequence too
+    zero: int = 0  # parallel.zero: 1 shards the optimizer state over the data ranks, 2 the gradients too
 
 
 def meta_model(name: str) -> GPT:
@@ -82,17 +87,28 @@ def split_model(mp: int, cfg) -> tuple[int, int] | None:
 
 
 def memory_per_gpu(model: GPT, inputs: PlanInputs, seq_len: int, mp: int) -> dict:
-    """Bytes per GPU at model-parallel degree ``mp`` (split as :func:`split_model`), for every optimizer."""
+    """Bytes per GPU at model-parallel degree ``mp`` (split as :func:`split_model`), for every
+    optimizer, with ``inputs.zero`` over the data ranks that leaves."""
     cfg, n_total = model.cfg, model.num_params()
     tp, pp = split_model(mp, cfg)
-    weights, grads = 2 * n_total / mp, 2 * n_total / mp
-    optim = {name: optimizer_state_bytes(model, name) / mp for name in OPTIMIZERS}
+    data = max(1, inputs.gpus // mp)
+    largest = max(p.numel() for p in model.parameters()) / tp  # one tensor's share of a tensor rank
+
+    def sharded(per_param: float, stage: int) -> float:
+        """Bytes of ``per_param`` bytes a parameter, kept for 1/data of them at zero >= ``stage``."""
+        whole = per_param * n_total / mp
+        if inputs.zero < stage or data == 1:
+            return whole
+        return whole / data + per_param * largest
+
+    weights, grads = 2 * n_total / mp, sharded(2, stage=2)
+    optim = {name: sharded(optimizer_state_bytes(model, name) / n_total, stage=1) for name in OPTIMIZERS}
     acts = {"no_checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, False, inputs.sequence_parallel),
             "checkpointing": activation_bytes(cfg, inputs.micro_batch, seq_len, tp, True, inputs.sequence_parallel)}
     chosen_acts = acts["checkpointing" if inputs.checkpointing else "no_checkpointing"]
     total = {name: int(weights + grads + optim[name] + chosen_acts) for name in OPTIMIZERS}
     return {"model_parallel": mp, "tensor_parallel": tp, "pipeline_parallel": pp,
-            "data_parallel": inputs.gpus // mp, "weights": int(weights),
+            "data_parallel": inputs.gpus // mp, "zero": inputs.zero, "weights": int(weights),
             "gradients": int(grads), "optimizer": {k: int(v) for k, v in optim.items()},
             "activations": acts, "total": total}
 
@@ -115,6 +131,9 @@ def build_plan(inputs: PlanInputs) -> dict:
     limit = inputs.gpu_mem_gb * GIB
     smallest = {name: next((d for d in degrees if memory(d)["total"][name] <= limit), None)
                 for name in OPTIMIZERS}
+    # The same for the chosen optimizer at each ZeRO stage: the data ranks that sharding frees.
+    by_zero = {zero: next((d for d in degrees if memory_per_gpu(model, replace(inputs, zero=zero), seq_len, d)
+                           ["total"][inputs.optimizer] <= limit), None) for zero in (0, 1, 2)}
     mp = inputs.model_parallel or smallest[inputs.optimizer] or degrees[-1]
     if inputs.gpus % mp or not split_model(mp, cfg):
         raise ValueError(f"--model-parallel {mp} must divide --gpus and split into tensor parallel "
@@ -152,6 +171,7 @@ def build_plan(inputs: PlanInputs) -> dict:
         "checkpointing": inputs.checkpointing,
         "optimizer": inputs.optimizer,
         "min_model_parallel": smallest,
+        "min_model_parallel_by_zero": by_zero,
         "time": {"gpus": inputs.gpus, "gpu_tflops": inputs.gpu_tflops, "mfu": inputs.mfu,
                  "seconds": seconds, "days": seconds / 86400},
         "pipeline_cut": pipeline_cut(inputs, cfg, seq_len) if inputs.pipeline else None,
@@ -186,6 +206,8 @@ def train_overrides(layout: dict, inputs: PlanInputs) -> list[str]:
              f"--parallel.data={layout['data_parallel']}"]
     if inputs.sequence_parallel and layout["tensor_parallel"] > 1:
         flags.append("--parallel.sequence_parallel=true")
+    if inputs.zero and layout["data_parallel"] > 1:
+        flags.append(f"--parallel.zero={inputs.zero}")
     return flags
 
 
@@ -239,6 +261,7 @@ def _gib(n: float) -> str:
 def format_plan(plan: dict) -> str:
     shape, mem, t = plan["shape"], plan["memory_per_gpu"], plan["time"]
     ckpt = "with" if plan["checkpointing"] else "without"
+    zero = f" (zero {mem['zero']}: sharded over the data ranks)" if mem["zero"] else ""
     a = plan["assumptions"]
     rows = [
         f"assumptions        {a['gpu_mem_gb']:g} GiB per GPU, micro-batch {a['micro_batch']} of {a['seq_len']} "
@@ -251,7 +274,7 @@ def format_plan(plan: dict) -> str:
         f"  (6ND alone: {plan['train_flops_6nd']:.4g})",
         "",
         f"memory per GPU at model-parallel {mem['model_parallel']} (tensor {mem['tensor_parallel']} x "
-        f"pipeline {mem['pipeline_parallel']}) x data-parallel {mem['data_parallel']}, "
+        f"pipeline {mem['pipeline_parallel']}) x data-parallel {mem['data_parallel']}{zero}, "
         f"mixed precision, activations {ckpt} checkpointing"
         f"{', split along the sequence' if plan['assumptions']['sequence_parallel'] else ''}:",
         f"  {'':<12}{'weights':>12}{'gradients':>12}{'optimizer':>12}{'activations':>13}{'total':>12}"
@@ -275,6 +298,9 @@ def format_plan(plan: dict) -> str:
         rows += [f"  tensor parallel {mem['tensor_parallel']}: {traffic['all_reduces_per_micro_batch']} all-reduces "
                  f"and {_gib(traffic['per_micro_batch_bytes'])} sent per GPU per micro-batch (activations, bf16), "
                  f"latency-bound: keep the tensor group within a node"]
+    by_zero = plan["min_model_parallel_by_zero"]
+    rows += [f"  {plan['optimizer']} with its state sharded over the data ranks (--zero): the smallest "
+             "model-parallel degree that fits is " + ", ".join(f"{d or 'none'} at zero {z}" for z, d in by_zero.items())]
     rows += ["  hvdllm train runs this layout with " + " ".join(plan["train_overrides"])]
     rows += [
         "",
@@ -312,6 +338,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="split the activations tensor parallelism replicates along the sequence too")
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2), default=defaults.zero,
+                        help="parallel.zero: shard the optimizer state (1), and the gradients (2), over the data ranks")
     parser.add_argument("--model-parallel", type=int, default=0, help="default: the smallest that fits")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     parser.add_argument("--pipeline", type=int, default=0, help="also print the cut into this many pipeline stages")

@@ -117,3 +117,18 @@ def test_plan_prints_the_schedule_as_a_table():
     assert "  rank 1:   . 1F0 1F1 1F2 1B0 1B1 1B2   ." in out.stdout
     one_f = build_plan(PlanInputs(model="gpt-mini", gpus=2, pipeline=2, micro_batches=3))["pipeline_cut"]["schedule"]
     assert one_f["name"] == "1f1b" and one_f["peak_activations"] == [2, 1]
+
+
+def test_zero_divides_the_optimizer_state_and_gradients_over_the_data_ranks():
+    """ZeRO's per-GPU memory: 1/d of the state plus up to one whole tensor's share (hvdllm deals
+    whole tensors), and the smaller model-parallel degree it lets the layout use."""
+    base = dict(model="gpt3-175b", gpus=1024, gpu_mem_gb=32, checkpointing=True, model_parallel=128)
+    plain, one, two = (build_plan(PlanInputs(**base, zero=zero))["memory_per_gpu"] for zero in (0, 1, 2))
+    data, largest_share = 8, 50257 * 12288 / 8  # the embedding, cut over 8 tensor ranks
+    assert one["optimizer"]["adamw"] == pytest.approx(plain["optimizer"]["adamw"] / data + 12 * largest_share, rel=1e-3)
+    assert one["gradients"] == plain["gradients"]
+    assert two["gradients"] == pytest.approx(plain["gradients"] / data + 2 * largest_share, rel=1e-3)
+    proposed = build_plan(PlanInputs(model="gpt3-175b", gpus=1024, gpu_mem_gb=32, checkpointing=True, zero=1))
+    assert proposed["memory_per_gpu"]["model_parallel"] < 128  # the state sharded: fewer model-parallel ranks
+    assert proposed["min_model_parallel_by_zero"] == {0: 128, 1: 32, 2: 16}
+    assert "--parallel.zero=1" in proposed["train_overrides"]
