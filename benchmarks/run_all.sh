@@ -29,3 +29,5 @@ hvdllm bench pipeline --json "$OUT/pipeline.json" | tail -2
 echo "== warm start: a model grown from a smaller trained one vs the same model from scratch"
 hvdllm bench grow --config configs/demo.toml --small-steps 120 --steps 120 --eval-every 10 \
   --json "$OUT/grow.json" | tail -1
+echo "== ZeRO: zero 1 and 2 against zero 0 on 2 ranks (tokens/s, optimizer-state bytes per rank)"
+hvdllm bench zero --config configs/demo.toml --json "$OUT/zero.json" | tail -4

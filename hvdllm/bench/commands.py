@@ -11,7 +11,8 @@ import json
 from hvdllm.bench.common import write_result
 from hvdllm.bench.options import (BENCHMARKS, GrowBenchOptions, LoaderBenchOptions, OptimBenchOptions,
                                   OverheadBenchOptions, PipelineBenchOptions, PrepareBenchOptions,
-                                  ScalingBenchOptions, StragglerBenchOptions, TensorBenchOptions, options_from)
+                                  ScalingBenchOptions, StragglerBenchOptions, TensorBenchOptions, ZeroBenchOptions,
+                                  options_from)
 
 
 def _optim(options: OptimBenchOptions) -> tuple[dict, str]:
@@ -120,8 +121,15 @@ def _tensor(options: TensorBenchOptions) -> tuple[dict, str]:
                     f"step x{result['horovod_over_mpi4py_step']:.2f}")
 
 
+def _zero(options: ZeroBenchOptions, overrides: list[str]) -> tuple[dict, str]:
+    from hvdllm.bench.zero import bench_zero, summary
+
+    result = bench_zero(options, overrides)
+    return result, summary(result)
+
+
 _FLAGS_ONLY = {"optim": _optim, "loader": _loader, "prepare": _prepare, "pipeline": _pipeline, "tensor": _tensor}
-_TRAINING = {"overhead": _overhead, "scaling": _scaling, "straggler": _straggler, "grow": _grow}
+_TRAINING = {"overhead": _overhead, "scaling": _scaling, "straggler": _straggler, "grow": _grow, "zero": _zero}
 
 
 def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -180,6 +180,20 @@ class ScalingBenchOptions(TrainingBenchOptions):
 
 
 @dataclass
+class ZeroBenchOptions(TrainingBenchOptions):
+    summary: ClassVar[str] = ("hvdllm train on 2 ranks at parallel.zero 0, 1 and 2: tokens/s and optimizer-state "
+                              "bytes per rank")
+
+    stages: tuple[str, ...] = _flag(("0", "1", "2"), "ZeRO stages to run (0 is the baseline of the ratios)")
+    rounds: int = _flag(3, _ROUNDS_HELP)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(bool(self.stages) and all(stage in ("0", "1", "2") for stage in self.stages), "--stages",
+               f"must be among 0, 1, 2, got {','.join(self.stages)}")
+
+
+@dataclass
 class PipelineBenchOptions(BenchOptions):
     summary: ClassVar[str] = ("measured bubble of GPipe and 1F1B against (p-1)/(m+p-1), and peak activation "
                               "memory per stage")
@@ -291,7 +305,7 @@ BENCHMARKS: dict[str, type[BenchOptions]] = {
     "comm": CommBenchOptions, "optim": OptimBenchOptions, "loader": LoaderBenchOptions,
     "prepare": PrepareBenchOptions, "overhead": OverheadBenchOptions, "scaling": ScalingBenchOptions,
     "pipeline": PipelineBenchOptions, "straggler": StragglerBenchOptions, "grow": GrowBenchOptions,
-    "tensor": TensorBenchOptions,
+    "tensor": TensorBenchOptions, "zero": ZeroBenchOptions,
 }
 
 

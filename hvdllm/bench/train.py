@@ -104,7 +104,7 @@ def interleaved_ratio(config: str, overrides: list[str], steps: int, threads: in
         try:
             for step in range(steps):
                 batch, seconds = batches[step % len(batches)], {}
-                for name in _alternating(["plain", "hvdllm"], step):
+                for name in alternating(["plain", "hvdllm"], step):
                     if name == "plain":
                         seconds[name] = _plain_step(model, optimizer, batch, cfg.optim.grad_clip)
                     else:
@@ -131,7 +131,10 @@ def _baseline(config: str, overrides: list[str], steps: int, threads: int, np: i
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _hvdllm(config: str, overrides: list[str], steps: int, threads: int, np: int = 1) -> dict:
+def hvdllm_run(config: str, overrides: list[str], steps: int, threads: int, np: int = 1) -> dict:
+    """``hvdllm train`` for ``steps`` steps: tokens/s ("step" and "loop", see the module's
+    docstring), the first step's seconds, and the bytes of optimizer state and gradients the
+    logging rank held at the end (gradients: None where the run does not log them)."""
     with tempfile.TemporaryDirectory() as run_dir:
         argv = ["-m", "hvdllm", "train", "--config", config, f"--train.run_dir={run_dir}", f"--train.steps={steps}",
                 f"--train.threads={threads}", "--train.eval_every=0", "--checkpoint.every=0",
@@ -144,13 +147,15 @@ def _hvdllm(config: str, overrides: list[str], steps: int, threads: int, np: int
     loop_s = looped[-1]["elapsed_s"] - records[WARMUP_STEPS - 1]["elapsed_s"]
     return {"step": statistics.median(r["tokens_per_s"] for r in after),
             "loop": sum(r["tokens_per_s"] * r["step_time_s"] for r in looped) / loop_s,
-            "first_step_s": records[0]["step_time_s"]}  # what a compiling switch pays once
+            "first_step_s": records[0]["step_time_s"],  # what a compiling switch pays once
+            "optimizer_state_bytes": records[-1]["optimizer_state_bytes"],
+            "gradient_bytes": records[-1].get("gradient_bytes")}
 
 
 def _switched(extra: tuple[str, ...]):
-    """``_hvdllm`` with a speed switch's overrides added."""
+    """``hvdllm_run`` with a speed switch's overrides added."""
     def run(config: str, overrides: list[str], steps: int, threads: int) -> dict:
-        return _hvdllm(config, [*overrides, *extra], steps, threads)
+        return hvdllm_run(config, [*overrides, *extra], steps, threads)
     return run
 
 
@@ -160,11 +165,11 @@ def bench_overhead(options: OverheadBenchOptions, overrides: list[str]) -> dict:
     round alternates (ABBA...), so a machine that slows down or speeds up during the run
     favours neither side. ``overrides`` (--section.key=value) apply to the config of both."""
     config, steps, threads = options.config, options.steps, options.threads
-    runs = {"plain": _baseline, "hvdllm": _hvdllm, **{name: _switched(SPEED_SWITCHES[name]) for name in options.switches}}
+    runs = {"plain": _baseline, "hvdllm": hvdllm_run, **{name: _switched(SPEED_SWITCHES[name]) for name in options.switches}}
     measured_rounds = []
     for index in range(options.rounds):
         measured_rounds.append({name: runs[name](config, overrides, steps, threads)
-                                for name in _alternating(list(runs), index)})
+                                for name in alternating(list(runs), index)})
     plain, ours = [m["plain"] for m in measured_rounds], [m["hvdllm"] for m in measured_rounds]
     switches = {name: {"overrides": list(SPEED_SWITCHES[name]),
                        "tokens_per_s": statistics.median(m[name]["step"] for m in measured_rounds),
@@ -198,12 +203,12 @@ def bench_weak_scaling(options: ScalingBenchOptions, overrides: list[str]) -> di
     round each framework's 1-rank and 2-rank runs are adjacent, and which framework goes
     first alternates between rounds. ``overrides`` (--section.key=value) apply to every run."""
     config, steps = options.config, options.steps
-    runs = {"hvdllm": _hvdllm, "ddp_gloo": _baseline}
+    runs = {"hvdllm": hvdllm_run, "ddp_gloo": _baseline}
     per_round = {name: [] for name in runs}
     one = {name: [] for name in runs}
     two = {name: [] for name in runs}
     for index in range(options.rounds):
-        for name in _alternating(list(runs), index):
+        for name in alternating(list(runs), index):
             run = runs[name]
             # The in-step figure: scaling of the step itself, as DDP's baseline measures it.
             single = run(config, overrides, steps, 1, np=1)["step"]
@@ -218,7 +223,8 @@ def bench_weak_scaling(options: ScalingBenchOptions, overrides: list[str]) -> di
             "hvdllm_not_below_ddp": efficiency["hvdllm"] >= efficiency["ddp_gloo"]}
 
 
-def _alternating(names: list[str], round_index: int) -> list[str]:
+def alternating(names: list[str], round_index: int) -> list[str]:
+    """The order of a round's runs: reversed every other round, so that drift favours none."""
     return names if round_index % 2 == 0 else names[::-1]
 
 

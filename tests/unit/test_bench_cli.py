@@ -67,7 +67,8 @@ def test_overrides_reach_every_run_of_a_training_benchmark(name, tmp_path, capsy
         launched.append(cmd)
         run_dir = next((a.split("=", 1)[1] for a in cmd if a.startswith("--train.run_dir=")), None)
         if run_dir:  # hvdllm train: the metrics it would write
-            records = [json.dumps({"tokens_per_s": 100.0, "step_time_s": 0.1, "elapsed_s": 0.1 * (i + 1)})
+            records = [json.dumps({"tokens_per_s": 100.0, "step_time_s": 0.1, "elapsed_s": 0.1 * (i + 1),
+                                   "optimizer_state_bytes": 1000})
                        for i in range(bench_train.WARMUP_STEPS + 3)]
             (Path(run_dir) / "metrics.jsonl").write_text("\n".join(records) + "\n")
             return ""
