@@ -3,9 +3,14 @@ fixed seed, the same global batch), alone and inside pipeline and tensor layouts
 checkpoints (the whole optimizer state, gathered) resume on other layouts."""
 
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
-from helpers.corpus import assert_same_losses, error_lines, hvdllm, hvdllm_mpi, read_metrics, train_args
+from helpers.corpus import assert_same_losses, clean_env, error_lines, hvdllm, hvdllm_mpi, read_metrics, train_args
+
+from hvdllm.comm.launch import mpirun_command
 
 STEPS = 12
 # Clipping that acts on most steps, and two accumulated micro-batches per step.
@@ -76,3 +81,49 @@ def test_a_zero_1_checkpoint_resumes_on_another_layout(data, tmp_path_factory, t
 def test_bad_zero_settings_are_one_line(data, tmp_path, overrides, message):
     result = hvdllm(*train_args(data, tmp_path / "run", *overrides))
     assert result.returncode != 0 and message in error_lines(result)[0]
+
+
+# Loaded at start-up by every rank (sitecustomize on PYTHONPATH): rank 1 gets SIGNAL as it
+# enters the all-gather of the owners' parameters in step 3, when rank 0 is already inside it.
+_DIE_IN_ALL_GATHER = """
+import os, signal
+from hvdllm.parallel import zero
+
+_gather, _calls = zero.ShardedUpdate._gather_parameters, [0]
+
+def _gather_or_die(self):
+    _calls[0] += 1
+    if _calls[0] == 3 and os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+        os.kill(os.getpid(), signal.{signal})
+    _gather(self)
+
+zero.ShardedUpdate._gather_parameters = _gather_or_die
+"""
+
+
+@pytest.mark.parametrize("dying", ["SIGKILL", "SIGSTOP"])
+def test_a_rank_lost_during_the_all_gather_ends_the_job_within_the_stall_bound(data, tmp_path, dying):
+    """Killed (its launcher sees it go) or stopped (a hung node: only the stall watchdog of the
+    rank waiting in the all-gather can tell): the job ends, not hangs, within the stall bound."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_DIE_IN_ALL_GATHER.replace("{signal}", dying))
+    run_dir = tmp_path / "run"
+    args = train_args(data, run_dir, "--parallel.zero=1", "--train.steps=50", "--checkpoint.every=0",
+                      "--train.eval_every=0", "--train.stall_timeout_s=8")
+    env = clean_env({**clean_env(), "PYTHONPATH": str(hook)})
+    start = time.time()
+    proc = subprocess.Popen(mpirun_command(2, ["-m", "hvdllm", *args]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        for sig in ("-CONT", "-KILL"):  # a stopped rank the launcher left behind
+            subprocess.run(["pkill", sig, "-f", str(run_dir)], check=False)
+    ended_after = time.time() - start
+    assert proc.returncode != 0
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]  # the hook struck in step 3
+    assert ended_after < 90, ended_after  # start-up, 8 s of stall, the launcher's teardown
+    if dying == "SIGSTOP":
+        assert "error: stall: rank 0 of 2 completed step 2" in err, err[-3000:]
