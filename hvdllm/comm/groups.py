@@ -144,6 +144,17 @@ class HorovodReduction:
         return self.hvd.reducescatter(_wide(tensor).contiguous(), op=self.hvd.Sum, name=self._name(),
                                       process_set=self.group.process_set).to(tensor.dtype)
 
+    def reduce_scatter_async(self, tensor: torch.Tensor, scale: float, key: str):
+        """Start a reduce-scatter of ``tensor`` (summed, times ``scale``) in a group of two or
+        more; :meth:`synchronize` gives this member's part. Named by ``key``, which each member
+        gives alike, so the members may start several in any order (backward's hooks)."""
+        return self.hvd.reducescatter_async(_wide(tensor).contiguous(), op=self.hvd.Sum, postscale_factor=scale,
+                                            name=f"group.{self.group.process_set.process_set_id}.{key}",
+                                            process_set=self.group.process_set)
+
+    def synchronize(self, handle) -> torch.Tensor:
+        return self.hvd.synchronize(handle)
+
 
 class Groups:
     """This rank's group along each requested set of axes: ``groups.group(("data",))``."""

@@ -151,6 +151,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # ZeRO over the data axis (hvdllm/parallel/zero.py): 1 shards the optimizer state, 2 the gradients too.
     zero: int = 0
+    zero_bucket_mb: float = 25.0  # zero 2 reduce-scatters the gradients in buckets of this size, overlapping backward
     servers: int = 0  # parameter-server ranks (for asynchronous updates)
     devices: list[str] = field(default_factory=list)  # devices driven by each rank; [] = its own
     stage_layers: list[int] = field(default_factory=list)  # blocks per stage; [] = cut by `balance`
@@ -200,6 +201,7 @@ class ParallelConfig:
         _at_least(0, self, "parallel", "data", "servers", "max_staleness", "outer_momentum")
         _at_least(1, self, "parallel", "local_steps", "elastic_commit_every")
         _require(self.zero in (0, 1, 2), "parallel.zero", f"must be 0, 1 or 2, got {self.zero}")
+        _require(self.zero_bucket_mb > 0, "parallel.zero_bucket_mb", f"must be > 0, got {self.zero_bucket_mb}")
         _require(not self.zero or (self.strategy == "sync" and self.op == "average" and not self.elastic),
                  "parallel.zero", "shards the optimizer state of a synchronous data group: it needs "
                  "parallel.strategy=sync, parallel.op=average and parallel.elastic=false")

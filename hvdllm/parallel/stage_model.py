@@ -86,6 +86,10 @@ class GPTStage(nn.Module):
                 model.lm_head.weight.tied_embedding = True
             model.wte = model.wpe = model.drop = None
         if not self.is_last:
+            if self.is_first and model.cfg.tie_weights:
+                # The original of that copy: the two add their gradients (pipeline.py), and ZeRO
+                # gives both to the same data rank.
+                model.wte.weight.tied_embedding = True
             model.ln_f = model.lm_head = None
         self.gpt = model
 

@@ -7,15 +7,19 @@ state only for those:
 - ``parallel.zero = 1``: gradients are all-reduced as in plain data parallelism (Horovod's
   DistributedOptimizer, overlapped with backward); each rank steps the parameters it owns;
   the updated parameters are all-gathered (Horovod allgather on the group's process set).
-- ``parallel.zero = 2``: after backward the gradients are reduce-scattered instead (Horovod
-  reducescatter), so each rank keeps only its own parameters' averaged gradients; the global
-  norm for clipping and the non-finite skip add every rank's share.
+- ``parallel.zero = 2``: the gradients are reduce-scattered instead (Horovod reducescatter),
+  bucket by bucket as backward produces them (``parallel.zero_bucket_mb``, the last layers'
+  first): each bucket is sent as soon as the last backward pass of the step has filled it, and
+  its gradients are dropped then, so each rank keeps only its own parameters' averaged
+  gradients; the global norm for clipping and the non-finite skip add every rank's share.
 
 Ownership is by whole tensors, not by slices of one flat buffer (DeepSpeed, Megatron's
 distributed optimizer): LAMB's trust ratio and Adafactor's factored moments are statistics of
 whole tensors, and a rank owning whole tensors computes them as one rank would, with no
-extra reductions; the cost is balance: the tensors are dealt largest first to the least
-loaded rank, so a rank holds at most 1/d of the parameters plus its largest tensor.
+extra reductions; the cost is balance: the tensors of each bucket are dealt largest first to
+the least loaded rank (over all buckets so far), so a rank holds at most 1/d of the
+parameters plus its largest tensor, and a bucket's share per rank (its reduce-scatter pads
+the shares to the longest) differs by about one tensor.
 
 A checkpoint holds the whole optimizer state, gathered from the owners when it is written:
 it is the same file as without ZeRO, so it resumes with any ``parallel.zero`` and data degree.
@@ -30,11 +34,26 @@ from hvdllm.comm.groups import HorovodReduction
 from hvdllm.parallel.update import AllreduceUpdate
 
 
-def assign_owners(sizes: list[int], ranks: int, pinned: dict[int, int] | None = None) -> list[int]:
+def bucket_parameters(sizes: list[int], element_bytes: int, bucket_bytes: float) -> list[list[int]]:
+    """The indices of tensors of ``sizes`` elements in buckets of at least ``bucket_bytes``
+    (the last one: what is left), from the last tensor to the first: backward's order."""
+    buckets, current, filled = [], [], 0
+    for index in reversed(range(len(sizes))):
+        current.append(index)
+        filled += sizes[index] * element_bytes
+        if filled >= bucket_bytes:
+            buckets.append(current)
+            current, filled = [], 0
+    return buckets + ([current] if current else [])
+
+
+def assign_owners(sizes: list[int], ranks: int, pinned: dict[int, int] | None = None,
+                  loads: list[int] | None = None) -> list[int]:
     """The rank owning each of the tensors of ``sizes`` elements: the largest first, each to
-    the least loaded rank (the lowest on ties); ``pinned`` (index -> rank) are placed first."""
+    the least loaded rank (the lowest on ties); ``pinned`` (index -> rank) are placed first.
+    ``loads``: each rank's elements owned so far (other buckets'), updated in place."""
     pinned = pinned or {}
-    owners, loads = [0] * len(sizes), [0] * ranks
+    owners, loads = [0] * len(sizes), loads if loads is not None else [0] * ranks
     for index, rank in pinned.items():
         owners[index] = rank
         loads[rank] += sizes[index]
@@ -52,6 +71,7 @@ class ShardedUpdate(AllreduceUpdate):
         super().__init__(parallel_cfg, hvd, data_group, backward_passes_per_step)
         self.stage = parallel_cfg.zero
         self.collectives = HorovodReduction(data_group, hvd)
+        self.bucket_bytes = parallel_cfg.zero_bucket_mb * 2**20
         self.gradient_bytes = 0  # those this rank held in the last step
 
     @property
@@ -60,48 +80,76 @@ class ShardedUpdate(AllreduceUpdate):
 
     def wrap_optimizer(self, optimizer, model: nn.Module):
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # A tied embedding's copies on the first and last pipeline stages add their gradients
-        # between the stages' ranks of one data index: both copies belong to data rank 0.
-        tied = {i: 0 for i, p in enumerate(self.params) if getattr(p, "tied_embedding", False)}
-        owners = assign_owners([p.numel() for p in self.params], self.data_group.size, tied)
-        self.by_rank = [[p for p, owner in zip(self.params, owners) if owner == rank]
-                        for rank in range(self.data_group.size)]
-        self.mine = self.by_rank[self.data_group.rank]
+        size, rank = self.data_group.size, self.data_group.rank
+        element_bytes = torch.promote_types(self.params[0].dtype, torch.float32).itemsize
+        loads = [0] * size
+        self.buckets = []
+        for indices in bucket_parameters([p.numel() for p in self.params], element_bytes, self.bucket_bytes):
+            params = [self.params[i] for i in indices]
+            # A tied embedding's copies on the first and last pipeline stages (both marked) add
+            # their gradients between the stages' ranks of one data index: both belong to data rank 0.
+            tied = {i: 0 for i, p in enumerate(params) if getattr(p, "tied_embedding", False)}
+            owners = assign_owners([p.numel() for p in params], size, tied, loads)
+            self.buckets.append(_Bucket([[p for p, owner in zip(params, owners) if owner == r] for r in range(size)],
+                                        name=f"zero-bucket-{len(self.buckets)}"))
+        self.by_rank = [[p for bucket in self.buckets for p in bucket.by_rank[r]] for r in range(size)]
+        self.mine = self.by_rank[rank]
         if self.stage == 1:
             return super().wrap_optimizer(optimizer, model)  # the all-reduce overlaps backward
         self.wrapped = False
+        if size > 1:
+            for bucket in self.buckets:
+                for p in bucket.params:
+                    p.register_post_accumulate_grad_hook(self._on_gradient(bucket))
         return optimizer
 
     # --- gradients ------------------------------------------------------------------------------
+    def _on_gradient(self, bucket: "_Bucket"):
+        """A hook for each parameter of ``bucket``: once the step's last backward pass has
+        given every one of them its gradient, the bucket is sent."""
+        def hook(param: torch.Tensor) -> None:
+            bucket.ready += 1
+            if bucket.ready == len(bucket.params) * self.backward_passes_per_step:
+                self._send(bucket)
+        return hook
+
+    def _send(self, bucket: "_Bucket") -> None:
+        """Start the bucket's reduce-scatter (collective in the data group, matched by the
+        bucket's name) and drop its gradients: the reduced share comes back in reduce_gradients."""
+        size = self.data_group.size
+        first = bucket.params[0]
+        flat = torch.zeros(size * bucket.length, dtype=torch.promote_types(first.dtype, torch.float32),
+                           device=first.device)
+        for rank, params in enumerate(bucket.by_rank):
+            offset = rank * bucket.length
+            for p in params:
+                if p.grad is not None:
+                    flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+                    p.grad = None
+                offset += p.numel()
+        bucket.handle = self.collectives.reduce_scatter_async(flat, scale=1 / size, key=bucket.name)
+
     def reduce_gradients(self, optimizer) -> None:
         if self.stage == 1:
             super().reduce_gradients(optimizer)
         elif self.data_group.size > 1:
-            self._reduce_scatter_gradients()
+            self._finish_reduce_scatter()
 
-    def _reduce_scatter_gradients(self) -> None:
-        """Collective in the data group: every rank's gradients, laid out rank by rank (each
-        rank's own parameters, padded to the longest rank's length), summed and scattered:
-        this rank keeps the average of its own parameters' gradients, and no other."""
-        size = self.data_group.size
-        length = max(sum(p.numel() for p in params) for params in self.by_rank)
-        first = self.params[0]
-        flat = torch.zeros(size * length, dtype=torch.promote_types(first.dtype, torch.float32), device=first.device)
-        for rank, params in enumerate(self.by_rank):
-            offset = rank * length
-            for p in params:
-                if p.grad is not None:
-                    flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
-                offset += p.numel()
-        averaged = self.collectives.reduce_scatter(flat).div_(size)
-        mine = {id(p) for p in self.mine}
-        offset = 0
-        for p in self.params:
-            if id(p) in mine:
+    def _finish_reduce_scatter(self) -> None:
+        """Collective in the data group: a bucket not sent yet (a parameter that had no
+        gradient in some pass) goes now; then each rank takes the average of its own parameters'
+        gradients, bucket by bucket, and holds no other."""
+        mine = self.data_group.rank
+        for bucket in self.buckets:
+            if bucket.handle is None:
+                self._send(bucket)
+        for bucket in self.buckets:
+            averaged = self.collectives.synchronize(bucket.handle)
+            offset = 0
+            for p in bucket.by_rank[mine]:
                 p.grad = averaged[offset:offset + p.numel()].view_as(p).to(p.dtype)
                 offset += p.numel()
-            else:
-                p.grad = None
+            bucket.handle, bucket.ready = None, 0
 
     def sum_squares(self, squares: float) -> float:
         """ZeRO-2: each rank holds its own parameters' gradients; their squares add up over the group."""
@@ -157,3 +205,15 @@ class ShardedUpdate(AllreduceUpdate):
         for p in self.params:
             if id(p) not in mine:
                 optimizer.state.pop(p, None)
+
+
+class _Bucket:
+    """Parameters whose gradients are reduce-scattered together, by owner: ``by_rank[r]``
+    are rank r's. Laid out rank by rank, each rank's share padded to the longest (``length``)."""
+
+    def __init__(self, by_rank: list[list[nn.Parameter]], name: str) -> None:
+        self.by_rank, self.name = by_rank, name  # the name matches its reduce-scatter on every data rank
+        self.params = [p for params in by_rank for p in params]
+        self.length = max(sum(p.numel() for p in params) for params in by_rank)
+        self.ready = 0  # gradients accumulated in this step's backward passes
+        self.handle = None  # the reduce-scatter in flight

@@ -27,10 +27,11 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_both(horovod, zero)
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     tokens = torch.randint(64, (4, 17), generator=torch.Generator().manual_seed(horovod.rank()))
     precision = Precision("fp32", torch.device("cpu"))
-    strategy.forward_backward(model, [Batch(tokens[:, :-1], tokens[:, 1:])], precision)
     if horovod.rank() == 1:
-        # The last parameter: with two ranks, not necessarily rank 1's own.
-        list(model.parameters())[-1].grad.view(-1)[0] = math.inf
+        # In backward, before the gradient reaches its bucket (zero 2 sends buckets from there):
+        # the last parameter, with two ranks not necessarily rank 1's own.
+        list(model.parameters())[-1].register_hook(lambda grad: grad.index_fill(0, torch.tensor([0]), math.inf))
+    strategy.forward_backward(model, [Batch(tokens[:, :-1], tokens[:, 1:])], precision)
     strategy.finish_gradients(optimizer, torch.zeros(3, dtype=torch.float64))
     norm, skipped = strategy.update(optimizer, model, precision, max_norm=1.0, nonfinite=False)
     assert not math.isfinite(norm) and skipped
