@@ -29,10 +29,10 @@ def run(np, data, run_dir, *overrides, steps_args=COMMON):
 SMALL_BUCKETS = "--parallel.zero_bucket_mb=0.02"
 
 
-@pytest.mark.parametrize("optimizer, zeros", [("adamw", (1, 2)), ("lamb", (1,)), ("adafactor", (2,))])
-def test_sharded_optimizer_and_gradients_give_unsharded_losses(data, tmp_path, optimizer, zeros):
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb", "adafactor"])
+def test_sharded_optimizer_and_gradients_give_unsharded_losses(data, tmp_path, optimizer):
     reference = run(2, data, tmp_path / "zero0", f"--optim.name={optimizer}")
-    for zero in zeros:
+    for zero in (1, 2):
         buckets = (SMALL_BUCKETS,) if optimizer == "adamw" else ()  # adafactor: one bucket (25 MB)
         sharded = run(2, data, tmp_path / f"zero{zero}", f"--optim.name={optimizer}", f"--parallel.zero={zero}",
                       *buckets)
