@@ -181,16 +181,17 @@ class ScalingBenchOptions(TrainingBenchOptions):
 
 @dataclass
 class ZeroBenchOptions(TrainingBenchOptions):
-    summary: ClassVar[str] = ("hvdllm train on 2 ranks at parallel.zero 0, 1 and 2: tokens/s and optimizer-state "
-                              "bytes per rank")
+    summary: ClassVar[str] = ("hvdllm train on 2 ranks at parallel.zero 0, 1 and 2: tokens/s and rank 0's "
+                              "optimizer-state bytes")
 
     stages: tuple[str, ...] = _flag(("0", "1", "2"), "ZeRO stages to run (0 is the baseline of the ratios)")
     rounds: int = _flag(3, _ROUNDS_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(bool(self.stages) and all(stage in ("0", "1", "2") for stage in self.stages), "--stages",
-               f"must be among 0, 1, 2, got {','.join(self.stages)}")
+        _check(bool(self.stages) and len(set(self.stages)) == len(self.stages), "--stages",
+               f"must name each stage once, got {','.join(self.stages)}")
+        _all_known(self.stages, "--stages", ("0", "1", "2"), "ZeRO stage")
 
 
 @dataclass

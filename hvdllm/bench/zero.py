@@ -2,10 +2,10 @@
 
 Each round runs every stage once (the order alternating between rounds) with the same config,
 data and steps; reported per stage: tokens/s inside the step (median over the steps after the
-warm-up, then over the rounds) and the optimizer-state and gradient bytes each rank holds
-(from the metrics). Targets (issue 23): the optimizer state per rank at most 1/d of zero 0's
-plus one tensor's (ownership is by whole tensors, the largest of them standing in for
-DeepSpeed's bucket), and zero 1's throughput at least 0.9 of zero 0's.
+warm-up, then over the rounds) and the optimizer-state and gradient bytes rank 0 holds (from
+the metrics, which the logging rank writes). Targets (issue 23): the optimizer state per rank
+at most 1/d of zero 0's plus one tensor's (ownership is by whole tensors, the largest of them
+standing in for DeepSpeed's bucket), and zero 1's throughput at least 0.9 of zero 0's.
 """
 
 from __future__ import annotations

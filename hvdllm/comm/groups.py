@@ -144,13 +144,18 @@ class HorovodReduction:
         return self.hvd.reducescatter(_wide(tensor).contiguous(), op=self.hvd.Sum, name=self._name(),
                                       process_set=self.group.process_set).to(tensor.dtype)
 
-    def reduce_scatter_async(self, tensor: torch.Tensor, scale: float, key: str):
-        """Start a reduce-scatter of ``tensor`` (summed, times ``scale``) in a group of two or
-        more; :meth:`synchronize` gives this member's part. Named by ``key``, which each member
-        gives alike, so the members may start several in any order (backward's hooks)."""
-        return self.hvd.reducescatter_async(_wide(tensor).contiguous(), op=self.hvd.Sum, postscale_factor=scale,
-                                            name=f"group.{self.group.process_set.process_set_id}.{key}",
-                                            process_set=self.group.process_set)
+    def reduce_async(self, tensor: torch.Tensor, scale: float, key: str, scatter: bool):
+        """Start a sum of ``tensor`` times ``scale`` over a group of two or more: all-reduced,
+        or reduce-scattered (``scatter``: :meth:`synchronize` gives this member's part). Named by
+        ``key``, which each member gives alike, so the members may start several in any order
+        (backward's hooks)."""
+        start = self.hvd.reducescatter_async if scatter else self.hvd.allreduce_async
+        return start(_wide(tensor).contiguous(), op=self.hvd.Sum, postscale_factor=scale,
+                     name=f"group.{self.group.process_set.process_set_id}.{key}", process_set=self.group.process_set)
+
+    def done(self, handle) -> bool:
+        """Whether a collective started here has finished (:meth:`synchronize` would not wait)."""
+        return self.hvd.poll(handle)
 
     def synchronize(self, handle) -> torch.Tensor:
         return self.hvd.synchronize(handle)

@@ -25,7 +25,6 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from hvdllm.errors import UserError
 from hvdllm.parallel.grid import Grid, RankCoords, build_grid, rank_coordinates
 from hvdllm.parallel.precision import Precision
 from hvdllm.parallel.reshard import model_slice, optimizer_parameter_names, optimizer_slice
@@ -212,6 +211,22 @@ class ParallelStrategy(ABC):
         self.apply_update(optimizer, None)
         return grad_norm, False
 
+    def scaled_update_on_the_global_norm(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                                         scaler: torch.amp.GradScaler, max_norm: float) -> tuple[float, bool]:
+        """fp16 where ranks hold different gradients (pipeline stages, tensor slices, ZeRO-2's
+        shares): each unscales its own, and whether to step and how the scale moves follow the
+        global norm, which every rank sees alike, not each rank's own inf check (a rank with
+        finite gradients must skip and back off with the one that overflowed)."""
+        scaler.scale(torch.zeros((), device=self.device))  # a rank without the loss still needs its scale set
+        scaler.unscale_(optimizer)
+        grad_norm = self.clip_grad_norm_(model, max_norm or math.inf)
+        if math.isfinite(grad_norm):
+            self.apply_update(optimizer, None)
+            scaler.update()  # no rank found an inf: the same growth everywhere
+        else:
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())  # skipped, backed off on every rank
+        return grad_norm, False  # as with one model: an overflow is the scaler's to handle, not a bad step
+
     # --- metrics and checkpoints -----------------------------------------------------------------
     @abstractmethod
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -264,6 +279,13 @@ class ParallelStrategy(ABC):
         return (saved.get("pipeline", 1), saved.get("tensor", 1), saved.get("cut")) == (
             self.layout.pipeline, self.layout.tensor, self.pipeline_cut())
 
+    def recut_problem(self, saved: dict) -> str:
+        """Once the model is cut: why this run cannot take the checkpoint of layout ``saved``
+        (the same pieces cut at other blocks, where it cannot be re-sliced), "" if it can."""
+        if self.cuts_like(saved) or _recuttable(saved):
+            return ""
+        return self._other_cut(saved, self.pipeline_cut())
+
     def _other_cut(self, saved: dict, my_cut: list[int] | None) -> str:
         stages, cut, tensor = saved.get("pipeline", 1), saved.get("cut"), saved.get("tensor", 1)
         settings = f"parallel.pipeline={stages}" + (f", parallel.stage_layers={cut}" if cut else "")
@@ -274,8 +296,9 @@ class ParallelStrategy(ABC):
                 f"{settings}, parallel.tensor={tensor} (on a multiple of {stages * tensor} ranks)")
 
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Load this rank's shard of a checkpoint cut as this run's model is, or cut this rank's
-        part out of a whole one (checkpoint.whole_state: another cut)."""
+        """Load this rank's shard of a checkpoint cut as this run's model is (checked by
+        :meth:`recut_problem`), or cut this rank's part out of a whole one (checkpoint.whole_state:
+        another cut)."""
         if state.get("whole"):
             rank, ranks = self.coords.tensor_rank, self.layout.tensor
             model.load_state_dict(model_slice(model, state["model"], rank, ranks))
@@ -283,12 +306,6 @@ class ParallelStrategy(ABC):
             self.load_optimizer_state(optimizer, optimizer_slice(optimizer, names, state["optimizer"], state["model"],
                                                                  rank, ranks))
             return
-        saved = state.get("layout", {})
-        problem = self.checkpoint_layout_problem(saved)
-        if not problem and saved.get("cut") != self.pipeline_cut():
-            problem = self._other_cut(saved, self.pipeline_cut())
-        if problem:
-            raise UserError(problem)
         model.load_state_dict(state["model"])
         self.load_optimizer_state(optimizer, state["optimizer"])
 

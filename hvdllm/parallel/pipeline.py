@@ -248,19 +248,11 @@ class ModelParallel(HorovodDataParallel):
         Whether to step and how the scale moves follow the global norm, which every stage
         sees alike, not each stage's own inf check (a stage with finite gradients must skip
         and back off with the one that overflowed)."""
-        scaler = precision.scaler
-        if scaler is None or nonfinite:
+        if precision.scaler is None or nonfinite:
             return super().update(optimizer, model, precision, max_norm, nonfinite)
-        scaler.scale(torch.zeros((), device=self.device))  # a stage without the loss still needs its scale set
-        scaler.unscale_(optimizer)
-        grad_norm = self.clip_grad_norm_(model, max_norm or math.inf)
-        if math.isfinite(grad_norm):
-            self.apply_update(optimizer, None)
-            scaler.update()  # no stage found an inf: the same growth everywhere
-        else:
-            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())  # skipped, backed off on every stage
+        result = self.scaled_update_on_the_global_norm(optimizer, model, precision.scaler, max_norm)
         self.update_rule.after_update()
-        return grad_norm, False  # as with one model: an overflow is the scaler's to handle, not a bad step
+        return result
 
     def forward_only(self, model: nn.Module, inputs: torch.Tensor, precision: Precision) -> torch.Tensor | None:
         """Logits of ``inputs`` (evaluation): on the last stage; None on the others."""

@@ -132,7 +132,10 @@ class HorovodDataParallel(ParallelStrategy):
         self.update_rule.step(optimizer, scaler)
 
     def update(self, optimizer, model: nn.Module, precision, max_norm: float, nonfinite: bool) -> tuple[float, bool]:
-        result = super().update(optimizer, model, precision, max_norm, nonfinite)
+        if precision.scaler is not None and self.update_rule.shards_gradients and not nonfinite:
+            result = self.scaled_update_on_the_global_norm(optimizer, model, precision.scaler, max_norm)
+        else:
+            result = super().update(optimizer, model, precision, max_norm, nonfinite)
         self.update_rule.after_update()
         return result
 

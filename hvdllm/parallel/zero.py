@@ -16,10 +16,11 @@ state only for those:
 Ownership is by whole tensors, not by slices of one flat buffer (DeepSpeed, Megatron's
 distributed optimizer): LAMB's trust ratio and Adafactor's factored moments are statistics of
 whole tensors, and a rank owning whole tensors computes them as one rank would, with no
-extra reductions; the cost is balance: the tensors of each bucket are dealt largest first to
-the least loaded rank (over all buckets so far), so a rank holds at most 1/d of the
-parameters plus its largest tensor, and a bucket's share per rank (its reduce-scatter pads
-the shares to the longest) differs by about one tensor.
+extra reductions; the cost is balance: the tensors are dealt largest first to the least
+loaded rank, so a rank holds at most 1/d of the parameters plus its largest tensor. Within a
+bucket the ranks' shares differ, and a reduce-scatter pads them to the longest: a bucket whose
+padding would send more than an all-reduce of it is all-reduced instead, so zero 2 never
+sends more than zero 0.
 
 A checkpoint holds the whole optimizer state, gathered from the owners when it is written:
 it is the same file as without ZeRO, so it resumes with any ``parallel.zero`` and data degree.
@@ -47,13 +48,11 @@ def bucket_parameters(sizes: list[int], element_bytes: int, bucket_bytes: float)
     return buckets + ([current] if current else [])
 
 
-def assign_owners(sizes: list[int], ranks: int, pinned: dict[int, int] | None = None,
-                  loads: list[int] | None = None) -> list[int]:
+def assign_owners(sizes: list[int], ranks: int, pinned: dict[int, int] | None = None) -> list[int]:
     """The rank owning each of the tensors of ``sizes`` elements: the largest first, each to
-    the least loaded rank (the lowest on ties); ``pinned`` (index -> rank) are placed first.
-    ``loads``: each rank's elements owned so far (other buckets'), updated in place."""
+    the least loaded rank (the lowest on ties); ``pinned`` (index -> rank) are placed first."""
     pinned = pinned or {}
-    owners, loads = [0] * len(sizes), loads if loads is not None else [0] * ranks
+    owners, loads = [0] * len(sizes), [0] * ranks
     for index, rank in pinned.items():
         owners[index] = rank
         loads[rank] += sizes[index]
@@ -81,17 +80,15 @@ class ShardedUpdate(AllreduceUpdate):
     def wrap_optimizer(self, optimizer, model: nn.Module):
         self.params = [p for p in model.parameters() if p.requires_grad]
         size, rank = self.data_group.size, self.data_group.rank
+        # A tied embedding's copies on the first and last pipeline stages (both marked) add their
+        # gradients between the stages' ranks of one data index: both belong to data rank 0.
+        tied = {i: 0 for i, p in enumerate(self.params) if getattr(p, "tied_embedding", False)}
+        owners = assign_owners([p.numel() for p in self.params], size, tied)
         element_bytes = torch.promote_types(self.params[0].dtype, torch.float32).itemsize
-        loads = [0] * size
-        self.buckets = []
-        for indices in bucket_parameters([p.numel() for p in self.params], element_bytes, self.bucket_bytes):
-            params = [self.params[i] for i in indices]
-            # A tied embedding's copies on the first and last pipeline stages (both marked) add
-            # their gradients between the stages' ranks of one data index: both belong to data rank 0.
-            tied = {i: 0 for i, p in enumerate(params) if getattr(p, "tied_embedding", False)}
-            owners = assign_owners([p.numel() for p in params], size, tied, loads)
-            self.buckets.append(_Bucket([[p for p, owner in zip(params, owners) if owner == r] for r in range(size)],
-                                        name=f"zero-bucket-{len(self.buckets)}"))
+        self.buckets = [_Bucket([[self.params[i] for i in indices if owners[i] == r] for r in range(size)],
+                                name=f"zero-bucket-{number}")
+                        for number, indices in enumerate(bucket_parameters([p.numel() for p in self.params],
+                                                                           element_bytes, self.bucket_bytes))]
         self.by_rank = [[p for bucket in self.buckets for p in bucket.by_rank[r]] for r in range(size)]
         self.mine = self.by_rank[rank]
         if self.stage == 1:
@@ -114,20 +111,35 @@ class ShardedUpdate(AllreduceUpdate):
         return hook
 
     def _send(self, bucket: "_Bucket") -> None:
-        """Start the bucket's reduce-scatter (collective in the data group, matched by the
-        bucket's name) and drop its gradients: the reduced share comes back in reduce_gradients."""
+        """Start the bucket's reduction (collective in the data group, matched by the bucket's
+        name) and drop its gradients; take the shares of the buckets whose reduction has
+        finished, so that only the buckets in flight hold a buffer."""
         size = self.data_group.size
         first = bucket.params[0]
-        flat = torch.zeros(size * bucket.length, dtype=torch.promote_types(first.dtype, torch.float32),
+        flat = torch.zeros(bucket.flat_length, dtype=torch.promote_types(first.dtype, torch.float32),
                            device=first.device)
         for rank, params in enumerate(bucket.by_rank):
-            offset = rank * bucket.length
+            offset = bucket.offset(rank)
             for p in params:
                 if p.grad is not None:
                     flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
                     p.grad = None
                 offset += p.numel()
-        bucket.handle = self.collectives.reduce_scatter_async(flat, scale=1 / size, key=bucket.name)
+        bucket.handle = self.collectives.reduce_async(flat, scale=1 / size, key=bucket.name,
+                                                      scatter=bucket.scatters)
+        for earlier in self.buckets:
+            if earlier is not bucket and earlier.handle is not None and self.collectives.done(earlier.handle):
+                self._take(earlier)
+
+    def _take(self, bucket: "_Bucket") -> None:
+        """Wait for the bucket's reduction; this rank's parameters of it get their averaged gradients."""
+        rank = self.data_group.rank
+        averaged = self.collectives.synchronize(bucket.handle)
+        offset = 0 if bucket.scatters else bucket.offset(rank)
+        for p in bucket.by_rank[rank]:
+            p.grad = averaged[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        bucket.handle = None
 
     def reduce_gradients(self, optimizer) -> None:
         if self.stage == 1:
@@ -137,19 +149,15 @@ class ShardedUpdate(AllreduceUpdate):
 
     def _finish_reduce_scatter(self) -> None:
         """Collective in the data group: a bucket not sent yet (a parameter that had no
-        gradient in some pass) goes now; then each rank takes the average of its own parameters'
-        gradients, bucket by bucket, and holds no other."""
-        mine = self.data_group.rank
+        gradient in some pass) goes now; then each rank takes the average of its own
+        parameters' gradients from the buckets still in flight, and holds no other."""
         for bucket in self.buckets:
-            if bucket.handle is None:
+            if bucket.ready < len(bucket.params) * self.backward_passes_per_step:
                 self._send(bucket)
         for bucket in self.buckets:
-            averaged = self.collectives.synchronize(bucket.handle)
-            offset = 0
-            for p in bucket.by_rank[mine]:
-                p.grad = averaged[offset:offset + p.numel()].view_as(p).to(p.dtype)
-                offset += p.numel()
-            bucket.handle, bucket.ready = None, 0
+            if bucket.handle is not None:
+                self._take(bucket)
+            bucket.ready = 0
 
     def sum_squares(self, squares: float) -> float:
         """ZeRO-2: each rank holds its own parameters' gradients; their squares add up over the group."""
@@ -157,11 +165,11 @@ class ShardedUpdate(AllreduceUpdate):
 
     # --- the step ---------------------------------------------------------------------------------
     def step(self, optimizer, scaler) -> None:
-        self.gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
         mine = {id(p) for p in self.mine}
         for p in self.params:
             if id(p) not in mine:
                 p.grad = None  # the optimizer skips it: no state, no update (its owner's comes below)
+        self.gradient_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
         super().step(optimizer, scaler)
         self._gather_parameters()
 
@@ -208,12 +216,23 @@ class ShardedUpdate(AllreduceUpdate):
 
 
 class _Bucket:
-    """Parameters whose gradients are reduce-scattered together, by owner: ``by_rank[r]``
-    are rank r's. Laid out rank by rank, each rank's share padded to the longest (``length``)."""
+    """Parameters whose gradients are reduced together, by owner: ``by_rank[r]`` are rank r's,
+    laid out rank by rank in one flat buffer. A reduce-scatter pads every rank's share to the
+    longest; where that would send more than an all-reduce of the bucket (a tensor too large
+    for its bucket to be shared out evenly: an embedding), the bucket is all-reduced instead
+    and each rank keeps its own share of the sum."""
 
     def __init__(self, by_rank: list[list[nn.Parameter]], name: str) -> None:
-        self.by_rank, self.name = by_rank, name  # the name matches its reduce-scatter on every data rank
+        self.by_rank, self.name = by_rank, name  # the name matches its reduction on every data rank
         self.params = [p for params in by_rank for p in params]
-        self.length = max(sum(p.numel() for p in params) for params in by_rank)
+        self.shares = [sum(p.numel() for p in params) for params in by_rank]
+        ranks, total = len(by_rank), sum(self.shares)
+        # A ring reduce-scatter sends (d - 1) / d of its padded buffer, an all-reduce twice that of its own.
+        self.scatters = ranks * max(self.shares) <= 2 * total
+        self.flat_length = ranks * max(self.shares) if self.scatters else total
         self.ready = 0  # gradients accumulated in this step's backward passes
-        self.handle = None  # the reduce-scatter in flight
+        self.handle = None  # the reduction in flight
+
+    def offset(self, rank: int) -> int:
+        """Where rank ``rank``'s share starts in the flat buffer."""
+        return rank * max(self.shares) if self.scatters else sum(self.shares[:rank])

@@ -251,23 +251,23 @@ def state_for_rank(path: Path, state: dict, shard: int, same_cut: bool) -> dict:
     (:func:`whole_state`), out of which the strategy cuts the rank's part."""
     if not same_cut:
         return whole_state(path, state)
-    if not shard:
-        return state
-    shard_file = shard_path(path, shard)
-    shard_state = load_checkpoint(shard_file)
+    return load_shard(path, state, shard) if shard else state
+
+
+def load_shard(path: Path, state: dict, shard: int) -> dict:
+    """Shard ``shard``'s state of the checkpoint at ``path`` whose stage 0 file holds
+    ``state``: checked like it (a checksum is required where stage 0 has one) and to hold the
+    same step."""
+    shard_file = shard_path(Path(path), shard)
+    shard_state = load_checkpoint(shard_file, checksum_required=checksum_path(Path(path)).is_file())
     check_same_step(shard_file, shard_state, state["step"])
     return shard_state
 
 
 def stage_states(path: Path, state: dict) -> list[list[dict]]:
     """The states of every model shard of the checkpoint at ``path`` (stage 0's is ``state``),
-    a list of tensor ranks' states per pipeline stage, each checked to hold the same step."""
-    required = checksum_path(Path(path)).is_file()
-    states = [state]
-    for shard in range(1, model_shards(state)):
-        shard_file = shard_path(Path(path), shard)
-        states.append(load_checkpoint(shard_file, checksum_required=required))
-        check_same_step(shard_file, states[-1], state["step"])
+    a list of tensor ranks' states per pipeline stage."""
+    states = [state] + [load_shard(path, state, shard) for shard in range(1, model_shards(state))]
     tensor = int(state.get("layout", {}).get("tensor", 1))
     return [states[first:first + tensor] for first in range(0, len(states), tensor)]
 

@@ -16,6 +16,7 @@ import torch
 
 from hvdllm.config import Config, config_to_toml
 from hvdllm.data import DistributedBatches, ShardedSamples
+from hvdllm.errors import UserError
 from hvdllm.model.flops import flops_per_token
 from hvdllm.optim import build_optimizer
 from hvdllm.optim.plateau import BestTracker
@@ -54,6 +55,9 @@ class Trainer:
         self._build(inputs, warm_start=state is None)
         if state is not None:
             saved = state.get("layout", {})
+            problem = strategy.recut_problem(saved)  # on every rank, before any reads another shard
+            if problem:
+                raise UserError(f"{resume_path}: {problem}")
             self.resume(ckpt.state_for_rank(resume_path, state, strategy.checkpoint_shard, strategy.cuts_like(saved)))
             before, now = layout_phrase(saved), layout_phrase(strategy.checkpoint_layout())
             change = "" if before == now else f" (layout {before} -> {now})"

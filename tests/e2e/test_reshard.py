@@ -64,3 +64,31 @@ def test_local_sgd_replicas_on_another_cut_are_one_line(data, tmp_path):
         f"error: {straight / 'checkpoints' / 'step-00000002.pt'}: checkpoint was cut into one piece, this run into "
         "2 pipeline stages, and its local-SGD replicas differ, one file per rank: resume it with "
         "parallel.pipeline=1, parallel.tensor=1 (on a multiple of 1 ranks)"] * 2
+
+
+def test_the_same_stages_cut_at_other_blocks_resume_and_an_older_checkpoint_says_what_resumes_it(data, tmp_path):
+    import torch
+
+    run_dir = tmp_path / "run"
+    model = ("--model.n_layer=3", "--parallel.pipeline=2")
+    assert hvdllm_mpi(2, *train_args(data, run_dir, *model, "--parallel.stage_layers=[1, 2]", "--train.steps=2",
+                                     "--checkpoint.every=2")).returncode == 0
+    other_cut = train_args(data, run_dir, *model, "--parallel.stage_layers=[2, 1]", "--train.steps=4",
+                           "--checkpoint.every=4", "--checkpoint.resume=auto")
+    resumed = hvdllm_mpi(2, *other_cut)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("(layout data 1, 2 pipeline stages of [1, 2] blocks -> data 1, 2 pipeline stages of [2, 1] blocks)"
+            in resumed.stdout)
+    # Written before shards named their optimizer's parameters: only its own cut can take it.
+    first = run_dir / "checkpoints" / "step-00000004.pt"
+    for path in (first, run_dir / "checkpoints" / "step-00000004.stage-1.pt"):
+        state = torch.load(path, weights_only=True)
+        del state["layout"]["named_optimizer"], state["optimizer_names"]
+        torch.save(state, path)
+        path.with_name(path.name + ".sha256").unlink()
+    back = hvdllm_mpi(2, *train_args(data, run_dir, *model, "--parallel.stage_layers=[1, 2]", "--train.steps=6",
+                                     "--checkpoint.resume=auto"), timeout=120)
+    assert back.returncode != 0 and error_lines(back) == [
+        f"error: {first}: checkpoint was cut into 2 pipeline stages of [2, 1] blocks, this run into 2 pipeline "
+        "stages of [1, 2] blocks, and it predates re-slicing: resume it with parallel.pipeline=2, "
+        "parallel.stage_layers=[2, 1], parallel.tensor=1 (on a multiple of 2 ranks)"] * 2

@@ -3,7 +3,6 @@ fixed seed, the same global batch), alone and inside pipeline and tensor layouts
 checkpoints (the whole optimizer state, gathered) resume on other layouts."""
 
 import shutil
-import signal
 import subprocess
 import time
 

@@ -1,5 +1,5 @@
-"""fp16 loss scaling across 2 pipeline stages, or 2 tensor ranks (a CPU GradScaler stands in for
-CUDA's): the model parts share one scale, unscaling gives the unscaled update, and an overflow
+"""fp16 loss scaling across 2 pipeline stages, 2 tensor ranks, or the 2 shares of ZeRO-2's
+gradients (a CPU GradScaler stands in for CUDA's): the model parts share one scale, unscaling gives the unscaled update, and an overflow
 on one part skips the step and backs the scale off on both."""
 
 import math
@@ -18,7 +18,8 @@ def weights(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-LAYOUTS = {"pipeline": ["--parallel.pipeline=2", "--parallel.micro_batches=2"], "tensor": ["--parallel.tensor=2"]}
+LAYOUTS = {"pipeline": ["--parallel.pipeline=2", "--parallel.micro_batches=2"], "tensor": ["--parallel.tensor=2"],
+           "zero 2": ["--parallel.zero=2"]}
 
 
 def one_step(layout: str, scale: float, overflow_on_rank_1: bool = False):
@@ -33,9 +34,10 @@ def one_step(layout: str, scale: float, overflow_on_rank_1: bool = False):
     precision = Precision("fp32", torch.device("cpu"))
     precision.scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
     tokens = torch.randint(64, (4, 17), generator=torch.Generator().manual_seed(1))
+    if overflow_on_rank_1 and strategy.coords.rank == 1:  # the last stage, the second tensor rank or data rank
+        # In backward, before ZeRO-2's hooks send the gradient on (to its owner, either rank).
+        next(model.parameters()).register_hook(lambda grad: grad.index_fill(0, torch.tensor([0]), math.inf))
     strategy.forward_backward(model, [Batch(tokens[:, :-1], tokens[:, 1:])], precision)
-    if overflow_on_rank_1 and strategy.coords.rank == 1:  # the last stage, or the second tensor rank
-        next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.inf
     strategy.finish_gradients(optimizer, torch.zeros(3, dtype=torch.float64))
     strategy.update(optimizer, model, precision, max_norm=0.0, nonfinite=False)
     return before, weights(model), precision.scaler
