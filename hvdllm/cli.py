@@ -122,6 +122,8 @@ def _add_prepare_parser(verbs) -> None:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
+    p.add_argument("--chunk-mb", type=float, default=d.chunk_mb,
+                   help="input each rank finishes at a time; a rerun of a killed prepare skips finished chunks")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
 
 

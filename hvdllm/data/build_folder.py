@@ -5,7 +5,7 @@ that was there intact and verifiable."""
 from __future__ import annotations
 
 import os
-import tempfile
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -14,20 +14,25 @@ from hvdllm.data import shards
 from hvdllm.errors import UserError
 
 
-def make_build_folder(comm, out: Path) -> Path:
-    """A new empty hidden folder inside ``out`` (the same file system, so moving the files
-    into place is a rename and needs no space), made by rank 0 and named to every rank."""
-    name, error = None, None
+def make_build_folder(comm, out: Path, name: str) -> Path:
+    """The hidden folder ``.building-<name>`` inside ``out`` (the same file system, so moving the
+    files into place is a rename and needs no space), made by rank 0. ``name`` fingerprints the
+    arguments: a folder left by a killed run of the same arguments is found and continued."""
+    build = out / f".building-{name}"
+    error, resumed = None, False
     if comm.rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            name = tempfile.mkdtemp(prefix=".building-", dir=out)
+            resumed = build.is_dir()
+            build.mkdir(exist_ok=True)
         except OSError as err:
             error = f"--out {out}: cannot create a folder in it: {err.strerror or err}"
-    name, error = comm.bcast((name, error), root=0)
+        if resumed:
+            print(f"prepare: continuing the unfinished build in {build}", file=sys.stderr, flush=True)
+    error = comm.bcast(error, root=0)
     if error:
         raise UserError(error)
-    return Path(name)
+    return build
 
 
 def _old_dataset_files(out: Path) -> set[str]:
@@ -46,7 +51,8 @@ def move_into_place(build: Path, out: Path) -> None:
     old_files = _old_dataset_files(out)
     try:
         (out / shards.MANIFEST).unlink(missing_ok=True)
-        new_files = sorted(p.name for p in build.iterdir() if p.name != shards.MANIFEST)
+        # Hidden entries (the work folder) are the build's own, not the dataset's.
+        new_files = sorted(p.name for p in build.iterdir() if p.name != shards.MANIFEST and not p.name.startswith("."))
         for name in new_files:
             os.replace(build / name, out / name)
         for name in old_files - set(new_files):

@@ -15,6 +15,7 @@ import hashlib
 import re
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -49,14 +50,20 @@ class MinHasher:
     shingle: int = 5
     seed: int = 1
 
-    def signature(self, text: str) -> np.ndarray:
-        """(num_perm,) minima of the hash family h(x) = (a x + b) mod p over the shingles."""
+    @cached_property
+    def _family(self) -> tuple[np.ndarray, np.ndarray]:
+        """(a, b) of the hash family, (num_perm, 1) each, drawn once from the seed."""
         rng = np.random.default_rng(self.seed)
         a = rng.integers(1, _PRIME, size=self.num_perm, dtype=np.uint64)
         b = rng.integers(0, _PRIME, size=self.num_perm, dtype=np.uint64)
+        return a[:, None], b[:, None]
+
+    def signature(self, text: str) -> np.ndarray:
+        """(num_perm,) minima of the hash family h(x) = (a x + b) mod p over the shingles."""
+        a, b = self._family
         x = shingle_hashes(text, self.shingle) % _PRIME
         # a, x < 2^31, so a x + b stays inside 64 bits.  (num_perm, shingles) -> (num_perm,)
-        return ((a[:, None] * x[None, :] + b[:, None]) % _PRIME).min(axis=1).astype(np.uint32)
+        return ((a * x[None, :] + b) % _PRIME).min(axis=1).astype(np.uint32)
 
 
 def choose_bands(num_perm: int, threshold: float) -> tuple[int, int]:
@@ -77,26 +84,3 @@ def choose_bands(num_perm: int, threshold: float) -> tuple[int, int]:
         if cost < best_cost:
             best, best_cost = (bands, rows), cost
     return best
-
-
-class NearDuplicateIndex:
-    """Documents are offered in a fixed order; one whose estimated Jaccard similarity with an
-    earlier kept document is at least ``threshold`` is reported as a duplicate."""
-
-    def __init__(self, num_perm: int, threshold: float) -> None:
-        self.threshold = threshold
-        self.bands, self.rows = choose_bands(num_perm, threshold)
-        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
-        self.signatures: list[np.ndarray] = []
-
-    def is_duplicate_then_add(self, signature: np.ndarray) -> bool:
-        keys = [signature[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
-        candidates = {j for band, key in zip(self.buckets, keys) for j in band.get(key, ())}
-        for j in sorted(candidates):
-            if float(np.mean(self.signatures[j] == signature)) >= self.threshold:
-                return True
-        index = len(self.signatures)
-        self.signatures.append(signature)
-        for band, key in zip(self.buckets, keys):
-            band.setdefault(key, []).append(index)
-        return False

@@ -1,16 +1,22 @@
 """``hvdllm prepare``: raw text -> clean -> dedup -> tokenize -> pack -> HDF5 shards + manifest.
 
 Under ``mpirun -np N`` the sorted input files are cut into N contiguous blocks (balanced by
-bytes), one per rank, so that concatenating the ranks' documents in rank order gives the
-1-rank order. Every decision that must be global is made on data gathered from all ranks in
-that order: exact dedup (first occurrence wins), near-dedup (on rank 0), the train/val split
-(a seeded hash of the content), the tokenizer (trained on rank 0), and packing (each rank
-knows the global offset of its token stream and borrows the few tokens its last sample needs
-from the next ranks). So the samples, in order, are the same whatever N is; only where the
-shard files are cut differs. Rank 0 writes the manifest last.
+bytes), one per rank, so that the ranks' documents in rank order are the 1-rank order. Each
+rank streams its block in chunks (work.py), twice:
 
-The new dataset is built in a hidden folder inside --out and moved into place (renames only)
-once complete, so a failure part way (a full disk) leaves any old dataset there intact.
+1. scan: clean, hash and MinHash each document, keeping 25 bytes of it in memory and its
+   signature on disk (scan.py);
+2. deduplicate over the ranks by hashing to owners (spread_dedup.py), split train/val by a
+   seeded hash of the content, train the tokenizer on rank 0 from a sample read again;
+3. tokenize the kept documents into each split's token stream on disk (encode.py);
+4. pack the global stream into rows and shards that are the same for any number of ranks
+   (packing.py); rank 0 writes the tokenizer and the manifest last.
+
+So the kept documents, the tokens and the shards are the same whatever N is, and memory does
+not grow with the corpus. The dataset is built in a hidden folder inside --out named by a
+fingerprint of the arguments, and moved into place (renames only) once complete: a failure
+part way leaves any old dataset intact, and a prepare killed at any moment and run again
+continues from its finished chunks.
 """
 
 from __future__ import annotations
@@ -18,25 +24,27 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from hvdllm.atomic import write_json_atomic, write_text_atomic
 from hvdllm.comm.mpi import phase, world
 from hvdllm.data import build_folder, shards
-from hvdllm.data.clean import clean_reason, normalize
-from hvdllm.data.dedup import MinHasher, NearDuplicateIndex, exact_hash
-from hvdllm.data.sources import Document, ReadStats, Skipped, preset_files, read_documents, resolve_inputs
-from hvdllm.data.tokenizer import byte_tokenizer, eos_id, load_tokenizer, tokenizer_sha256, train_bpe
+from hvdllm.data.dedup import MinHasher
+from hvdllm.data.encode import MASK_DTYPE, SPLITS, TOKEN_DTYPE, sample_texts, stream_files, tokenize_chunk
+from hvdllm.data.packing import ShardPlan, Stream, exchange_heads, write_shards
+from hvdllm.data.phases import Phases
+from hvdllm.data.scan import Signatures, load_scan, scan_chunk
+from hvdllm.data.sources import Skipped, preset_files, resolve_inputs
+from hvdllm.data.spread_dedup import Numbering, exact_duplicates, near_duplicates
+from hvdllm.data.tokenizer import byte_tokenizer, load_tokenizer, tokenizer_sha256, train_bpe
+from hvdllm.data.work import WorkFolder, fingerprint, plan_chunks
 from hvdllm.errors import UserError
 from hvdllm.paths import require_file, require_writable_folder
 
-SPLITS = ("train", "val")
 MAX_SEQ_LEN = 1 << 24  # tokens per sample; beyond it a row of a shard would not fit in memory
 
 
@@ -59,6 +67,7 @@ class PrepareOptions:
     val_fraction: float = 0.05
     seed: int = 1234
     samples_per_shard: int = 8192
+    chunk_mb: float = 64.0  # input a rank finishes (and a rerun skips) at a time
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -68,16 +77,21 @@ class PrepareOptions:
                   "--val-fraction": 0 <= self.val_fraction < 1, "--min-chars": self.min_chars >= 0,
                   "--max-noise": 0 <= self.max_noise <= 1, "--near-dup-threshold": 0 <= self.near_dup_threshold <= 1,
                   "--samples-per-shard": self.samples_per_shard >= 1, "--shingle": self.shingle >= 1,
-                  "--num-perm": self.num_perm >= 1}
+                  "--num-perm": self.num_perm >= 1, "--chunk-mb": self.chunk_mb > 0}
         for flag, ok in checks.items():
             if not ok:
                 raise UserError(f"{flag} is out of range: {getattr(self, flag[2:].replace('-', '_'))}")
 
+    def result_options(self) -> dict:
+        """The options the dataset depends on (not where it goes, nor how it is scheduled)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "overwrite", "chunk_mb")}
 
-def _unit_hash(seed: int, digest: bytes) -> float:
-    """A number in [0, 1) fixed by seed and content: the same on every rank and every run."""
-    h = hashlib.blake2b(seed.to_bytes(8, "little", signed=True) + digest, digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64
+
+def _unit_hashes(seed: int, hashes: np.ndarray) -> np.ndarray:
+    """A number in [0, 1) per document fixed by seed and content: the same on every rank and run."""
+    salt = seed.to_bytes(8, "little", signed=True)
+    return np.array([int.from_bytes(hashlib.blake2b(salt + h.tobytes(), digest_size=8).digest(), "little") / 2**64
+                     for h in hashes], dtype=np.float64)
 
 
 def _my_files(files: list[Path], rank: int, size: int) -> list[tuple[int, Path]]:
@@ -88,264 +102,209 @@ def _my_files(files: list[Path], rank: int, size: int) -> list[tuple[int, Path]]
     return [(i, f) for i, f in enumerate(files) if owner[i] == rank]
 
 
-def _read_and_clean(my_files, opts: PrepareOptions, stats: Counter, rank: int) -> list[Document]:
-    read = ReadStats()
-    docs = []
-    bar = tqdm(my_files, desc="read+clean", unit="file", disable=True if rank else None)
-    for index, path in bar:
-        for doc in read_documents(index, path, opts.text_field, opts.strict, read):
-            if doc.prompt_chars:
-                prompt = normalize(doc.text[:doc.prompt_chars])
-                doc.text, doc.prompt_chars = prompt + normalize(doc.text[doc.prompt_chars:]), len(prompt)
-            else:
-                doc.text = normalize(doc.text)
-            reason = clean_reason(doc.text, opts.min_chars, opts.max_noise)
-            if reason:
-                stats[f"dropped_{reason}"] += 1
-            else:
-                docs.append(doc)
-        bar.set_postfix(docs=len(docs))
-    stats.update(read.counts())
-    if read.not_text_at:  # one write: ranks must not interleave
-        more = ", ..." if read.not_text > len(read.not_text_at) else ""
-        print(f"warning: {read.not_text} JSONL record(s) whose {opts.text_field!r} is not text, skipped: "
-              f"{', '.join(read.not_text_at)}{more}", file=sys.stderr, flush=True)
-    return docs
-
-
-def _global_dedup(comm, docs: list[Document], opts: PrepareOptions, stats: Counter):
-    """Drop exact and near duplicates in the global order; returns (docs, global kept list of
-    (key, exact hash, chars))."""
-    local = [(d.key, exact_hash(d.text), len(d.text)) for d in docs]
-    everything = [item for part in comm.allgather(local) for item in part]  # global order
-    seen, exact_dups = set(), set()
-    for key, digest, _ in everything:
-        if digest in seen:
-            exact_dups.add(key)
-        else:
-            seen.add(digest)
-    stats["exact_duplicates"] = len(exact_dups)  # the same on every rank: a global count
-    docs = [d for d in docs if d.key not in exact_dups]
-
-    near_dups: set = set()
-    if opts.near_dup_threshold > 0:
-        hasher = MinHasher(num_perm=opts.num_perm, shingle=opts.shingle, seed=opts.seed)
-        gathered = comm.gather([(d.key, hasher.signature(d.text)) for d in docs], root=0)
-        if comm.rank == 0:
-            index = NearDuplicateIndex(opts.num_perm, opts.near_dup_threshold)
-            near_dups = {key for part in gathered for key, sig in part if index.is_duplicate_then_add(sig)}
-        near_dups = comm.bcast(near_dups, root=0)
-    stats["near_duplicates"] = len(near_dups)
-    docs = [d for d in docs if d.key not in near_dups]
-    kept = [item for item in everything if item[0] not in exact_dups and item[0] not in near_dups]
-    return docs, kept
-
-
-def _assign_splits(kept, opts: PrepareOptions) -> dict:
-    """key -> split, by a seeded hash of the content; at least one val document when asked."""
-    scores = {key: _unit_hash(opts.seed, digest) for key, digest, _ in kept}
-    split = {key: ("val" if score < opts.val_fraction else "train") for key, score in scores.items()}
-    if opts.val_fraction > 0 and len(kept) > 1 and "val" not in split.values():
-        split[min(scores, key=scores.get)] = "val"
-    return split
-
-
-def _build_tokenizer(comm, docs, kept, split, opts: PrepareOptions):
-    if opts.tokenizer == "byte":
-        return byte_tokenizer()
-    if opts.tokenizer != "bpe":
-        return load_tokenizer(opts.tokenizer)
-    train_chars = sum(chars for key, _, chars in kept if split[key] == "train") or 1
-    share = min(1.0, opts.tokenizer_sample_mb * 1e6 / train_chars)
-    sample = [d.text for d in docs if split[d.key] == "train" and _unit_hash(opts.seed + 1, exact_hash(d.text)) < share]
-    texts = comm.gather(sample, root=0)
-    tok_json = None
-    if comm.rank == 0:
-        tok_json = train_bpe((t for part in texts for t in part), opts.vocab_size).to_str()
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(comm.bcast(tok_json, root=0))
-
-
-def _encode(docs, split, tok, with_mask: bool, rank: int):
-    """Per split: the token stream (docs joined with EOS) and its loss mask (or None)."""
-    eos = eos_id(tok)
-    streams = {s: [] for s in SPLITS}
-    masks = {s: [] for s in SPLITS}
-    bar = tqdm(total=len(docs), desc="tokenize", unit="doc", disable=True if rank else None)
-    batch = 256
-    for start in range(0, len(docs), batch):
-        chunk = docs[start:start + batch]
-        for doc, enc in zip(chunk, tok.encode_batch([d.text for d in chunk])):
-            ids = np.asarray(enc.ids + [eos], dtype=np.uint32)
-            streams[split[doc.key]].append(ids)
-            if with_mask:
-                # A token is learned from when it starts inside the completion (EOS always).
-                starts = np.asarray([o[0] for o in enc.offsets] + [len(doc.text)], dtype=np.int64)
-                masks[split[doc.key]].append((starts >= doc.prompt_chars).astype(np.uint8))
-        bar.update(len(chunk))
-        bar.set_postfix(tokens=sum(len(a) for s in streams.values() for a in s))
-    bar.close()
-    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)  # noqa: E731
-    return ({s: cat(streams[s], np.uint32) for s in SPLITS},
-            {s: cat(masks[s], np.uint8) for s in SPLITS} if with_mask else None)
-
-
-def _my_samples(comm, stream: np.ndarray, row: int) -> tuple[np.ndarray, int]:
-    """This rank's rows of the global stream cut into rows of ``row`` tokens, and the index of
-    its first row. A row belongs to the rank holding its first token; the tokens it runs
-    past the end of this rank's stream come from the heads of the following ranks."""
-    lengths = comm.allgather(len(stream))
-    heads = comm.allgather(stream[:row])
-    start = sum(lengths[:comm.rank])
-    total_rows = sum(lengths) // row
-    first = -(-start // row)  # ceil
-    last = min(total_rows, -(-(start + len(stream)) // row))  # exclusive
-    if last <= first:
-        return np.zeros((0, row), dtype=stream.dtype), first
-    borrowed = np.concatenate([stream] + heads[comm.rank + 1:])[: (last * row) - start]
-    return borrowed[first * row - start:].reshape(last - first, row), first
+def _input_files(comm, opts: PrepareOptions) -> list[Path]:
+    with phase(comm):
+        opts.validate()
+        skipped = Skipped()
+        files = preset_files(opts.preset) if opts.preset else resolve_inputs(opts.inputs, skipped)
+        if comm.rank == 0 and skipped.by_reason:
+            print(skipped.describe(), file=sys.stderr, flush=True)
+        if opts.tokenizer not in ("bpe", "byte"):
+            require_file(opts.tokenizer, "tokenizer file", " (or use --tokenizer bpe|byte)")
+        out = Path(opts.out)
+        require_writable_folder(out, "--out")
+        if (out / shards.MANIFEST).exists() and not opts.overwrite:
+            raise UserError(f"{out / shards.MANIFEST} exists: pass --overwrite to replace that dataset")
+    return files
 
 
 def run_prepare(opts: PrepareOptions) -> dict:
     """Run the whole pipeline on every rank of MPI_COMM_WORLD; returns the manifest on rank 0
     (and an empty dict elsewhere)."""
     comm = world()
-    rank, size = comm.rank, comm.size
     out = Path(opts.out)
-    stats: Counter = Counter()
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(step: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[step] = now - clock
-        clock = now
-
+    files = _input_files(comm, opts)
+    name = fingerprint(opts.result_options(), files, comm.size)
     with phase(comm):
-        opts.validate()
-        skipped = Skipped()
-        files = preset_files(opts.preset) if opts.preset else resolve_inputs(opts.inputs, skipped)
-        if rank == 0 and skipped.by_reason:
-            print(skipped.describe(), file=sys.stderr, flush=True)
-        if opts.tokenizer not in ("bpe", "byte"):
-            require_file(opts.tokenizer, "tokenizer file", " (or use --tokenizer bpe|byte)")
-        require_writable_folder(out, "--out")
-        if (out / shards.MANIFEST).exists() and not opts.overwrite:
-            raise UserError(f"{out / shards.MANIFEST} exists: pass --overwrite to replace that dataset")
-    with phase(comm):
-        docs = _read_and_clean(_my_files(files, rank, size), opts, stats, rank)
-    lap("read_clean")
-    docs, kept = _global_dedup(comm, docs, opts, stats)
-    lap("dedup")
-    with phase(comm):
-        if not kept:
-            raise UserError(f"empty corpus after cleaning: no document of {len(files)} file(s) is left "
-                            f"(min_chars={opts.min_chars}, max_noise={opts.max_noise})")
-    split = _assign_splits(kept, opts)
-    with phase(comm):
-        tok = _build_tokenizer(comm, docs, kept, split, opts)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    lap("tokenizer")
-    with_mask = bool(comm.allreduce(int(any(d.prompt_chars for d in docs))))
-    streams, masks = _encode(docs, split, tok, with_mask, rank)
-    lap("tokenize")
-
-    # Everything is written into a hidden folder inside --out and moved into place at the end,
-    # so a failure (a full disk) leaves the old dataset as it was.
-    with phase(comm):
-        build = build_folder.make_build_folder(comm, out)
+        build = build_folder.make_build_folder(comm, out, name)
     try:
-        manifest = _pack_and_write(comm, opts, build, streams, masks, tok, vocab_size, with_mask, docs, split,
-                                   stats, timings, lap)
+        manifest = _build(comm, opts, files, build)
         with phase(comm):
-            if rank == 0:
+            if comm.rank == 0:
                 build_folder.move_into_place(build, out)
-    finally:
-        if rank == 0:
+    except UserError:  # bad input or a full disk: nothing worth resuming
+        if comm.rank == 0:
             shutil.rmtree(build, ignore_errors=True)
+        raise
+    if comm.rank == 0:
+        shutil.rmtree(build, ignore_errors=True)
     return manifest
 
 
-def _pack_and_write(comm, opts: PrepareOptions, out: Path, streams, masks, tok, vocab_size: int, with_mask: bool,
-                    docs, split, stats: Counter, timings: dict, lap) -> dict:
-    """Cut the token streams into samples, write this rank's shards into ``out`` and, on rank
-    0, the tokenizer and the manifest; returns the manifest on rank 0 (else {})."""
-    rank, size = comm.rank, comm.size
+def _build(comm, opts: PrepareOptions, files: list[Path], build: Path) -> dict:
+    rank = comm.rank
+    phases = Phases(rank)
+    work = WorkFolder(build / ".work", rank)
+    chunks = plan_chunks(_my_files(files, rank, comm.size), opts.chunk_mb * 1e6)
+    my_bytes = sum(c.bytes for c in chunks)
+    hasher = MinHasher(opts.num_perm, opts.shingle, opts.seed) if opts.near_dup_threshold > 0 else None
+
+    with phase(comm), phases("scan", my_bytes) as bar:
+        markers = [scan_chunk(work, chunk, opts, hasher, bar) for chunk in chunks]
+    scan = load_scan(work, chunks, markers, hasher is not None)
+    stats = scan.stats
+
+    with phases("dedup"):
+        numbering = Numbering(comm, scan.documents)
+        exact = exact_duplicates(comm, scan.hashes, numbering)
+        near = near_duplicates(comm, Signatures(scan.signature_files, opts.num_perm), ~exact, numbering,
+                               opts.near_dup_threshold) if hasher else np.zeros_like(exact)
+        keep = ~(exact | near)
+        stats["exact_duplicates"] = comm.allreduce(int(exact.sum()))
+        stats["near_duplicates"] = comm.allreduce(int(near.sum()))
+        kept_documents = comm.allreduce(int(keep.sum()))
+    if not kept_documents:  # the same on every rank: a global count
+        raise UserError(f"empty corpus after cleaning: no document of {len(files)} file(s) is left "
+                        f"(min_chars={opts.min_chars}, max_noise={opts.max_noise})")
+    val = _val_documents(comm, opts, scan.hashes, keep, numbering)
+
+    with phase(comm), phases("tokenizer"):
+        tok = _tokenizer(comm, opts, work, chunks, markers, scan, keep & ~val)
+    with_mask = bool(comm.allreduce(int(scan.has_prompt[keep].any())))
+
+    with phase(comm), phases("tokenize", my_bytes) as bar:
+        firsts = np.cumsum([0] + [m["documents"] for m in markers])
+        token_markers = [tokenize_chunk(work, c, opts, tok, keep[firsts[i]:firsts[i + 1]],
+                                        val[firsts[i]:firsts[i + 1]], with_mask, bar) for i, c in enumerate(chunks)]
+    for m in token_markers:
+        for s in SPLITS:
+            stats[f"{s}_docs"] += m["documents"][s]
+            stats[f"{s}_tokens_in_stream"] += m["tokens"][s]
+
+    with phases("pack"):
+        entries = _pack(comm, opts, build, work, chunks, token_markers, tok, with_mask)
+    return _finish(comm, opts, build, tok, with_mask, entries, stats, phases, scan.memory_bytes())
+
+
+def _val_documents(comm, opts: PrepareOptions, hashes: np.ndarray, keep: np.ndarray, numbering: Numbering):
+    """(n,) bool: the kept documents that go to val, by a seeded hash of the content; at least
+    one when val is asked for and there are two documents or more."""
+    scores = _unit_hashes(opts.seed, hashes)
+    val = keep & (scores < opts.val_fraction)
+    kept = comm.allreduce(int(keep.sum()))
+    if opts.val_fraction > 0 and kept > 1 and not comm.allreduce(int(val.any())):
+        mine = [(float(s), int(n)) for s, n in zip(scores[keep], numbering.local()[keep])]
+        lowest = comm.allreduce(min(mine, default=(2.0, -1)), op=_min_op())
+        if numbering.first <= lowest[1] < numbering.first + numbering.count:
+            val[lowest[1] - numbering.first] = True
+    return val
+
+
+def _min_op():
+    from mpi4py import MPI
+
+    return MPI.MIN
+
+
+def _tokenizer(comm, opts: PrepareOptions, work: WorkFolder, chunks, markers, scan, train: np.ndarray):
+    """byte, a file, or BPE trained on rank 0 from a seeded sample of the training documents
+    (kept in the work folder, so a rerun does not train again)."""
+    if opts.tokenizer == "byte":
+        return byte_tokenizer()
+    if opts.tokenizer != "bpe":
+        return load_tokenizer(opts.tokenizer)
+    from tokenizers import Tokenizer
+
+    saved = work.shared_path("tokenizer.json")
+    text = saved.read_text() if comm.rank == 0 and saved.is_file() else None
+    trained = comm.bcast(text is None, root=0)
+    if trained:
+        train_chars = comm.allreduce(int(scan.chars[train].sum())) or 1
+        share = min(1.0, opts.tokenizer_sample_mb * 1e6 / train_chars)
+        chosen = train & (_unit_hashes(opts.seed + 1, scan.hashes) < share)
+        texts = comm.gather(sample_texts(list(zip(chunks, [m["documents"] for m in markers])), opts, chosen), root=0)
+        if comm.rank == 0:
+            text = train_bpe((t for part in texts for t in part), opts.vocab_size).to_str()
+    text = comm.bcast(text, root=0)
+    if trained and comm.rank == 0:  # after the last collective: a full disk fails inside the phase
+        with build_folder.writing(saved):
+            write_text_atomic(saved, text)
+    return Tokenizer.from_str(text)
+
+
+def _pack(comm, opts: PrepareOptions, build: Path, work: WorkFolder, chunks, token_markers, tok,
+          with_mask: bool) -> list[dict]:
+    """Write this rank's shards of each split into ``build``; returns their manifest entries.
+    Every collective comes first, on every rank; the phase below holds local work only."""
     row = opts.seq_len + 1
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = shards.token_dtype(vocab_size)
-    tok_sha = tokenizer_sha256(tok)
     attrs = {"format_version": shards.FORMAT_VERSION, "seq_len": opts.seq_len, "vocab_size": vocab_size,
-             "tokenizer_sha256": tok_sha}
-    # Every collective comes first, on every rank; the phases below hold local work only, so a
-    # failure on one rank can never leave another waiting in a different collective.
-    samples = {}
+             "tokenizer_sha256": tokenizer_sha256(tok)}
+    plans = {}
     for s in SPLITS:
-        rows, _ = _my_samples(comm, streams[s], row)
-        mask_rows = _my_samples(comm, masks[s], row)[0] if masks else None
-        samples[s] = rows, mask_rows, comm.allgather(-(-len(rows) // opts.samples_per_shard))
-    if sum(samples["train"][2]) == 0:  # the same on every rank: a global count
-        raise UserError(_too_short(comm, streams["train"], opts.seq_len))
+        streams = [Stream(stream_files(work, chunks, token_markers, "tok", s), TOKEN_DTYPE)]
+        if with_mask:
+            streams.append(Stream(stream_files(work, chunks, token_markers, "mask", s), MASK_DTYPE))
+        plan = ShardPlan(comm, streams[0].length, row, opts.samples_per_shard)
+        plans[s] = plan, streams, exchange_heads(comm, plan, streams)
+    if plans["train"][0].rows == 0:  # the same on every rank: a global count
+        tokens = int(plans["train"][0].starts[-1])
+        raise UserError(f"the training text has {tokens} tokens, fewer than one sample of --seq-len "
+                        f"{opts.seq_len} + 1: add text or lower --seq-len")
     entries = []
     with phase(comm):
-        for s in SPLITS:
-            rows, mask_rows, counts = samples[s]
-            if len(rows) and int(rows.max()) >= vocab_size:
-                raise UserError(f"{opts.tokenizer}: produced token id {int(rows.max())} >= vocab size {vocab_size}")
-            number = sum(counts[:rank])
-            for begin in range(0, len(rows), opts.samples_per_shard):
-                name = f"{s}-{number:05d}.h5"
-                features = {"tokens": rows[begin:begin + opts.samples_per_shard].astype(dtype)}
-                if mask_rows is not None:
-                    features["loss_mask"] = mask_rows[begin:begin + opts.samples_per_shard]
-                with build_folder.writing(out / name):
-                    digest = shards.write_shard(out / name, features, {**attrs, "split": s})
-                entries.append({"file": name, "split": s, "samples": len(features["tokens"]),
-                                "tokens": int(features["tokens"].size), "sha256": digest})
-                number += 1
-            stats[f"{s}_tokens_in_stream"] += len(streams[s])
-            stats[f"{s}_docs"] += sum(1 for d in docs if split[d.key] == s)
-    lap("pack_write")
+        for s, (plan, streams, tails) in plans.items():
+            def write(shard: int, pieces: list[np.ndarray], s=s) -> None:
+                if len(pieces[0]) and int(pieces[0].max()) >= vocab_size:
+                    raise UserError(f"{opts.tokenizer}: produced token id {int(pieces[0].max())} >= vocab size "
+                                    f"{vocab_size}")
+                name = f"{s}-{shard:05d}.h5"
+                features = {"tokens": pieces[0].astype(dtype)}
+                if with_mask:
+                    features["loss_mask"] = pieces[1]
+                with build_folder.writing(build / name):
+                    digest = shards.write_shard(build / name, features, {**attrs, "split": s})
+                entries.append({"file": name, "split": s, "samples": len(pieces[0]),
+                                "tokens": int(pieces[0].size), "sha256": digest})
 
-    all_entries = comm.gather(entries, root=0)
-    all_stats = comm.gather(stats, root=0)
-    all_timings = comm.gather(timings, root=0)
+            write_shards(plan, streams, tails, row, write)
+    return entries
+
+
+def _finish(comm, opts: PrepareOptions, build: Path, tok, with_mask: bool, entries: list[dict], stats: Counter,
+            phases: Phases, dedup_bytes: int) -> dict:
+    """Gather the entries and stats on rank 0, which writes the tokenizer and the manifest."""
+    gathered = comm.gather((entries, stats, phases.seconds, phases.peak_rss_mb, dedup_bytes), root=0)
     manifest: dict = {}
     with phase(comm):
-        if rank == 0:
+        if comm.rank == 0:
             # Written as to_str() exactly, so the file's sha256 is the one in the manifest.
-            with build_folder.writing(out / "tokenizer.json"):
-                write_text_atomic(out / "tokenizer.json", tok.to_str())
-            manifest = _manifest(opts, size, vocab_size, tok_sha, dtype, with_mask, all_entries, all_stats,
-                                 all_timings)
-            with build_folder.writing(out / shards.MANIFEST):
-                write_json_atomic(out / shards.MANIFEST, manifest)
+            with build_folder.writing(build / "tokenizer.json"):
+                write_text_atomic(build / "tokenizer.json", tok.to_str())
+            manifest = _manifest(opts, comm.size, tok, with_mask, gathered)
+            with build_folder.writing(build / shards.MANIFEST):
+                write_json_atomic(build / shards.MANIFEST, manifest)
     return manifest
 
 
-def _too_short(comm, stream: np.ndarray, seq_len: int) -> str:
-    tokens = comm.allreduce(len(stream))
-    return (f"the training text has {tokens} tokens, fewer than one sample of --seq-len {seq_len} + 1: "
-            "add text or lower --seq-len")
-
-
-def _manifest(opts, size, vocab_size, tok_sha, dtype, with_mask, all_entries, all_stats, all_timings) -> dict:
+def _manifest(opts: PrepareOptions, size: int, tok, with_mask: bool, gathered: list) -> dict:
     global_counts = ("exact_duplicates", "near_duplicates")  # already global on every rank
     total = Counter()
-    for part in all_stats:
-        total.update({k: v for k, v in part.items() if k not in global_counts})
+    for _, stats, _, _, _ in gathered:
+        total.update({k: v for k, v in stats.items() if k not in global_counts})
     for key in global_counts:
-        total[key] = all_stats[0].get(key, 0)
-    entries = sorted((e for part in all_entries for e in part), key=lambda e: (SPLITS.index(e["split"]), e["file"]))
+        total[key] = gathered[0][1].get(key, 0)
+    entries = sorted((e for part, *_ in gathered for e in part), key=lambda e: (SPLITS.index(e["split"]), e["file"]))
     row = opts.seq_len + 1
     for s in SPLITS:
         packed = sum(e["tokens"] for e in entries if e["split"] == s)
         total[f"{s}_samples"] = packed // row
         total[f"{s}_tokens_dropped_tail"] = total.pop(f"{s}_tokens_in_stream", 0) - packed
-    slowest = {step: max(t.get(step, 0.0) for t in all_timings) for step in all_timings[0]}
-    elapsed = sum(slowest.values())
-    features = {"tokens": {"shape": [row], "dtype": dtype.name}}
+    seconds = {step: max(g[2].get(step, 0.0) for g in gathered) for step in gathered[0][2]}
+    elapsed = sum(seconds.values())
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    features = {"tokens": {"shape": [row], "dtype": shards.token_dtype(vocab_size).name}}
     if with_mask:
         features["loss_mask"] = {"shape": [row], "dtype": "uint8"}
     return {
@@ -353,13 +312,16 @@ def _manifest(opts, size, vocab_size, tok_sha, dtype, with_mask, all_entries, al
         "format_version": shards.FORMAT_VERSION,
         "seq_len": opts.seq_len,
         "vocab_size": vocab_size,
-        "tokenizer": {"file": "tokenizer.json", "sha256": tok_sha, "kind": opts.tokenizer},
+        "tokenizer": {"file": "tokenizer.json", "sha256": tokenizer_sha256(tok), "kind": opts.tokenizer},
         "features": features,
         "shards": entries,
         "stats": dict(sorted(total.items())),
-        "timing": {"ranks": size, "seconds": slowest, "total_seconds": elapsed,
-                   "mb_per_s_per_rank": total["bytes"] / 1e6 / max(elapsed, 1e-9) / size},
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("out", "overwrite")},
+        # How this run went (differs between runs of the same data; everything else does not).
+        "timing": {"ranks": size, "seconds": seconds, "total_seconds": elapsed,
+                   "mb_per_s_per_rank": total["bytes"] / 1e6 / max(elapsed, 1e-9) / size,
+                   "peak_rss_mb": {step: max(g[3].get(step, 0.0) for g in gathered) for step in gathered[0][3]},
+                   "dedup_state_bytes_per_rank": max(g[4] for g in gathered)},
+        "options": opts.result_options(),
     }
 
 

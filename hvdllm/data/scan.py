@@ -1,0 +1,127 @@
+"""The passes over a rank's input, chunk by chunk: the cleaned documents, and the first pass
+(scan) that keeps of each document only what deduplication needs.
+
+Per document the scan keeps 25 bytes in memory (its exact hash, its length, whether it has a
+prompt) and writes its MinHash signature to the chunk's signature file: text is never held
+beyond one document, so memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from hvdllm.data.clean import clean_reason, normalize
+from hvdllm.data.dedup import MinHasher, exact_hash
+from hvdllm.data.sources import Document, ReadStats, read_documents
+from hvdllm.data.work import Chunk, WorkFolder, append, read_rows
+
+SIGNATURE_DTYPE = np.dtype(np.uint32)
+
+
+def cleaned_documents(chunk: Chunk, text_field: str, strict: bool, min_chars: int, max_noise: float,
+                      read: ReadStats, dropped: Counter) -> Iterator[Document]:
+    """The chunk's documents, normalized, without the short and noisy ones (counted in
+    ``dropped``); the same documents in the same order on every pass."""
+    for index, path in chunk.files:
+        for doc in read_documents(index, path, text_field, strict, read):
+            if doc.prompt_chars:
+                prompt = normalize(doc.text[:doc.prompt_chars])
+                doc.text, doc.prompt_chars = prompt + normalize(doc.text[doc.prompt_chars:]), len(prompt)
+            else:
+                doc.text = normalize(doc.text)
+            reason = clean_reason(doc.text, min_chars, max_noise)
+            if reason:
+                dropped[f"dropped_{reason}"] += 1
+            else:
+                yield doc
+
+
+@dataclass
+class ScanResult:
+    """What deduplication, the split and the tokenizer sample need of a rank's documents."""
+    hashes: np.ndarray  # (n, 16) uint8: exact_hash of each document
+    chars: np.ndarray  # (n,) int64
+    has_prompt: np.ndarray  # (n,) bool
+    signature_files: list  # per chunk: (path, rows), or [] without near-dedup
+    stats: Counter
+
+    @property
+    def documents(self) -> int:
+        return len(self.chars)
+
+    def memory_bytes(self) -> int:
+        return self.hashes.nbytes + self.chars.nbytes + self.has_prompt.nbytes
+
+
+def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None, progress) -> dict:
+    """Scan one chunk (or find it scanned): writes its hashes and signatures; returns its marker."""
+    done = work.done("scan", chunk.index)
+    if done is not None:
+        progress.update(chunk.bytes)
+        return done
+    read, dropped = ReadStats(), Counter()
+    hashes, chars, prompts = [], [], []
+    with work.spill("sig", chunk.index, ".u32") as signatures:
+        for doc in cleaned_documents(chunk, opts.text_field, opts.strict, opts.min_chars, opts.max_noise,
+                                     read, dropped):
+            hashes.append(exact_hash(doc.text))
+            chars.append(len(doc.text))
+            prompts.append(doc.prompt_chars > 0)
+            if hasher is not None:
+                append(signatures, hasher.signature(doc.text).astype(SIGNATURE_DTYPE))
+    with work.spill("scan", chunk.index, ".npz") as out:
+        np.savez(out, hashes=np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, 16),
+                 chars=np.asarray(chars, dtype=np.int64), has_prompt=np.asarray(prompts, dtype=bool))
+    if read.not_text_at:  # one write: ranks must not interleave
+        more = ", ..." if read.not_text > len(read.not_text_at) else ""
+        print(f"warning: {read.not_text} JSONL record(s) whose {opts.text_field!r} is not text, skipped: "
+              f"{', '.join(read.not_text_at)}{more}", file=sys.stderr, flush=True)
+    marker = {"documents": len(chars), "stats": dict(read.counts()) | dict(dropped)}
+    work.mark_done("scan", chunk.index, marker)
+    progress.update(chunk.bytes)
+    return marker
+
+
+def load_scan(work: WorkFolder, chunks: list[Chunk], markers: list[dict], near_dedup: bool) -> ScanResult:
+    stats: Counter = Counter()
+    parts = []
+    for chunk, marker in zip(chunks, markers):
+        stats.update(marker["stats"])
+        with np.load(work.path("scan", chunk.index, ".npz")) as arrays:
+            parts.append({name: arrays[name] for name in ("hashes", "chars", "has_prompt")})
+    join = lambda name, empty: np.concatenate([p[name] for p in parts]) if parts else empty  # noqa: E731
+    files = [(work.path("sig", c.index, ".u32"), m["documents"]) for c, m in zip(chunks, markers)] \
+        if near_dedup else []
+    return ScanResult(join("hashes", np.zeros((0, 16), np.uint8)), join("chars", np.zeros(0, np.int64)),
+                      join("has_prompt", np.zeros(0, bool)), files, stats)
+
+
+class Signatures:
+    """A rank's MinHash signatures, read from its chunks' files a block at a time."""
+
+    def __init__(self, files: list, num_perm: int) -> None:
+        self.files = files
+        self.num_perm = num_perm
+        self.starts = np.cumsum([0] + [rows for _, rows in files])
+
+    def blocks(self, rows_per_block: int = 8192) -> Iterator[np.ndarray]:
+        for path, rows in self.files:
+            for first in range(0, rows, rows_per_block):
+                yield read_rows(path, SIGNATURE_DTYPE, self.num_perm, first, min(rows_per_block, rows - first))
+
+    def rows(self, local: np.ndarray) -> np.ndarray:
+        """The signatures of the documents at these local indices, in that order."""
+        out = np.empty((len(local), self.num_perm), dtype=SIGNATURE_DTYPE)
+        which = np.searchsorted(self.starts, local, side="right") - 1
+        for file_index in np.unique(which):
+            path, rows = self.files[file_index]
+            picked = which == file_index
+            table = np.memmap(path, dtype=SIGNATURE_DTYPE, mode="r", shape=(rows, self.num_perm))
+            out[picked] = table[local[picked] - self.starts[file_index]]
+            del table
+        return out
