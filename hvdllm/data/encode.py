@@ -26,16 +26,12 @@ def stream_files(work: WorkFolder, chunks: list[Chunk], markers: list[dict], kin
 
 
 def tokenize_chunk(work: WorkFolder, chunk: Chunk, opts, tok, keep: np.ndarray, val: np.ndarray,
-                   with_mask: bool, progress) -> dict:
-    """Tokenize one chunk's kept documents (or find it done); returns its marker.
+                   with_mask: bool) -> dict:
+    """Tokenize one chunk's kept documents; returns its marker.
 
     Args:
         keep, val: (documents in the chunk,) bool, from deduplication and the split.
     """
-    done = work.done("tok", chunk.index)
-    if done is not None:
-        progress.update(chunk.bytes)
-        return done
     eos = eos_id(tok)
     tokens, documents = Counter(), Counter()
     with ExitStack() as files:
@@ -64,10 +60,7 @@ def tokenize_chunk(work: WorkFolder, chunk: Chunk, opts, tok, keep: np.ndarray, 
                 flush()
                 chars = 0
         flush()
-    marker = {"tokens": {s: tokens[s] for s in SPLITS}, "documents": {s: documents[s] for s in SPLITS}}
-    work.mark_done("tok", chunk.index, marker)
-    progress.update(chunk.bytes)
-    return marker
+    return {"tokens": {s: tokens[s] for s in SPLITS}, "documents": {s: documents[s] for s in SPLITS}}
 
 
 def sample_texts(chunks: list[Chunk], opts, chosen: np.ndarray) -> list[str]:

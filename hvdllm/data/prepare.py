@@ -150,7 +150,7 @@ def _build(comm, opts: PrepareOptions, files: list[Path], build: Path) -> dict:
     hasher = MinHasher(opts.num_perm, opts.shingle, opts.seed) if opts.near_dup_threshold > 0 else None
 
     with phase(comm), phases("scan", my_bytes) as bar:
-        markers = [scan_chunk(work, chunk, opts, hasher, bar) for chunk in chunks]
+        markers = work.each_chunk("scan", chunks, lambda chunk: scan_chunk(work, chunk, opts, hasher), bar)
     scan = load_scan(work, chunks, markers, hasher is not None)
     stats = scan.stats
 
@@ -174,8 +174,9 @@ def _build(comm, opts: PrepareOptions, files: list[Path], build: Path) -> dict:
 
     with phase(comm), phases("tokenize", my_bytes) as bar:
         firsts = np.cumsum([0] + [m["documents"] for m in markers])
-        token_markers = [tokenize_chunk(work, c, opts, tok, keep[firsts[i]:firsts[i + 1]],
-                                        val[firsts[i]:firsts[i + 1]], with_mask, bar) for i, c in enumerate(chunks)]
+        mine = lambda c: slice(firsts[c.index], firsts[c.index + 1])  # noqa: E731  the chunk's documents
+        token_markers = work.each_chunk("tok", chunks, lambda c: tokenize_chunk(
+            work, c, opts, tok, keep[mine(c)], val[mine(c)], with_mask), bar)
     for m in token_markers:
         for s in SPLITS:
             stats[f"{s}_docs"] += m["documents"][s]

@@ -58,12 +58,8 @@ class ScanResult:
         return self.hashes.nbytes + self.chars.nbytes + self.has_prompt.nbytes
 
 
-def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None, progress) -> dict:
-    """Scan one chunk (or find it scanned): writes its hashes and signatures; returns its marker."""
-    done = work.done("scan", chunk.index)
-    if done is not None:
-        progress.update(chunk.bytes)
-        return done
+def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None) -> dict:
+    """Scan one chunk: writes its hashes and signatures; returns its marker."""
     read, dropped = ReadStats(), Counter()
     hashes, chars, prompts = [], [], []
     with work.spill("sig", chunk.index, ".u32") as signatures:
@@ -81,10 +77,7 @@ def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None, p
         more = ", ..." if read.not_text > len(read.not_text_at) else ""
         print(f"warning: {read.not_text} JSONL record(s) whose {opts.text_field!r} is not text, skipped: "
               f"{', '.join(read.not_text_at)}{more}", file=sys.stderr, flush=True)
-    marker = {"documents": len(chars), "stats": dict(read.counts()) | dict(dropped)}
-    work.mark_done("scan", chunk.index, marker)
-    progress.update(chunk.bytes)
-    return marker
+    return {"documents": len(chars), "stats": dict(read.counts()) | dict(dropped)}
 
 
 def load_scan(work: WorkFolder, chunks: list[Chunk], markers: list[dict], near_dedup: bool) -> ScanResult:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,24 @@ class WorkFolder:
         marker = self.path(kind, chunk, ".done.json")
         with writing(marker):
             write_json_atomic(marker, info)
+
+    def each_chunk(self, kind: str, chunks: list[Chunk], run: Callable[[Chunk], dict], progress) -> list[dict]:
+        """``run`` each chunk this pass has not finished (its result is the chunk's marker);
+        returns every chunk's marker. ``progress`` is updated with each chunk's bytes."""
+        markers, reused = [], 0
+        for chunk in chunks:
+            marker = self.done(kind, chunk.index)
+            if marker is None:
+                marker = run(chunk)
+                self.mark_done(kind, chunk.index, marker)
+            else:
+                reused += 1
+            progress.update(chunk.bytes)
+            markers.append(marker)
+        if reused:
+            print(f"prepare: {kind}: {reused} of {len(chunks)} chunks were done (rank {self.rank})",
+                  file=sys.stderr, flush=True)
+        return markers
 
     @contextmanager
     def spill(self, kind: str, chunk: int, suffix: str) -> Iterator[IO[bytes]]:
