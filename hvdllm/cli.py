@@ -124,6 +124,8 @@ def _add_prepare_parser(verbs) -> None:
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
     p.add_argument("--chunk-mb", type=float, default=d.chunk_mb,
                    help="input each rank finishes at a time; a rerun of a killed prepare skips finished chunks")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="tokenizer threads per rank (0: the node's cores divided by its ranks)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
 
 

@@ -32,11 +32,10 @@ def _loader(options: LoaderBenchOptions) -> tuple[dict, str]:
 
 
 def _prepare(options: PrepareBenchOptions) -> tuple[dict, str]:
-    from hvdllm.bench.data import prepare_throughput
+    from hvdllm.bench.prepare import bench_prepare, summary
 
-    result = {"benchmark": "prepare", **prepare_throughput(options.data)}
-    return result, (f"prepare: {result['mb_per_s_per_rank']:.2f} MB/s per rank on {result['ranks']} rank(s); "
-                    "shares: " + ", ".join(f"{k} {v:.0%}" for k, v in result["share"].items()))
+    result = bench_prepare(options)
+    return result, summary(result)
 
 
 def _overhead(options: OverheadBenchOptions, overrides: list[str]) -> tuple[dict, str]:

@@ -1,4 +1,4 @@
-"""Data benchmarks: ``prepare`` throughput, and the loader against a plain np.memmap."""
+"""The data loader against a plain np.memmap."""
 
 from __future__ import annotations
 
@@ -12,18 +12,6 @@ import torch
 
 from hvdllm.bench.options import LoaderBenchOptions
 from hvdllm.data import DistributedBatches, ShardedSamples
-from hvdllm.data.shards import read_manifest
-
-
-def prepare_throughput(folder: str | Path) -> dict:
-    """MB of text per second per rank and each step's share of the time, from the manifest
-    of a prepared folder."""
-    manifest = read_manifest(folder)  # a missing or bad one is a one-line UserError
-    timing = manifest["timing"]
-    total = timing["total_seconds"]
-    return {"ranks": timing["ranks"], "mb": manifest["stats"]["bytes"] / 1e6, "seconds": total,
-            "mb_per_s_per_rank": timing["mb_per_s_per_rank"],
-            "share": {step: s / total for step, s in timing["seconds"].items()}}
 
 
 def bench_loader(options: LoaderBenchOptions) -> dict:

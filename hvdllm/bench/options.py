@@ -138,9 +138,19 @@ class LoaderBenchOptions(BenchOptions):
 
 @dataclass
 class PrepareBenchOptions(BenchOptions):
-    summary: ClassVar[str] = "throughput of hvdllm prepare and each step's share, from a dataset's manifest"
+    summary: ClassVar[str] = ("hvdllm prepare against raw Tokenizer.encode_batch (same bytes, tokenizer and "
+                              "threads), 1 -> 2 ranks, and peak RSS on two corpus sizes")
 
-    data: str = _flag("data/demo", "a prepared dataset folder")
+    mb: float = _flag(10.0, "size of the synthetic JSONL corpus in MB")
+    scale: float = _flag(20.0, "the second corpus, for peak RSS, is this many times larger")
+    threads: int = _flag(2, "tokenizer threads of the raw baseline and of the 1-rank prepare")
+    rounds: int = _flag(2, "rounds of raw, 1 rank and 2 ranks; the medians are reported")
+
+    def __post_init__(self) -> None:
+        _check(self.mb > 0, "--mb", f"must be > 0, got {self.mb}")
+        _check(self.scale >= 1, "--scale", f"must be >= 1, got {self.scale}")
+        _check(self.threads >= 1, "--threads", f"must be >= 1, got {self.threads}")
+        _check(self.rounds >= 1, "--rounds", f"must be >= 1, got {self.rounds}")
 
 
 @dataclass

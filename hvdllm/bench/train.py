@@ -116,7 +116,7 @@ def interleaved_ratio(config: str, overrides: list[str], steps: int, threads: in
     return statistics.median(ratios[WARMUP_STEPS:])
 
 
-def _run(cmd: list[str], env: dict | None = None) -> str:
+def run_command(cmd: list[str], env: dict | None = None) -> str:
     result = subprocess.run(cmd, capture_output=True, text=True, env=mpi_environment(env), timeout=1800)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
@@ -127,7 +127,7 @@ def _baseline(config: str, overrides: list[str], steps: int, threads: int, np: i
     argv = ["-m", "hvdllm.bench.train", "plain" if np == 1 else "ddp", "--config", config, "--steps", str(steps),
             "--threads", str(threads), *overrides]
     env = dict(os.environ, HVDLLM_BENCH_INIT=f"tcp://127.0.0.1:{29500 + os.getpid() % 1000}")
-    out = _run(mpirun_command(np, argv) if np > 1 else [sys.executable, *argv], env)
+    out = run_command(mpirun_command(np, argv) if np > 1 else [sys.executable, *argv], env)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -140,7 +140,7 @@ def hvdllm_run(config: str, overrides: list[str], steps: int, threads: int, np: 
                 f"--train.threads={threads}", "--train.eval_every=0", "--checkpoint.every=0",
                 "--checkpoint.keep_best=false", "--log.every=1", "--log.tensorboard=false", "--log.progress=false",
                 "--log.plot=false", *overrides]
-        _run(mpirun_command(np, argv) if np > 1 else [sys.executable, *argv])
+        run_command(mpirun_command(np, argv) if np > 1 else [sys.executable, *argv])
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     after = records[WARMUP_STEPS:]
     looped = after[:-1]  # the last step also runs the final evaluation, which the baseline lacks

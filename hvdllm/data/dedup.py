@@ -4,7 +4,8 @@ MinHash (Broder 1997) estimates the Jaccard similarity of two documents' sets of
 n-gram shingles as the share of equal entries in their signatures. LSH banding (Leskovec et
 al., Mining of Massive Datasets, ch. 3.4) cuts each signature into b bands of r rows; two
 documents become candidates when any band is identical, with probability 1 - (1 - J^r)^b.
-Candidates are then confirmed by the signature estimate, so the threshold holds as asked.
+Candidates are then confirmed by their exact Jaccard similarity (of the shingle hashes), so
+the threshold holds as asked.
 Hashes are crc32 and a fixed-seed universal hash family, so results do not depend on the
 process (Python's own hash() is salted per process).
 """
@@ -12,15 +13,20 @@ process (Python's own hash() is salted per process).
 from __future__ import annotations
 
 import hashlib
-import re
-import zlib
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-_PRIME = np.uint64((1 << 31) - 1)  # Mersenne prime; products of two values below it fit in 64 bits
-_WORD = re.compile(r"\w+")
+# Bytes that make up words: ASCII letters, digits and "_" (as regex \w), and every byte of a
+# non-ASCII character (so accented and non-Latin words stay whole; non-ASCII punctuation counts
+# as a letter, which costs nothing when comparing two documents the same way).
+_WORD_BYTE = np.zeros(256, dtype=bool)
+for _chars in (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_", bytes(range(128, 256))):
+    _WORD_BYTE[np.frombuffer(_chars, dtype=np.uint8)] = True
+_BASE = np.uint64(0x100000001B3)  # odd, so invertible modulo 2^64
+_BASE_INVERSE = np.uint64(pow(int(_BASE), -1, 1 << 64))
+_SHINGLE_BASE = np.uint64(1_000_003)
 
 
 def exact_hash(text: str) -> bytes:
@@ -30,22 +36,42 @@ def exact_hash(text: str) -> bytes:
     return hashlib.blake2b(normalized.encode(), digest_size=16).digest()
 
 
+def word_hashes(text: str) -> np.ndarray:
+    """A 64-bit hash of each word of the case-folded text, in order, computed on whole arrays:
+    a polynomial hash of the bytes, H[k] = sum over i < k of (byte_i + 1) B^i (mod 2^64), so a
+    word's hash is (H[end] - H[start]) B^-start."""
+    data = np.frombuffer(text.casefold().encode(), dtype=np.uint8)
+    in_word = np.concatenate(([False], _WORD_BYTE[data], [False]))
+    edges = np.flatnonzero(in_word[1:] != in_word[:-1])
+    starts, ends = edges[0::2], edges[1::2]
+    if not len(starts):
+        return np.zeros(0, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        powers = np.cumprod(np.full(len(data), _BASE, dtype=np.uint64)) * _BASE_INVERSE  # B^i
+        prefix = np.concatenate((np.zeros(1, np.uint64), np.cumsum((data.astype(np.uint64) + np.uint64(1)) * powers, dtype=np.uint64)))
+        inverse_powers = np.cumprod(np.full(len(data), _BASE_INVERSE, dtype=np.uint64)) * _BASE  # B^-i
+        return (prefix[ends] - prefix[starts]) * inverse_powers[starts]
+
+
 def shingle_hashes(text: str, n: int) -> np.ndarray:
-    """32-bit hashes of the word n-grams of ``text`` (one hash for texts shorter than n words)."""
-    words = np.fromiter((zlib.crc32(w.encode()) for w in _WORD.findall(text.casefold())), dtype=np.uint64)
+    """The distinct 64-bit hashes of the word n-grams of ``text`` (one for texts shorter than n
+    words)."""
+    words = word_hashes(text)
     if len(words) == 0:
         return np.zeros(1, dtype=np.uint64)
-    if len(words) < n:
-        n = len(words)
-    # Polynomial combination of n consecutive word hashes, kept to 32 bits.
+    n = min(n, len(words))
     combined = np.zeros(len(words) - n + 1, dtype=np.uint64)
-    for i in range(n):
-        combined = (combined * np.uint64(1_000_003) + words[i:len(words) - n + 1 + i]) & np.uint64(0xFFFFFFFF)
+    with np.errstate(over="ignore"):
+        for i in range(n):  # a polynomial of n consecutive word hashes
+            combined = combined * _SHINGLE_BASE + words[i:len(words) - n + 1 + i]
     return np.unique(combined)
 
 
 @dataclass(frozen=True)
 class MinHasher:
+    """MinHash signatures with the multiply-shift family h(x) = (a x + b) >> 32 (mod 2^64, a odd;
+    Dietzfelbinger et al. 1997): universal enough for MinHash and, with no division, several
+    times faster in numpy than (a x + b) mod p."""
     num_perm: int = 128
     shingle: int = 5
     seed: int = 1
@@ -54,16 +80,16 @@ class MinHasher:
     def _family(self) -> tuple[np.ndarray, np.ndarray]:
         """(a, b) of the hash family, (num_perm, 1) each, drawn once from the seed."""
         rng = np.random.default_rng(self.seed)
-        a = rng.integers(1, _PRIME, size=self.num_perm, dtype=np.uint64)
-        b = rng.integers(0, _PRIME, size=self.num_perm, dtype=np.uint64)
+        a = rng.integers(0, 1 << 63, size=self.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        b = rng.integers(0, 1 << 63, size=self.num_perm, dtype=np.uint64)
         return a[:, None], b[:, None]
 
-    def signature(self, text: str) -> np.ndarray:
-        """(num_perm,) minima of the hash family h(x) = (a x + b) mod p over the shingles."""
+    def signature(self, shingles: np.ndarray) -> np.ndarray:
+        """(num_perm,) uint32 minima of the hash family over a text's shingle hashes."""
         a, b = self._family
-        x = shingle_hashes(text, self.shingle) % _PRIME
-        # a, x < 2^31, so a x + b stays inside 64 bits.  (num_perm, shingles) -> (num_perm,)
-        return ((a * x[None, :] + b) % _PRIME).min(axis=1).astype(np.uint32)
+        x = shingles
+        with np.errstate(over="ignore"):
+            return ((a * x[None, :] + b) >> np.uint64(32)).min(axis=1).astype(np.uint32)
 
 
 def choose_bands(num_perm: int, threshold: float) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from hvdllm.data.work import Chunk, WorkFolder, append
 SPLITS = ("train", "val")
 TOKEN_DTYPE = np.dtype(np.uint32)
 MASK_DTYPE = np.dtype(np.uint8)
-BATCH_CHARS = 4 << 20  # text handed to encode_batch at once: enough to keep its threads busy
+BATCH_CHARS = 1 << 20  # text handed to encode_batch at once: enough to keep its threads busy
 
 
 def stream_files(work: WorkFolder, chunks: list[Chunk], markers: list[dict], kind: str, split: str):
@@ -39,8 +39,11 @@ def tokenize_chunk(work: WorkFolder, chunk: Chunk, opts, tok, keep: np.ndarray, 
                for kind in (("tok", "mask") if with_mask else ("tok",)) for s in SPLITS}
         batch: list = []
 
+        # Offsets are needed only to mask prompts; encode_batch_fast skips computing them.
+        encode = tok.encode_batch if with_mask else tok.encode_batch_fast
+
         def flush() -> None:
-            for (doc, split), encoding in zip(batch, tok.encode_batch([d.text for d, _ in batch])):
+            for (doc, split), encoding in zip(batch, encode([d.text for d, _ in batch])):
                 append(out["tok", split], np.asarray(encoding.ids + [eos], dtype=TOKEN_DTYPE))
                 if with_mask:  # a token is learned from when it starts inside the completion (EOS always)
                     starts = np.asarray([o[0] for o in encoding.offsets] + [len(doc.text)], dtype=np.int64)

@@ -22,6 +22,7 @@ continues from its finished chunks.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 from collections import Counter
@@ -32,12 +33,13 @@ import numpy as np
 
 from hvdllm.atomic import write_json_atomic, write_text_atomic
 from hvdllm.comm.mpi import phase, world
+from hvdllm.comm.runtime import threads_per_rank
 from hvdllm.data import build_folder, shards
 from hvdllm.data.dedup import MinHasher
 from hvdllm.data.encode import MASK_DTYPE, SPLITS, TOKEN_DTYPE, sample_texts, stream_files, tokenize_chunk
 from hvdllm.data.packing import ShardPlan, Stream, exchange_heads, write_shards
 from hvdllm.data.phases import Phases
-from hvdllm.data.scan import Signatures, load_scan, scan_chunk
+from hvdllm.data.scan import Sketches, load_scan, scan_chunk
 from hvdllm.data.sources import Skipped, preset_files, resolve_inputs
 from hvdllm.data.spread_dedup import Numbering, exact_duplicates, near_duplicates
 from hvdllm.data.tokenizer import byte_tokenizer, load_tokenizer, tokenizer_sha256, train_bpe
@@ -68,6 +70,7 @@ class PrepareOptions:
     seed: int = 1234
     samples_per_shard: int = 8192
     chunk_mb: float = 64.0  # input a rank finishes (and a rerun skips) at a time
+    threads: int = 0  # tokenizers' threads per rank; 0 = the node's cores / its ranks
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -77,14 +80,14 @@ class PrepareOptions:
                   "--val-fraction": 0 <= self.val_fraction < 1, "--min-chars": self.min_chars >= 0,
                   "--max-noise": 0 <= self.max_noise <= 1, "--near-dup-threshold": 0 <= self.near_dup_threshold <= 1,
                   "--samples-per-shard": self.samples_per_shard >= 1, "--shingle": self.shingle >= 1,
-                  "--num-perm": self.num_perm >= 1, "--chunk-mb": self.chunk_mb > 0}
+                  "--num-perm": self.num_perm >= 1, "--chunk-mb": self.chunk_mb > 0, "--threads": self.threads >= 0}
         for flag, ok in checks.items():
             if not ok:
                 raise UserError(f"{flag} is out of range: {getattr(self, flag[2:].replace('-', '_'))}")
 
     def result_options(self) -> dict:
         """The options the dataset depends on (not where it goes, nor how it is scheduled)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("out", "overwrite", "chunk_mb")}
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "overwrite", "chunk_mb", "threads")}
 
 
 def _unit_hashes(seed: int, hashes: np.ndarray) -> np.ndarray:
@@ -124,6 +127,7 @@ def run_prepare(opts: PrepareOptions) -> dict:
     comm = world()
     out = Path(opts.out)
     files = _input_files(comm, opts)
+    _set_tokenizer_threads(comm, opts.threads)
     name = fingerprint(opts.result_options(), files, comm.size)
     with phase(comm):
         build = build_folder.make_build_folder(comm, out, name)
@@ -139,6 +143,17 @@ def run_prepare(opts: PrepareOptions) -> dict:
     if comm.rank == 0:
         shutil.rmtree(build, ignore_errors=True)
     return manifest
+
+
+def _set_tokenizer_threads(comm, threads: int) -> None:
+    """tokenizers encodes a batch on a rayon pool sized, when it first starts, by
+    RAYON_NUM_THREADS: the node's cores shared by its ranks unless --threads says otherwise."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    ranks_on_node = node.Get_size()
+    node.Free()
+    os.environ["RAYON_NUM_THREADS"] = str(threads or threads_per_rank(ranks_on_node))
 
 
 def _build(comm, opts: PrepareOptions, files: list[Path], build: Path) -> dict:
@@ -157,7 +172,7 @@ def _build(comm, opts: PrepareOptions, files: list[Path], build: Path) -> dict:
     with phases("dedup"):
         numbering = Numbering(comm, scan.documents)
         exact = exact_duplicates(comm, scan.hashes, numbering)
-        near = near_duplicates(comm, Signatures(scan.signature_files, opts.num_perm), ~exact, numbering,
+        near = near_duplicates(comm, Sketches(scan.sketches, opts.num_perm), ~exact, numbering,
                                opts.near_dup_threshold) if hasher else np.zeros_like(exact)
         keep = ~(exact | near)
         stats["exact_duplicates"] = comm.allreduce(int(exact.sum()))

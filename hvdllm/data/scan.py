@@ -2,8 +2,9 @@
 (scan) that keeps of each document only what deduplication needs.
 
 Per document the scan keeps 25 bytes in memory (its exact hash, its length, whether it has a
-prompt) and writes its MinHash signature to the chunk's signature file: text is never held
-beyond one document, so memory does not grow with the corpus.
+prompt) and writes its MinHash signature and its shingle hashes (to verify candidate pairs
+exactly) to the chunk's files: text is never held beyond one document, so memory does not
+grow with the corpus.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from hvdllm.data.clean import clean_reason, normalize
-from hvdllm.data.dedup import MinHasher, exact_hash
+from hvdllm.data.dedup import MinHasher, exact_hash, shingle_hashes
 from hvdllm.data.sources import Document, ReadStats, read_documents
 from hvdllm.data.work import Chunk, WorkFolder, append, read_rows
 
@@ -47,7 +49,7 @@ class ScanResult:
     hashes: np.ndarray  # (n, 16) uint8: exact_hash of each document
     chars: np.ndarray  # (n,) int64
     has_prompt: np.ndarray  # (n,) bool
-    signature_files: list  # per chunk: (path, rows), or [] without near-dedup
+    sketches: list  # per chunk: ChunkSketches, or [] without near-dedup
     stats: Counter
 
     @property
@@ -61,18 +63,22 @@ class ScanResult:
 def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None) -> dict:
     """Scan one chunk: writes its hashes and signatures; returns its marker."""
     read, dropped = ReadStats(), Counter()
-    hashes, chars, prompts = [], [], []
-    with work.spill("sig", chunk.index, ".u32") as signatures:
+    hashes, chars, prompts, shingle_counts = [], [], [], []
+    with work.spill("sig", chunk.index, ".u32") as signatures, work.spill("shingles", chunk.index, ".u64") as sets:
         for doc in cleaned_documents(chunk, opts.text_field, opts.strict, opts.min_chars, opts.max_noise,
                                      read, dropped):
             hashes.append(exact_hash(doc.text))
             chars.append(len(doc.text))
             prompts.append(doc.prompt_chars > 0)
             if hasher is not None:
-                append(signatures, hasher.signature(doc.text).astype(SIGNATURE_DTYPE))
+                shingles = shingle_hashes(doc.text, hasher.shingle)
+                append(signatures, hasher.signature(shingles).astype(SIGNATURE_DTYPE))
+                append(sets, shingles)
+                shingle_counts.append(len(shingles))
     with work.spill("scan", chunk.index, ".npz") as out:
         np.savez(out, hashes=np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, 16),
-                 chars=np.asarray(chars, dtype=np.int64), has_prompt=np.asarray(prompts, dtype=bool))
+                 chars=np.asarray(chars, dtype=np.int64), has_prompt=np.asarray(prompts, dtype=bool),
+                 shingle_counts=np.asarray(shingle_counts, dtype=np.int64))
     if read.not_text_at:  # one write: ranks must not interleave
         more = ", ..." if read.not_text > len(read.not_text_at) else ""
         print(f"warning: {read.not_text} JSONL record(s) whose {opts.text_field!r} is not text, skipped: "
@@ -88,33 +94,46 @@ def load_scan(work: WorkFolder, chunks: list[Chunk], markers: list[dict], near_d
         with np.load(work.path("scan", chunk.index, ".npz")) as arrays:
             parts.append({name: arrays[name] for name in ("hashes", "chars", "has_prompt")})
     join = lambda name, empty: np.concatenate([p[name] for p in parts]) if parts else empty  # noqa: E731
-    files = [(work.path("sig", c.index, ".u32"), m["documents"]) for c, m in zip(chunks, markers)] \
+    files = [ChunkSketches(work.path("sig", c.index, ".u32"), work.path("shingles", c.index, ".u64"),
+                           work.path("scan", c.index, ".npz"), m["documents"]) for c, m in zip(chunks, markers)] \
         if near_dedup else []
     return ScanResult(join("hashes", np.zeros((0, 16), np.uint8)), join("chars", np.zeros(0, np.int64)),
                       join("has_prompt", np.zeros(0, bool)), files, stats)
 
 
-class Signatures:
-    """A rank's MinHash signatures, read from its chunks' files a block at a time."""
+@dataclass(frozen=True)
+class ChunkSketches:
+    """Where one chunk's signatures and shingle sets are."""
+    signatures: Path  # (documents, num_perm) uint32, row-major
+    shingles: Path  # every document's sorted unique shingle hashes, one after another
+    counts: Path  # the scan's npz, whose shingle_counts say how many are each document's
+    documents: int
 
-    def __init__(self, files: list, num_perm: int) -> None:
-        self.files = files
+
+class Sketches:
+    """A rank's MinHash signatures and shingle sets, read from its chunks' files as needed."""
+
+    def __init__(self, chunks: list[ChunkSketches], num_perm: int) -> None:
+        self.chunks = chunks
         self.num_perm = num_perm
-        self.starts = np.cumsum([0] + [rows for _, rows in files])
+        self.starts = np.cumsum([0] + [c.documents for c in chunks])
 
-    def blocks(self, rows_per_block: int = 8192) -> Iterator[np.ndarray]:
-        for path, rows in self.files:
-            for first in range(0, rows, rows_per_block):
-                yield read_rows(path, SIGNATURE_DTYPE, self.num_perm, first, min(rows_per_block, rows - first))
+    def signature_blocks(self, rows_per_block: int = 8192) -> Iterator[np.ndarray]:
+        for chunk in self.chunks:
+            for first in range(0, chunk.documents, rows_per_block):
+                yield read_rows(chunk.signatures, SIGNATURE_DTYPE, self.num_perm, first,
+                                min(rows_per_block, chunk.documents - first))
 
-    def rows(self, local: np.ndarray) -> np.ndarray:
-        """The signatures of the documents at these local indices, in that order."""
-        out = np.empty((len(local), self.num_perm), dtype=SIGNATURE_DTYPE)
+    def shingle_sets(self, local: np.ndarray) -> list[np.ndarray]:
+        """The shingle hashes of the documents at these local indices, in that order."""
+        out: list = [None] * len(local)
         which = np.searchsorted(self.starts, local, side="right") - 1
-        for file_index in np.unique(which):
-            path, rows = self.files[file_index]
-            picked = which == file_index
-            table = np.memmap(path, dtype=SIGNATURE_DTYPE, mode="r", shape=(rows, self.num_perm))
-            out[picked] = table[local[picked] - self.starts[file_index]]
-            del table
+        for chunk_index in np.unique(which):
+            chunk = self.chunks[chunk_index]
+            with np.load(chunk.counts) as arrays:
+                offsets = np.concatenate(([0], np.cumsum(arrays["shingle_counts"])))
+            for at in np.flatnonzero(which == chunk_index):
+                row = local[at] - self.starts[chunk_index]
+                out[at] = np.fromfile(chunk.shingles, dtype=np.uint64, count=offsets[row + 1] - offsets[row],
+                                      offset=offsets[row] * 8)
         return out

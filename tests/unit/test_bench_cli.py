@@ -78,7 +78,7 @@ def test_overrides_reach_every_run_of_a_training_benchmark(name, tmp_path, capsy
         interleaved.append(overrides)
         return 1.0
 
-    monkeypatch.setattr(bench_train, "_run", fake_run)
+    monkeypatch.setattr(bench_train, "run_command", fake_run)
     monkeypatch.setattr(bench_train, "interleaved_ratio", fake_interleaved)
     override = "--optim.lr=1e-3"
     switches = ["--switches", ",".join(SPEED_SWITCHES)] if name == "overhead" else []
