@@ -16,7 +16,8 @@ HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
 HVDLLM_CACHE=${HVDLLM_CACHE:-$HOME/.cache/hvdllm}
 # safetensors for `hvdllm export --format hf`; transformers only for its test (loading the export),
 # pinned to a release that takes the tokenizers and huggingface_hub already here; optuna for `hvdllm tune`.
-PY_DEPS="numpy h5py mpi4py tokenizers tqdm tensorboard matplotlib safetensors pytest pytest-timeout transformers==5.18.0 optuna==5.0.0"
+# zstandard and pyarrow: `hvdllm prepare` reads .zst, Parquet, Arrow and `datasets` folders.
+PY_DEPS="numpy h5py mpi4py tokenizers zstandard pyarrow tqdm tensorboard matplotlib safetensors pytest pytest-timeout transformers==5.18.0 optuna==5.0.0"
 
 say() { echo "[install] $*"; }
 die() { echo "[install] error: $*" >&2; exit 1; }
@@ -79,7 +80,7 @@ then
   $PIP install "$TORCH_SPEC"
 fi
 
-if ! "$PY" -c "import numpy, h5py, mpi4py, tokenizers, tqdm, tensorboard, matplotlib, safetensors, pytest, pytest_timeout, transformers, optuna" 2>/dev/null; then
+if ! "$PY" -c "import numpy, h5py, mpi4py, tokenizers, zstandard, pyarrow, tqdm, tensorboard, matplotlib, safetensors, pytest, pytest_timeout, transformers, optuna" 2>/dev/null; then
   say "installing $PY_DEPS"
   $PIP install $PY_DEPS
 fi

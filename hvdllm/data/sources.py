@@ -1,29 +1,37 @@
-"""Where documents come from: files, folders and globs of text and JSONL, or a built-in preset.
+"""Where documents come from: files, folders and globs of text, JSONL, Parquet and Arrow
+(plain, .gz or .zst), folders saved by Hugging Face ``datasets``, or a built-in preset.
 
 A document is a :class:`Document` with a stable key (file index, record index) that orders
-the whole corpus the same way whatever the number of ranks reading it.
+the whole corpus the same way whatever the number of ranks reading it. How each format is
+read, streaming, is in :mod:`hvdllm.data.formats`.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
 import json
+import os
 import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from hvdllm.data.formats import byte_chunks, is_jsonl, is_table, lines, read_head, saved_dataset_files, table_rows
 from hvdllm.errors import UserError
 from hvdllm.paths import path_kind
 
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl", ".jsonl.gz")
+# Read in folders whatever their content looks like; other files are read when it is text.
+KNOWN_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
 PRESETS = ("python-stdlib",)
+# A record with these two string fields is instruction data, whatever the text field (see read_documents).
+PROMPT_FIELDS = ("prompt", "completion")
 
 
 @dataclass
 class Document:
-    key: tuple[int, int]  # (file index in the sorted input list, record index in the file)
+    # (file index in the sorted input list, record index in the file): 0 for a whole-file
+    # document, else the record's line number in JSONL or row number in a table, from 1
+    key: tuple[int, int]
     text: str
     prompt_chars: int = 0  # instruction data: the first prompt_chars characters are the prompt
 
@@ -52,10 +60,6 @@ class ReadStats:
 def _json_type(value: object) -> str:
     return {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array",
             dict: "object"}.get(type(value), type(value).__name__)
-
-
-def _is_jsonl(path: Path) -> bool:
-    return path.name.endswith(".jsonl") or path.name.endswith(".jsonl.gz")
 
 
 def preset_files(name: str) -> list[Path]:
@@ -87,22 +91,23 @@ class Skipped:
         return f"skipped {total} file{'s' if total != 1 else ''}: " + ", ".join(parts)
 
 
+def _hidden(path: Path, folder: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)  # .git, .venv, editor files
+
+
 def _folder_file_reason(path: Path, folder: Path) -> str:
-    """Why a file found in an input folder is not read ("" when it is): a known text or
-    JSONL suffix is read; other files are read when their content looks like text."""
-    if any(part.startswith(".") for part in path.relative_to(folder).parts):
-        return "hidden"  # .git, .venv, editor files: never the corpus
+    """Why a file found in an input folder is not read ("" when it is): a known suffix is
+    read; other files, compressed ones decompressed, when their content looks like text."""
+    if _hidden(path, folder):
+        return "hidden"
     kind = path_kind(path)
     if kind != "file":
         return kind  # see resolve_inputs
-    if path.name.endswith(TEXT_SUFFIXES):
+    if path.name.endswith(KNOWN_SUFFIXES):
         return ""
-    if path.name.endswith(".gz"):
-        return "compressed but not .jsonl.gz"
     try:
-        with open(path, "rb") as f:
-            head = f.read(8192)
-    except OSError:
+        head = read_head(path, 8192)
+    except UserError:
         return "unreadable"
     if not head:
         return "empty"
@@ -110,11 +115,13 @@ def _folder_file_reason(path: Path, folder: Path) -> str:
 
 
 def resolve_inputs(inputs: list[str], skipped: Skipped | None = None) -> list[Path]:
-    """Expand files, folders (their text files, recursively) and globs into a sorted list.
+    """Expand files, folders (their files, recursively) and globs into a sorted list.
 
     Regular files named directly are always read; pipes, sockets and devices never. In
     folders, files with a known suffix are read and others when their content is text; what
-    is left out is recorded in ``skipped``.
+    is left out is recorded in ``skipped``. A folder saved by ``datasets``' save_to_disk,
+    named or found in a folder, stands for its Arrow files, which sort in its own order (see
+    :func:`~hvdllm.data.formats.saved_dataset_files`); a DatasetDict's folder is refused.
     """
     skipped = skipped if skipped is not None else Skipped()
     files: set[Path] = set()
@@ -137,12 +144,27 @@ def resolve_inputs(inputs: list[str], skipped: Skipped | None = None) -> list[Pa
 
 
 def _add_folder_files(folder: Path, files: set[Path], skipped: Skipped) -> None:
-    for path in sorted(p for p in folder.rglob("*") if not p.is_dir()):
-        reason = _folder_file_reason(path, folder)
-        if reason:
-            skipped.add(path, reason)
-        else:
-            files.add(path)
+    dataset = saved_dataset_files(folder)
+    if dataset is not None:
+        files.update(dataset)
+        return
+    for parent, subfolders, names in os.walk(folder):  # symbolic links to folders are not followed
+        parent = Path(parent)
+        for name in list(subfolders):
+            sub = parent / name
+            if _hidden(sub, folder) or sub.is_symlink():
+                continue
+            dataset = saved_dataset_files(sub)
+            if dataset is not None:  # its Arrow files are the corpus, not its JSON metadata
+                files.update(dataset)
+                subfolders.remove(name)
+        for name in names:
+            path = parent / name
+            reason = _folder_file_reason(path, folder)
+            if reason:
+                skipped.add(path, reason)
+            else:
+                files.add(path)
 
 
 def looks_binary(head: bytes) -> bool:
@@ -161,30 +183,26 @@ def _decode(raw: bytes, stats: ReadStats) -> str:
     return text
 
 
-def read_documents(index: int, path: Path, text_field: str = "text", strict: bool = False,
-                   stats: ReadStats | None = None) -> Iterator[Document]:
-    """The documents of one file: the whole file for text, one per record for JSONL.
-
-    JSONL records with ``prompt`` and ``completion`` fields become one document whose prompt
-    part is masked out of the loss; otherwise ``text_field`` is read.
-    """
-    stats = stats if stats is not None else ReadStats()
+def _size_on_disk(path: Path) -> int:
     try:
-        raw = gzip.open(path).read() if path.name.endswith(".gz") else path.read_bytes()
-    except (OSError, EOFError) as err:
-        raise UserError(f"{path}: cannot read: {err}") from None
-    stats.files += 1
-    stats.bytes += len(raw)
-    if not _is_jsonl(path):
-        if looks_binary(raw[:8192]):
-            raise UserError(f"{path}: binary file, not text")
-        stats.records += 1
-        yield Document((index, 0), _decode(raw, stats))
-        return
-    for line_no, line in enumerate(raw.splitlines(), start=1):
+        return path.stat().st_size
+    except OSError as err:
+        raise UserError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
+def _whole_file(index: int, path: Path, stats: ReadStats) -> Document:
+    raw = b"".join(byte_chunks(path))  # a text file is one document: read whole
+    if looks_binary(raw[:8192]):
+        raise UserError(f"{path}: binary file, not text")
+    return Document((index, 0), _decode(raw, stats))
+
+
+def _jsonl_records(path: Path, strict: bool, stats: ReadStats) -> Iterator[tuple[int, dict | None]]:
+    """(line number, record) per non-blank line; the record is None for a line that is not a
+    JSON object, counted in ``stats`` (an error when ``strict``)."""
+    for line_no, line in enumerate(lines(path), start=1):
         if not line.strip():
             continue
-        stats.records += 1
         try:
             record = json.loads(_decode(line, stats))
             if not isinstance(record, dict):
@@ -193,18 +211,66 @@ def read_documents(index: int, path: Path, text_field: str = "text", strict: boo
             if strict:
                 raise UserError(f"{path}:{line_no}: not a JSON object: {err}") from None
             stats.bad_json_lines += 1
-            continue
-        prompt, completion = record.get("prompt"), record.get("completion")
-        if isinstance(prompt, str) and isinstance(completion, str) and completion:
-            yield Document((index, line_no), prompt + completion, prompt_chars=len(prompt))
-            continue
-        text = record.get(text_field)
-        if text_field in record and not isinstance(text, str):
-            if strict:
-                raise UserError(f"{path}:{line_no}: {text_field!r} is a JSON {_json_type(text)}, not text")
-            stats.add_not_text(path, line_no, text)
-            continue
-        if not text or not text.strip():
-            stats.missing_text += 1
-            continue
-        yield Document((index, line_no), text)
+            record = None
+        yield line_no, record
+
+
+def field_value(record: dict, name: str) -> tuple[bool, object]:
+    """(found, value) of field ``name`` of ``record``. A key spelled ``name`` wins; else a
+    dotted name is a path into nested objects: "meta.body" is record["meta"]["body"]."""
+    if name in record:
+        return True, record[name]
+    value: object = record
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
+
+
+def _record_document(path: Path, key: tuple[int, int], record: dict, text_field: str, strict: bool,
+                     stats: ReadStats) -> Document | None:
+    """The document of one record, or None when it has no text (counted in ``stats``)."""
+    prompt, completion = record.get("prompt"), record.get("completion")  # PROMPT_FIELDS, spelled out: per record, hot
+    if isinstance(prompt, str) and isinstance(completion, str) and completion:
+        return Document(key, prompt + completion, prompt_chars=len(prompt))
+    found, text = field_value(record, text_field)
+    if found and not isinstance(text, str):
+        if strict:
+            raise UserError(f"{path}:{key[1]}: {text_field!r} is a JSON {_json_type(text)}, not text")
+        stats.add_not_text(path, key[1], text)
+        return None
+    if not text or not text.strip():
+        stats.missing_text += 1
+        return None
+    return Document(key, text)
+
+
+def read_documents(index: int, path: Path, text_field: str = "text", strict: bool = False,
+                   stats: ReadStats | None = None) -> Iterator[Document]:
+    """The documents of one file, streaming: the whole file for text (plain, .gz or .zst); one
+    per record for JSONL (plain, .gz or .zst), whose records are its lines, and for Parquet and
+    Arrow IPC files, whose records are their rows (as JSON-like objects).
+
+    A record with string ``prompt`` and non-empty ``completion`` fields becomes one document
+    whose prompt part is masked out of the loss; otherwise ``text_field`` (see
+    :func:`field_value`) is read. Keys are (index, 0) for a whole file, else (index, line or
+    row number from 1).
+    """
+    stats = stats if stats is not None else ReadStats()
+    stats.files += 1
+    stats.bytes += _size_on_disk(path)  # compressed size for .gz and .zst: known without reading, and stable
+    if is_table(path):
+        records = enumerate(table_rows(path, text_field, PROMPT_FIELDS), start=1)
+    elif is_jsonl(path):
+        records = _jsonl_records(path, strict, stats)
+    else:
+        stats.records += 1
+        yield _whole_file(index, path, stats)
+        return
+    for number, record in records:
+        stats.records += 1
+        document = None if record is None else _record_document(path, (index, number), record, text_field,
+                                                                 strict, stats)
+        if document is not None:
+            yield document
