@@ -16,8 +16,9 @@ HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
 HVDLLM_CACHE=${HVDLLM_CACHE:-$HOME/.cache/hvdllm}
 # safetensors for `hvdllm export --format hf`; transformers only for its test (loading the export),
 # pinned to a release that takes the tokenizers and huggingface_hub already here; optuna for `hvdllm tune`.
-# zstandard and pyarrow: `hvdllm prepare` reads .zst, Parquet, Arrow and `datasets` folders.
-PY_DEPS="numpy h5py mpi4py tokenizers zstandard pyarrow tqdm tensorboard matplotlib safetensors pytest pytest-timeout transformers==5.18.0 optuna==5.0.0"
+# zstandard and pyarrow: `hvdllm prepare` reads .zst, Parquet, Arrow and `datasets` folders; datasketch only
+# for a test (near-duplicate recall and precision against its MinHashLSH).
+PY_DEPS="numpy h5py mpi4py tokenizers zstandard pyarrow tqdm tensorboard matplotlib safetensors pytest pytest-timeout datasketch==2.0.0 transformers==5.18.0 optuna==5.0.0"
 
 say() { echo "[install] $*"; }
 die() { echo "[install] error: $*" >&2; exit 1; }
@@ -80,7 +81,7 @@ then
   $PIP install "$TORCH_SPEC"
 fi
 
-if ! "$PY" -c "import numpy, h5py, mpi4py, tokenizers, zstandard, pyarrow, tqdm, tensorboard, matplotlib, safetensors, pytest, pytest_timeout, transformers, optuna" 2>/dev/null; then
+if ! "$PY" -c "import numpy, h5py, mpi4py, tokenizers, zstandard, pyarrow, tqdm, tensorboard, matplotlib, safetensors, pytest, pytest_timeout, datasketch, transformers, optuna" 2>/dev/null; then
   say "installing $PY_DEPS"
   $PIP install $PY_DEPS
 fi

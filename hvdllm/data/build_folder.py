@@ -29,6 +29,10 @@ def make_build_folder(comm, out: Path, name: str) -> Path:
             error = f"--out {out}: cannot create a folder in it: {err.strerror or err}"
         if resumed:
             print(f"prepare: continuing the unfinished build in {build}", file=sys.stderr, flush=True)
+        for other in sorted(out.glob(".building-*")):
+            if other != build:  # a killed run of other arguments: its user decides
+                print(f"prepare: note: {other} is an unfinished build of other arguments or inputs; "
+                      "remove it to free its space", file=sys.stderr, flush=True)
     error = comm.bcast(error, root=0)
     if error:
         raise UserError(error)

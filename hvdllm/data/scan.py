@@ -81,7 +81,7 @@ def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None) -
                  shingle_counts=np.asarray(shingle_counts, dtype=np.int64))
     if read.not_text_at:  # one write: ranks must not interleave
         more = ", ..." if read.not_text > len(read.not_text_at) else ""
-        print(f"warning: {read.not_text} JSONL record(s) whose {opts.text_field!r} is not text, skipped: "
+        print(f"warning: {read.not_text} record(s) whose {opts.text_field!r} is not text, skipped: "
               f"{', '.join(read.not_text_at)}{more}", file=sys.stderr, flush=True)
     return {"documents": len(chars), "stats": dict(read.counts()) | dict(dropped)}
 

@@ -245,7 +245,7 @@ def test_jsonl_text_that_is_not_a_string_is_counted_as_not_text_with_its_lines(t
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "out" / "manifest.json").read_text())["stats"]
     assert stats["not_text"] == 4 and stats["missing_text"] == 1
-    assert (f"4 JSONL record(s) whose 'text' is not text, skipped: {records}:{first} (number), "
+    assert (f"4 record(s) whose 'text' is not text, skipped: {records}:{first} (number), "
             f"{records}:{first + 1} (array), {records}:{first + 2} (null), ..." in result.stderr)
     assert "1 empty, 4 not text" in result.stdout
     result = hvdllm("prepare", str(corpus), "--strict", "--out", str(tmp_path / "strict"))
