@@ -18,8 +18,8 @@ echo "== optimizer step: LAMB vs AdamW (foreach), GPT-2 small shapes"
 hvdllm bench optim --json "$OUT/optim.json" | tail -1
 echo "== loader vs np.memmap"
 hvdllm bench loader --data data/demo --json "$OUT/loader.json" | tail -1
-echo "== prepare throughput (from the manifest of data/demo)"
-hvdllm bench prepare --data data/demo --json "$OUT/prepare.json" | tail -1
+echo "== prepare: against raw encode_batch, 1 -> 2 ranks, peak RSS on 10 and 200 MB"
+hvdllm bench prepare --json "$OUT/prepare.json" | tail -3
 echo "== framework overhead: hvdllm train vs a plain PyTorch loop (1 rank, 2 threads)"
 hvdllm bench overhead --config configs/demo.toml --json "$OUT/overhead.json" | tail -1
 echo "== weak scaling 1 -> 2 ranks: Horovod vs torch DDP (gloo)"

@@ -1,5 +1,5 @@
 """The phases of ``hvdllm prepare`` as the user sees them: a bar on a terminal (rank 0's share
-of the input: MB, MB/s, ETA), one line a phase otherwise; per-phase seconds and peak RSS kept
+of the input: MB, MB/s, ETA, documents/s), one line a phase otherwise; per-phase seconds and peak RSS kept
 for the manifest."""
 
 from __future__ import annotations
@@ -17,14 +17,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class _NoBar:
-    disable = True
+class Progress:
+    """A phase's bar over this rank's input bytes, with documents per second beside it (shown
+    on rank 0 on a terminal; silent elsewhere)."""
 
-    def update(self, n: int) -> None:
-        pass
+    def __init__(self, name: str, input_bytes: int, rank: int) -> None:
+        self.bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc=name, file=sys.stderr,
+                        disable=True if rank or not input_bytes else None)
+        self.start = time.perf_counter()
+        self.documents = 0
+
+    @property
+    def shown(self) -> bool:
+        return not self.bar.disable
+
+    def advance(self, input_bytes: int, documents: int) -> None:
+        self.documents += documents
+        self.bar.update(input_bytes)
+        if self.shown:
+            rate = self.documents / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{rate:,.0f} docs/s")
 
     def close(self) -> None:
-        pass
+        self.bar.close()
 
 
 class Phases:
@@ -35,18 +50,18 @@ class Phases:
 
     @contextmanager
     def __call__(self, name: str, input_bytes: int = 0) -> Iterator:
-        """Time a phase; with ``input_bytes`` (this rank's input) it yields a bar to update with
-        the bytes of each finished chunk."""
+        """Time a phase; yields its Progress, to advance by each finished chunk of this rank's
+        ``input_bytes``."""
         start = time.perf_counter()
-        bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc=name, file=sys.stderr,
-                   disable=True if self.rank else None) if input_bytes else _NoBar()
+        progress = Progress(name, input_bytes, self.rank)
+        shown = progress.shown  # tqdm's close() disables the bar
         try:
-            yield bar
+            yield progress
         finally:
-            bar.close()
+            progress.close()
         self.seconds[name] = time.perf_counter() - start
         self.peak_rss_mb[name] = peak_rss_mb()
-        if self.rank == 0 and bar.disable:
+        if self.rank == 0 and not shown:
             rate = f", {input_bytes / 1e6:.1f} MB at {input_bytes / 1e6 / max(self.seconds[name], 1e-9):.2f} MB/s" \
                 if input_bytes else ""
             print(f"prepare: {name} {self.seconds[name]:.1f} s{rate}, peak RSS {self.peak_rss_mb[name]:.0f} MB",

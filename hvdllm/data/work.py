@@ -89,7 +89,7 @@ class WorkFolder:
 
     def each_chunk(self, kind: str, chunks: list[Chunk], run: Callable[[Chunk], dict], progress) -> list[dict]:
         """``run`` each chunk this pass has not finished (its result is the chunk's marker);
-        returns every chunk's marker. ``progress`` is updated with each chunk's bytes."""
+        returns every chunk's marker. ``progress`` advances by each chunk's bytes and documents."""
         markers, reused = [], 0
         for chunk in chunks:
             marker = self.done(kind, chunk.index)
@@ -98,7 +98,7 @@ class WorkFolder:
                 self.mark_done(kind, chunk.index, marker)
             else:
                 reused += 1
-            progress.update(chunk.bytes)
+            progress.advance(chunk.bytes, _documents(marker))
             markers.append(marker)
         if reused:
             print(f"prepare: {kind}: {reused} of {len(chunks)} chunks were done (rank {self.rank})",
@@ -111,6 +111,12 @@ class WorkFolder:
         path = self.path(kind, chunk, suffix)
         with writing(path), atomic_write(path) as out:
             yield out
+
+
+def _documents(marker: dict) -> int:
+    """A marker's document count: a number (scan) or one per split (tokenize)."""
+    documents = marker.get("documents", 0)
+    return sum(documents.values()) if isinstance(documents, dict) else documents
 
 
 def append(out: IO[bytes], array: np.ndarray) -> None:
