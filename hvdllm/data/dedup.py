@@ -6,8 +6,8 @@ al., Mining of Massive Datasets, ch. 3.4) cuts each signature into b bands of r 
 documents become candidates when any band is identical, with probability 1 - (1 - J^r)^b.
 Candidates are then confirmed by their exact Jaccard similarity (of the shingle hashes), so
 the threshold holds as asked.
-Hashes are crc32 and a fixed-seed universal hash family, so results do not depend on the
-process (Python's own hash() is salted per process).
+Hashes are a polynomial hash of the words' bytes and a fixed-seed multiply-shift family, so
+results do not depend on the process (Python's own hash() is salted per process).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ for _chars in (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_
 _BASE = np.uint64(0x100000001B3)  # odd, so invertible modulo 2^64
 _BASE_INVERSE = np.uint64(pow(int(_BASE), -1, 1 << 64))
 _SHINGLE_BASE = np.uint64(1_000_003)
+_SHINGLES_AT_ONCE = 1 << 14  # (num_perm, this) uint64 temporaries: 16 MB at 128 permutations
 
 
 def exact_hash(text: str) -> bytes:
@@ -87,9 +88,12 @@ class MinHasher:
     def signature(self, shingles: np.ndarray) -> np.ndarray:
         """(num_perm,) uint32 minima of the hash family over a text's shingle hashes."""
         a, b = self._family
-        x = shingles
+        minima = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         with np.errstate(over="ignore"):
-            return ((a * x[None, :] + b) >> np.uint64(32)).min(axis=1).astype(np.uint32)
+            for first in range(0, len(shingles), _SHINGLES_AT_ONCE):  # a huge document in bounded blocks
+                x = shingles[None, first:first + _SHINGLES_AT_ONCE]
+                np.minimum(minima, ((a * x + b) >> np.uint64(32)).min(axis=1), out=minima)
+        return minima.astype(np.uint32)
 
 
 def choose_bands(num_perm: int, threshold: float) -> tuple[int, int]:

@@ -2,14 +2,15 @@
 
 Under ``mpirun -np N`` the sorted input files are cut into N contiguous blocks (balanced by
 bytes), one per rank, so that the ranks' documents in rank order are the 1-rank order. Each
-rank streams its block in chunks (work.py), twice:
+rank streams its block in chunks (work.py):
 
-1. scan: clean, hash and MinHash each document, keeping 25 bytes of it in memory and its
-   signature on disk (scan.py);
-2. deduplicate over the ranks by hashing to owners (spread_dedup.py), split train/val by a
-   seeded hash of the content, train the tokenizer on rank 0 from a sample read again;
-3. tokenize the kept documents into each split's token stream on disk (encode.py);
-4. pack the global stream into rows and shards that are the same for any number of ranks
+1. tokenizer: byte, a file, or BPE trained on rank 0 from a seeded sample of the documents;
+2. scan: clean, hash, MinHash and tokenize each document, keeping 25 bytes of it in memory
+   and the rest on disk (scan.py, encode.py);
+3. dedup over the ranks by hashing to owners (spread_dedup.py); the train/val split by a
+   seeded hash of the content;
+4. split: the kept documents' tokens copied into each split's stream (encode.py);
+5. pack the global stream into rows and shards that are the same for any number of ranks
    (packing.py); rank 0 writes the tokenizer and the manifest last.
 
 So the kept documents, the tokens and the shards are the same whatever N is, and memory does
@@ -26,6 +27,7 @@ import os
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,15 +37,16 @@ from hvdllm.atomic import write_json_atomic, write_text_atomic
 from hvdllm.comm.mpi import phase, world
 from hvdllm.comm.runtime import threads_per_rank
 from hvdllm.data import build_folder, shards
-from hvdllm.data.dedup import MinHasher
-from hvdllm.data.encode import MASK_DTYPE, SPLITS, TOKEN_DTYPE, sample_texts, stream_files, tokenize_chunk
+from hvdllm.data.clean import cleaned_documents
+from hvdllm.data.dedup import MinHasher, exact_hash
+from hvdllm.data.encode import MASK_DTYPE, SPLITS, TOKEN_DTYPE, split_chunk, stream_files
 from hvdllm.data.packing import ShardPlan, Stream, exchange_heads, write_shards
 from hvdllm.data.phases import Phases
-from hvdllm.data.scan import Sketches, load_scan, scan_chunk
-from hvdllm.data.sources import Skipped, preset_files, resolve_inputs
+from hvdllm.data.scan import Sketches, load_scan, scan_chunk, token_counts
+from hvdllm.data.sources import ReadStats, Skipped, preset_files, resolve_inputs
 from hvdllm.data.spread_dedup import Numbering, exact_duplicates, near_duplicates
 from hvdllm.data.tokenizer import byte_tokenizer, load_tokenizer, tokenizer_sha256, train_bpe
-from hvdllm.data.work import WorkFolder, fingerprint, plan_chunks
+from hvdllm.data.work import Chunk, WorkFolder, fingerprint, plan_chunks
 from hvdllm.errors import UserError
 from hvdllm.paths import require_file, require_writable_folder
 
@@ -80,7 +83,8 @@ class PrepareOptions:
                   "--val-fraction": 0 <= self.val_fraction < 1, "--min-chars": self.min_chars >= 0,
                   "--max-noise": 0 <= self.max_noise <= 1, "--near-dup-threshold": 0 <= self.near_dup_threshold <= 1,
                   "--samples-per-shard": self.samples_per_shard >= 1, "--shingle": self.shingle >= 1,
-                  "--num-perm": self.num_perm >= 1, "--chunk-mb": self.chunk_mb > 0, "--threads": self.threads >= 0}
+                  "--num-perm": self.num_perm >= 1, "--chunk-mb": self.chunk_mb > 0, "--threads": self.threads >= 0,
+                  "--seed": 0 <= self.seed < 1 << 62}
         for flag, ok in checks.items():
             if not ok:
                 raise UserError(f"{flag} is out of range: {getattr(self, flag[2:].replace('-', '_'))}")
@@ -90,11 +94,15 @@ class PrepareOptions:
         return {k: v for k, v in asdict(self).items() if k not in ("out", "overwrite", "chunk_mb", "threads")}
 
 
+def _unit_hash(seed: int, digest: bytes) -> float:
+    """A number in [0, 1) fixed by seed and content: the same on every rank and run."""
+    salted = hashlib.blake2b(seed.to_bytes(8, "little", signed=True) + digest, digest_size=8).digest()
+    return int.from_bytes(salted, "little") / 2**64
+
+
 def _unit_hashes(seed: int, hashes: np.ndarray) -> np.ndarray:
-    """A number in [0, 1) per document fixed by seed and content: the same on every rank and run."""
-    salt = seed.to_bytes(8, "little", signed=True)
-    return np.array([int.from_bytes(hashlib.blake2b(salt + h.tobytes(), digest_size=8).digest(), "little") / 2**64
-                     for h in hashes], dtype=np.float64)
+    """_unit_hash of each row of (n, 16) exact hashes."""
+    return np.fromiter((_unit_hash(seed, h.tobytes()) for h in hashes), dtype=np.float64, count=len(hashes))
 
 
 def _my_files(files: list[Path], rank: int, size: int) -> list[tuple[int, Path]]:
@@ -128,7 +136,12 @@ def run_prepare(opts: PrepareOptions) -> dict:
     out = Path(opts.out)
     files = _input_files(comm, opts)
     _set_tokenizer_threads(comm, opts.threads)
-    name = fingerprint(opts.result_options(), files, comm.size)
+    name = None
+    if comm.rank == 0:  # one name for every rank, even where a file's size or mtime looks different
+        given = [Path(opts.tokenizer)] if opts.tokenizer not in ("bpe", "byte") else []  # its content too
+        how = {k: v for k, v in opts.result_options().items() if k not in ("inputs", "preset")}
+        name = fingerprint({**how, "chunk_mb": opts.chunk_mb}, files + given, comm.size)  # chunks name files
+    name = comm.bcast(name, root=0)
     with phase(comm):
         build = build_folder.make_build_folder(comm, out, name)
     try:
@@ -159,13 +172,16 @@ def _set_tokenizer_threads(comm, threads: int) -> None:
 def _build(comm, opts: PrepareOptions, files: list[Path], build: Path) -> dict:
     rank = comm.rank
     phases = Phases(rank)
-    work = WorkFolder(build / ".work", rank)
+    with phase(comm):
+        work = WorkFolder(build / ".work", rank)
     chunks = plan_chunks(_my_files(files, rank, comm.size), opts.chunk_mb * 1e6)
     my_bytes = sum(c.bytes for c in chunks)
     hasher = MinHasher(opts.num_perm, opts.shingle, opts.seed) if opts.near_dup_threshold > 0 else None
 
+    with phase(comm), phases("tokenizer"):
+        tok = _tokenizer(comm, opts, work, chunks)
     with phase(comm), phases("scan", my_bytes) as bar:
-        markers = work.each_chunk("scan", chunks, lambda chunk: scan_chunk(work, chunk, opts, hasher), bar)
+        markers = work.each_chunk("scan", chunks, lambda chunk: scan_chunk(work, chunk, opts, hasher, tok), bar)
     scan = load_scan(work, chunks, markers, hasher is not None)
     stats = scan.stats
 
@@ -182,16 +198,13 @@ def _build(comm, opts: PrepareOptions, files: list[Path], build: Path) -> dict:
         raise UserError(f"empty corpus after cleaning: no document of {len(files)} file(s) is left "
                         f"(min_chars={opts.min_chars}, max_noise={opts.max_noise})")
     val = _val_documents(comm, opts, scan.hashes, keep, numbering)
-
-    with phase(comm), phases("tokenizer"):
-        tok = _tokenizer(comm, opts, work, chunks, markers, scan, keep & ~val)
     with_mask = bool(comm.allreduce(int(scan.has_prompt[keep].any())))
 
-    with phase(comm), phases("tokenize", my_bytes) as bar:
+    with phase(comm), phases("split", my_bytes) as bar:
         firsts = np.cumsum([0] + [m["documents"] for m in markers])
         mine = lambda c: slice(firsts[c.index], firsts[c.index + 1])  # noqa: E731  the chunk's documents
-        token_markers = work.each_chunk("tok", chunks, lambda c: tokenize_chunk(
-            work, c, opts, tok, keep[mine(c)], val[mine(c)], with_mask), bar)
+        token_markers = work.each_chunk("split", chunks, lambda c: split_chunk(
+            work, c, keep[mine(c)], val[mine(c)], scan.has_prompt[mine(c)], token_counts(work, c), with_mask), bar)
     for m in token_markers:
         for s in SPLITS:
             stats[f"{s}_docs"] += m["documents"][s]
@@ -209,22 +222,19 @@ def _val_documents(comm, opts: PrepareOptions, hashes: np.ndarray, keep: np.ndar
     val = keep & (scores < opts.val_fraction)
     kept = comm.allreduce(int(keep.sum()))
     if opts.val_fraction > 0 and kept > 1 and not comm.allreduce(int(val.any())):
-        mine = [(float(s), int(n)) for s, n in zip(scores[keep], numbering.local()[keep])]
-        lowest = comm.allreduce(min(mine, default=(2.0, -1)), op=_min_op())
+        kept_scores = np.where(keep, scores, 2.0)
+        at = int(np.argmin(kept_scores)) if len(kept_scores) else 0
+        mine = (float(kept_scores[at]), numbering.first + at) if len(kept_scores) else (2.0, -1)
+        lowest = min(comm.allgather(mine))  # (score, number): the lowest score, the first on a tie
         if numbering.first <= lowest[1] < numbering.first + numbering.count:
             val[lowest[1] - numbering.first] = True
     return val
 
 
-def _min_op():
-    from mpi4py import MPI
-
-    return MPI.MIN
-
-
-def _tokenizer(comm, opts: PrepareOptions, work: WorkFolder, chunks, markers, scan, train: np.ndarray):
-    """byte, a file, or BPE trained on rank 0 from a seeded sample of the training documents
-    (kept in the work folder, so a rerun does not train again)."""
+def _tokenizer(comm, opts: PrepareOptions, work: WorkFolder, chunks: list[Chunk]):
+    """byte, a file, or BPE trained on rank 0 (kept in the work folder, so a rerun does not
+    train again) from a sample read first: the documents a seeded hash of the content picks,
+    about --tokenizer-sample-mb of the input, less those the split sends to val and exact repeats."""
     if opts.tokenizer == "byte":
         return byte_tokenizer()
     if opts.tokenizer != "bpe":
@@ -232,20 +242,46 @@ def _tokenizer(comm, opts: PrepareOptions, work: WorkFolder, chunks, markers, sc
     from tokenizers import Tokenizer
 
     saved = work.shared_path("tokenizer.json")
-    text = saved.read_text() if comm.rank == 0 and saved.is_file() else None
+    text = saved.read_text(encoding="utf-8") if comm.rank == 0 and saved.is_file() else None
     trained = comm.bcast(text is None, root=0)
     if trained:
-        train_chars = comm.allreduce(int(scan.chars[train].sum())) or 1
-        share = min(1.0, opts.tokenizer_sample_mb * 1e6 / train_chars)
-        chosen = train & (_unit_hashes(opts.seed + 1, scan.hashes) < share)
-        texts = comm.gather(sample_texts(list(zip(chunks, [m["documents"] for m in markers])), opts, chosen), root=0)
+        input_bytes = comm.allreduce(sum(c.bytes for c in chunks)) or 1
+        share = min(1.0, opts.tokenizer_sample_mb * 1e6 / input_bytes)
+        with phase(comm):  # a file that fails here fails on its rank only: end every rank first
+            mine = _sample(chunks, opts, share)
+        picked = comm.gather(mine, root=0)
         if comm.rank == 0:
-            text = train_bpe((t for part in texts for t in part), opts.vocab_size).to_str()
+            sample = _sample_texts((pair for part in picked for pair in part), opts.tokenizer_sample_mb * 1e6)
+            text = train_bpe(sample, opts.vocab_size).to_str()
     text = comm.bcast(text, root=0)
     if trained and comm.rank == 0:  # after the last collective: a full disk fails inside the phase
         with build_folder.writing(saved):
             write_text_atomic(saved, text)
     return Tokenizer.from_str(text)
+
+
+def _sample(chunks: list[Chunk], opts: PrepareOptions, share: float) -> list[tuple[bytes, str]]:
+    """(exact hash, text) of this rank's documents that the tokenizer sample takes."""
+    picked = []
+    for chunk in chunks:
+        for doc in cleaned_documents(chunk.files, opts.text_field, opts.strict, opts.min_chars, opts.max_noise,
+                                     ReadStats(), Counter()):
+            digest = exact_hash(doc.text)
+            if _unit_hash(opts.seed + 1, digest) < share and _unit_hash(opts.seed, digest) >= opts.val_fraction:
+                picked.append((digest, doc.text))
+    return picked
+
+
+def _sample_texts(sample: Iterable[tuple[bytes, str]], limit_chars: float) -> Iterator[str]:
+    """The sample's texts in order, each content once, until ``limit_chars`` (compressed input
+    holds more text than its bytes on disk suggest)."""
+    seen: set[bytes] = set()
+    chars = 0
+    for digest, text in sample:
+        if digest not in seen and chars < limit_chars:
+            seen.add(digest)
+            chars += len(text)
+            yield text
 
 
 def _pack(comm, opts: PrepareOptions, build: Path, work: WorkFolder, chunks, token_markers, tok,

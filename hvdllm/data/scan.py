@@ -1,10 +1,10 @@
-"""The passes over a rank's input, chunk by chunk: the cleaned documents, and the first pass
-(scan) that keeps of each document only what deduplication needs.
+"""The pass over a rank's input, chunk by chunk (scan): each cleaned document is hashed for
+deduplication and tokenized, and only what deduplication needs stays in memory.
 
 Per document the scan keeps 25 bytes in memory (its exact hash, its length, whether it has a
-prompt) and writes its MinHash signature and its shingle hashes (to verify candidate pairs
-exactly) to the chunk's files: text is never held beyond one document, so memory does not
-grow with the corpus.
+prompt) and writes its MinHash signature, its shingle hashes (to verify candidate pairs
+exactly) and its tokens to the chunk's files: text is held for two encode batches at most, so
+memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -12,35 +12,19 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hvdllm.data.clean import clean_reason, normalize
+from hvdllm.data.clean import cleaned_documents
 from hvdllm.data.dedup import MinHasher, exact_hash, shingle_hashes
-from hvdllm.data.sources import Document, ReadStats, read_documents
+from hvdllm.data.encode import ChunkEncoder
+from hvdllm.data.sources import ReadStats
 from hvdllm.data.work import Chunk, WorkFolder, append, read_rows
 
 SIGNATURE_DTYPE = np.dtype(np.uint32)
-
-
-def cleaned_documents(chunk: Chunk, text_field: str, strict: bool, min_chars: int, max_noise: float,
-                      read: ReadStats, dropped: Counter) -> Iterator[Document]:
-    """The chunk's documents, normalized, without the short and noisy ones (counted in
-    ``dropped``); the same documents in the same order on every pass."""
-    for index, path in chunk.files:
-        for doc in read_documents(index, path, text_field, strict, read):
-            if doc.prompt_chars:
-                prompt = normalize(doc.text[:doc.prompt_chars])
-                doc.text, doc.prompt_chars = prompt + normalize(doc.text[doc.prompt_chars:]), len(prompt)
-            else:
-                doc.text = normalize(doc.text)
-            reason = clean_reason(doc.text, min_chars, max_noise)
-            if reason:
-                dropped[f"dropped_{reason}"] += 1
-            else:
-                yield doc
 
 
 @dataclass
@@ -60,13 +44,18 @@ class ScanResult:
         return self.hashes.nbytes + self.chars.nbytes + self.has_prompt.nbytes
 
 
-def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None) -> dict:
-    """Scan one chunk: writes its hashes and signatures; returns its marker."""
+def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None, tok) -> dict:
+    """Scan one chunk: writes its hashes, signatures, shingle sets and every document's tokens
+    (encoded on tokenizers' threads meanwhile); returns its marker."""
     read, dropped = ReadStats(), Counter()
     hashes, chars, prompts, shingle_counts = [], [], [], []
-    with work.spill("sig", chunk.index, ".u32") as signatures, work.spill("shingles", chunk.index, ".u64") as sets:
-        for doc in cleaned_documents(chunk, opts.text_field, opts.strict, opts.min_chars, opts.max_noise,
+    with ExitStack() as files:
+        signatures, sets, tokens, masks = (files.enter_context(work.spill(kind, chunk.index, suffix)) for kind, suffix
+                                           in (("sig", ".u32"), ("shingles", ".u64"), ("all", ".tok"), ("all", ".mask")))
+        encoder = files.enter_context(ChunkEncoder(tok, tokens, masks))
+        for doc in cleaned_documents(chunk.files, opts.text_field, opts.strict, opts.min_chars, opts.max_noise,
                                      read, dropped):
+            encoder.add(doc)
             hashes.append(exact_hash(doc.text))
             chars.append(len(doc.text))
             prompts.append(doc.prompt_chars > 0)
@@ -75,15 +64,22 @@ def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None) -
                 append(signatures, hasher.signature(shingles).astype(SIGNATURE_DTYPE))
                 append(sets, shingles)
                 shingle_counts.append(len(shingles))
+        token_counts = encoder.finish()
     with work.spill("scan", chunk.index, ".npz") as out:
         np.savez(out, hashes=np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, 16),
                  chars=np.asarray(chars, dtype=np.int64), has_prompt=np.asarray(prompts, dtype=bool),
-                 shingle_counts=np.asarray(shingle_counts, dtype=np.int64))
+                 shingle_counts=np.asarray(shingle_counts, dtype=np.int64), token_counts=token_counts)
     if read.not_text_at:  # one write: ranks must not interleave
         more = ", ..." if read.not_text > len(read.not_text_at) else ""
         print(f"warning: {read.not_text} record(s) whose {opts.text_field!r} is not text, skipped: "
               f"{', '.join(read.not_text_at)}{more}", file=sys.stderr, flush=True)
     return {"documents": len(chars), "stats": dict(read.counts()) | dict(dropped)}
+
+
+def token_counts(work: WorkFolder, chunk: Chunk) -> np.ndarray:
+    """Each of the chunk's documents' token count (EOS included), from its scan."""
+    with np.load(work.path("scan", chunk.index, ".npz")) as arrays:
+        return arrays["token_counts"]
 
 
 def load_scan(work: WorkFolder, chunks: list[Chunk], markers: list[dict], near_dedup: bool) -> ScanResult:

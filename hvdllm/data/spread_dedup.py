@@ -18,8 +18,9 @@ first" means the same whatever the number of ranks.
   datasketch's MinHashLSH on 2 of 4 seeds. The shingle sets wait on disk, so it costs disk
   (about the text's size), not memory.
 
-No rank ever holds more than its share of the hashes or band keys of one band, and only the
-shingle sets of candidate pairs travel.
+A rank holds its share of one band's keys at a time, the candidate pairs found so far (each
+pair once), and, to verify, the shingle sets of its candidate documents and of their earlier
+partners: only those travel.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def near_duplicates(comm, sketches: Sketches, candidates: np.ndarray, numbering:
         keys = np.concatenate([_band_keys(block[:, band * rows:(band + 1) * rows], band)
                                for block in sketches.signature_blocks()] or [np.zeros(0, np.uint64)])[candidates]
         owner_keys, owner_numbers = exchange(comm, (keys % np.uint64(comm.size)).astype(np.int64), keys, numbers)
-        pairs.append(_candidate_pairs(owner_keys, owner_numbers))
-    pairs = np.unique(np.concatenate(pairs), axis=0)
+        pairs = [np.unique(np.concatenate([*pairs, _candidate_pairs(owner_keys, owner_numbers)]), axis=0)]
+    pairs = pairs[0]
     earlier, later = exchange(comm, numbering.rank_of(pairs[:, 1]), pairs[:, 0], pairs[:, 1])
     similar = _jaccard(comm, sketches, numbering, earlier, later) >= threshold
     flags = np.zeros(numbering.count, dtype=bool)
@@ -131,10 +132,10 @@ def _jaccard(comm, sketches: Sketches, numbering: Numbering, earlier: np.ndarray
         outgoing[rank][0].append(number)
         outgoing[rank][1].append(shingles)
     theirs = {int(n): s for numbers, sets in comm.alltoall(outgoing) for n, s in zip(numbers, sets)}
-    ours = sketches.shingle_sets(later - numbering.first)
+    mine = np.unique(later)
+    ours = dict(zip(mine.tolist(), sketches.shingle_sets(mine - numbering.first)))  # each document's set once
     similarity = np.zeros(len(later))
-    for at, (i, mine) in enumerate(zip(earlier, ours)):
-        other = theirs[int(i)]
-        common = len(np.intersect1d(other, mine, assume_unique=True))
-        similarity[at] = common / (len(other) + len(mine) - common)
+    for at, (i, j) in enumerate(zip(earlier.tolist(), later.tolist())):
+        common = len(np.intersect1d(theirs[i], ours[j], assume_unique=True))
+        similarity[at] = common / (len(theirs[i]) + len(ours[j]) - common)
     return similarity

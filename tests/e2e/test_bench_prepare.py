@@ -23,6 +23,6 @@ def test_prepare_benchmark_reports_rates_against_raw_scaling_and_rss(tmp_path):
     assert all(rate > 0 for rate in rates.values())
     assert abs(result["prepare_over_raw"] - rates["prepare"] / rates["raw"]) < 1e-9  # one round: no median
     assert list(result["peak_rss_mb"]) == ["0.4 MB", "1.2 MB"] and result["rss_ratio"] > 0
-    assert set(result["phase_seconds"]["large"]) == {"scan", "dedup", "tokenizer", "tokenize", "pack"}
+    assert set(result["phase_seconds"]["large"]) == {"tokenizer", "scan", "dedup", "split", "pack"}
     assert "raw encode_batch" in run.stdout and "target >= 1.8" in run.stdout
     assert _scratch_folders() == before  # its corpora and datasets are gone

@@ -79,7 +79,7 @@ def test_manifest_and_shard_format(tmp_path):
     with h5py.File(out / manifest["shards"][0]["file"], "r") as f:
         assert f["tokens"].shape[1] == 17 and f["tokens"].dtype == np.uint16 and f["tokens"].chunks
         assert f.attrs["tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
-    for step in ("scan", "dedup", "tokenizer", "tokenize", "pack"):
+    for step in ("tokenizer", "scan", "dedup", "split", "pack"):
         assert step in manifest["timing"]["seconds"] and manifest["timing"]["peak_rss_mb"][step] > 0
     assert verify_folder(out) == []
     assert not list(out.glob(".*tmp*"))  # no temporary files left behind
