@@ -304,6 +304,11 @@ def _pack(comm, opts: PrepareOptions, build: Path, work: WorkFolder, chunks, tok
         tokens = int(plans["train"][0].starts[-1])
         raise UserError(f"the training text has {tokens} tokens, fewer than one sample of --seq-len "
                         f"{opts.seq_len} + 1: add text or lower --seq-len")
+    val_plan = plans["val"][0]
+    if opts.val_fraction > 0 and val_plan.rows == 0 and comm.rank == 0:
+        print(f"warning: the val split has {int(val_plan.starts[-1])} tokens, fewer than one sample of "
+              f"--seq-len {opts.seq_len} + 1: training will have no evaluation and no early stopping; "
+              "raise --val-fraction or lower --seq-len", file=sys.stderr, flush=True)
     entries = []
     with phase(comm):
         for s, (plan, streams, tails) in plans.items():
@@ -340,6 +345,11 @@ def _finish(comm, opts: PrepareOptions, build: Path, tok, with_mask: bool, entri
     return manifest
 
 
+def _shard_order(entry: dict) -> tuple[int, int]:
+    """(split, shard number): "train-100000.h5" comes after "train-99999.h5"."""
+    return SPLITS.index(entry["split"]), int(entry["file"].rsplit("-", 1)[1].split(".")[0])
+
+
 def _manifest(opts: PrepareOptions, size: int, tok, with_mask: bool, gathered: list) -> dict:
     global_counts = ("exact_duplicates", "near_duplicates")  # already global on every rank
     total = Counter()
@@ -347,7 +357,7 @@ def _manifest(opts: PrepareOptions, size: int, tok, with_mask: bool, gathered: l
         total.update({k: v for k, v in stats.items() if k not in global_counts})
     for key in global_counts:
         total[key] = gathered[0][1].get(key, 0)
-    entries = sorted((e for part, *_ in gathered for e in part), key=lambda e: (SPLITS.index(e["split"]), e["file"]))
+    entries = sorted((e for part, *_ in gathered for e in part), key=_shard_order)
     row = opts.seq_len + 1
     for s in SPLITS:
         packed = sum(e["tokens"] for e in entries if e["split"] == s)

@@ -129,3 +129,17 @@ def test_the_first_of_exact_and_near_duplicates_is_kept(tmp_path, ranks):
     samples.close()
     assert texts["a.txt"].encode()[:200] in stream and first.encode()[:200] in stream
     assert first.upper().encode()[:200] not in stream and b"changed" not in stream
+
+
+def test_a_val_split_too_short_for_one_sample_is_a_warning(tmp_path):
+    rng = random.Random(2)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"d{i}.txt").write_text(random_text(rng, 14))  # ~100 bytes: one val document is short of a row
+    run = hvdllm("prepare", str(corpus), "--out", str(tmp_path / "out"), "--tokenizer", "byte", "--seq-len", "200",
+                 "--val-fraction", "0.01", "--near-dup-threshold", "0")
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["stats"]["val_docs"] == 1 and manifest["stats"]["val_samples"] == 0
+    assert "warning: the val split has" in run.stderr and "no evaluation and no early stopping" in run.stderr
