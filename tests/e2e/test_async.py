@@ -227,7 +227,9 @@ def test_a_stopped_worker_left_behind_does_not_hold_the_launch_script(data, tmp_
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == 0, err[-3000:]
-    assert "warning: server 0: worker rank 1 sent nothing for 5 s: going on with 1 workers" in err, err[-3000:]
+    # 1 worker goes on, or none when the other had already finished its steps (a loaded machine).
+    assert re.search(r"warning: server 0: worker rank 1 sent nothing for 5 s: going on with [01] workers", err), \
+        err[-3000:]
     assert "but its job still runs 3 s later (a rank it went on without is stopped or hung): ending it" in err
     assert "status       finished at step 60" in out, out[-2000:]
     assert not left_behind  # mpirun ended the stopped rank too
