@@ -29,13 +29,14 @@ class ChunkEncoder:
     its loss mask written to ``masks``. One batch is encoded while the next fills, so memory
     holds two batches at most. Use it as a context manager around the files' lifetime."""
 
-    def __init__(self, tok, tokens: IO[bytes], masks: IO[bytes]) -> None:
+    def __init__(self, tok, tokens: IO[bytes], masks: IO[bytes], overlap: bool = True) -> None:
         self.tok, self.tokens, self.masks = tok, tokens, masks
         self.eos = eos_id(tok)
         self.batch: list[Document] = []
         self.chars = 0
         self.counts: list[int] = []
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+        # Without overlap (one thread per rank, as --threads 1 asks) batches are encoded inline.
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") if overlap else None
         self.pending: Future | None = None
 
     def add(self, doc: Document) -> None:
@@ -48,8 +49,8 @@ class ChunkEncoder:
         return self
 
     def __exit__(self, *error) -> None:
-        # On an error in the caller the batch in flight still ends before its files close.
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:  # on an error in the caller the batch in flight ends before its files close
+            self.pool.shutdown(wait=True)
 
     def finish(self) -> np.ndarray:
         """Wait for the last batch; returns each document's token count (EOS included)."""
@@ -59,7 +60,9 @@ class ChunkEncoder:
 
     def _submit(self) -> None:
         self._wait()
-        if self.batch:
+        if self.batch and self.pool is None:
+            self._encode(self.batch)
+        elif self.batch:
             self.pending = self.pool.submit(self._encode, self.batch)
         self.batch, self.chars = [], 0
 

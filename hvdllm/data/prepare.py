@@ -135,7 +135,7 @@ def run_prepare(opts: PrepareOptions) -> dict:
     comm = world()
     out = Path(opts.out)
     files = _input_files(comm, opts)
-    _set_tokenizer_threads(comm, opts.threads)
+    threads = _set_tokenizer_threads(comm, opts.threads)
     name = None
     if comm.rank == 0:  # one name for every rank, even where a file's size or mtime looks different
         given = [Path(opts.tokenizer)] if opts.tokenizer not in ("bpe", "byte") else []  # its content too
@@ -145,7 +145,7 @@ def run_prepare(opts: PrepareOptions) -> dict:
     with phase(comm):
         build = build_folder.make_build_folder(comm, out, name)
     try:
-        manifest = _build(comm, opts, files, build)
+        manifest = _build(comm, opts, files, build, overlap=threads > 1)
         with phase(comm):
             if comm.rank == 0:
                 build_folder.move_into_place(build, out)
@@ -158,18 +158,22 @@ def run_prepare(opts: PrepareOptions) -> dict:
     return manifest
 
 
-def _set_tokenizer_threads(comm, threads: int) -> None:
+def _set_tokenizer_threads(comm, threads: int) -> int:
     """tokenizers encodes a batch on a rayon pool sized, when it first starts, by
-    RAYON_NUM_THREADS: the node's cores shared by its ranks unless --threads says otherwise."""
+    RAYON_NUM_THREADS: the node's cores shared by its ranks unless --threads says otherwise.
+    Returns the count."""
     from mpi4py import MPI
 
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     ranks_on_node = node.Get_size()
     node.Free()
-    os.environ["RAYON_NUM_THREADS"] = str(threads or threads_per_rank(ranks_on_node))
+    threads = threads or threads_per_rank(ranks_on_node)
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    return threads
 
 
-def _build(comm, opts: PrepareOptions, files: list[Path], build: Path) -> dict:
+def _build(comm, opts: PrepareOptions, files: list[Path], build: Path, overlap: bool) -> dict:
+    """Every pass on this rank (``overlap``: tokenize on a thread beside the scan's hashing)."""
     rank = comm.rank
     phases = Phases(rank)
     with phase(comm):
@@ -181,7 +185,7 @@ def _build(comm, opts: PrepareOptions, files: list[Path], build: Path) -> dict:
     with phase(comm), phases("tokenizer"):
         tok = _tokenizer(comm, opts, work, chunks)
     with phase(comm), phases("scan", my_bytes) as bar:
-        markers = work.each_chunk("scan", chunks, lambda chunk: scan_chunk(work, chunk, opts, hasher, tok), bar)
+        markers = work.each_chunk("scan", chunks, lambda c: scan_chunk(work, c, opts, hasher, tok, overlap), bar)
     scan = load_scan(work, chunks, markers, hasher is not None)
     stats = scan.stats
 

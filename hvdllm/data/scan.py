@@ -44,15 +44,15 @@ class ScanResult:
         return self.hashes.nbytes + self.chars.nbytes + self.has_prompt.nbytes
 
 
-def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None, tok) -> dict:
+def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None, tok, overlap: bool) -> dict:
     """Scan one chunk: writes its hashes, signatures, shingle sets and every document's tokens
-    (encoded on tokenizers' threads meanwhile); returns its marker."""
+    (encoded on tokenizers' threads meanwhile when ``overlap``); returns its marker."""
     read, dropped = ReadStats(), Counter()
     hashes, chars, prompts, shingle_counts = [], [], [], []
     with ExitStack() as files:
         signatures, sets, tokens, masks = (files.enter_context(work.spill(kind, chunk.index, suffix)) for kind, suffix
                                            in (("sig", ".u32"), ("shingles", ".u64"), ("all", ".tok"), ("all", ".mask")))
-        encoder = files.enter_context(ChunkEncoder(tok, tokens, masks))
+        encoder = files.enter_context(ChunkEncoder(tok, tokens, masks, overlap))
         for doc in cleaned_documents(chunk.files, opts.text_field, opts.strict, opts.min_chars, opts.max_noise,
                                      read, dropped):
             encoder.add(doc)
