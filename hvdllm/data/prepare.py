@@ -199,8 +199,7 @@ def _build(comm, opts: PrepareOptions, files: list[Path], build: Path, overlap: 
         stats["near_duplicates"] = comm.allreduce(int(near.sum()))
         kept_documents = comm.allreduce(int(keep.sum()))
     if not kept_documents:  # the same on every rank: a global count
-        raise UserError(f"empty corpus after cleaning: no document of {len(files)} file(s) is left "
-                        f"(min_chars={opts.min_chars}, max_noise={opts.max_noise})")
+        raise UserError(_empty_corpus(comm, opts, len(files), stats, markers))
     val = _val_documents(comm, opts, scan.hashes, keep, numbering)
     with_mask = bool(comm.allreduce(int(scan.has_prompt[keep].any())))
 
@@ -217,6 +216,20 @@ def _build(comm, opts: PrepareOptions, files: list[Path], build: Path, overlap: 
     with phases("pack"):
         entries = _pack(comm, opts, build, work, chunks, token_markers, tok, with_mask)
     return _finish(comm, opts, build, tok, with_mask, entries, stats, phases, scan.memory_bytes())
+
+
+def _empty_corpus(comm, opts: PrepareOptions, files: int, stats: Counter, markers: list[dict]) -> str:
+    """Why no document is left, with the text-field hint when records lacked the field."""
+    no_field = comm.allreduce(stats.get("no_field", 0))
+    seen = list(dict.fromkeys(name for part in comm.allgather([m.get("fields_seen", []) for m in markers])
+                              for names in part for name in names))
+    message = (f"empty corpus after cleaning: no document of {files} file(s) is left "
+               f"(min_chars={opts.min_chars}, max_noise={opts.max_noise})")
+    if no_field:
+        message += f"; {no_field} record(s) have no {opts.text_field!r} field"
+        if seen:
+            message += f" (fields with text: {', '.join(seen)}): pass --text-field {seen[0]}"
+    return message
 
 
 def _val_documents(comm, opts: PrepareOptions, hashes: np.ndarray, keep: np.ndarray, numbering: Numbering):

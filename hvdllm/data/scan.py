@@ -73,7 +73,7 @@ def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None, t
         more = ", ..." if read.not_text > len(read.not_text_at) else ""
         print(f"warning: {read.not_text} record(s) whose {opts.text_field!r} is not text, skipped: "
               f"{', '.join(read.not_text_at)}{more}", file=sys.stderr, flush=True)
-    return {"documents": len(chars), "stats": dict(read.counts()) | dict(dropped)}
+    return {"documents": len(chars), "stats": dict(read.counts()) | dict(dropped), "fields_seen": read.fields_seen}
 
 
 def token_counts(work: WorkFolder, chunk: Chunk) -> np.ndarray:

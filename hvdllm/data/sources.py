@@ -46,9 +46,19 @@ class ReadStats:
     missing_text: int = 0  # records with a missing or empty text field
     not_text: int = 0  # records whose text field is a number, a list, an object or null
     not_text_at: list[str] = field(default_factory=list)  # the first few of them, as "path:line (type)"
+    no_field: int = 0  # records without the text field at all (part of missing_text)
+    fields_seen: list[str] = field(default_factory=list)  # the first few text-valued fields of those records
+
+    def add_no_field(self, record: dict, names: int = 12) -> None:
+        self.no_field += 1
+        for name, value in record.items():
+            if len(self.fields_seen) >= names:
+                break
+            if isinstance(value, str) and value.strip() and name not in self.fields_seen:
+                self.fields_seen.append(name)
 
     def counts(self) -> dict[str, int]:
-        """The counters, which sum over files and ranks (``not_text_at`` is for messages)."""
+        """The counters, which sum over files and ranks (the lists are for messages)."""
         return {name: value for name, value in asdict(self).items() if isinstance(value, int)}
 
     def add_not_text(self, path: Path, line_no: int, value: object, examples: int = 3) -> None:
@@ -242,6 +252,8 @@ def _record_document(path: Path, key: tuple[int, int], record: dict, text_field:
         return None
     if not text or not text.strip():
         stats.missing_text += 1
+        if not found:
+            stats.add_no_field(record)
         return None
     return Document(key, text)
 

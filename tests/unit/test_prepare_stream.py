@@ -143,3 +143,19 @@ def test_a_val_split_too_short_for_one_sample_is_a_warning(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["stats"]["val_docs"] == 1 and manifest["stats"]["val_samples"] == 0
     assert "warning: the val split has" in run.stderr and "no evaluation and no early stopping" in run.stderr
+
+
+def test_records_without_the_text_field_name_the_fields_they_have(tmp_path):
+    rng = random.Random(4)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for part in range(2):  # one file a rank
+        with open(corpus / f"part{part}.jsonl", "w") as f:
+            for i in range(3):
+                f.write(json.dumps({"id": i, "content": random_text(rng, 40), "lang": "en"}) + "\n")
+    run = hvdllm_mpi(2, "prepare", str(corpus), "--out", str(tmp_path / "out"), "--tokenizer", "byte")
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and lines[0].split(" (rank")[0] == lines[1].split(" (rank")[0], run.stderr
+    assert ("6 record(s) have no 'text' field (fields with text: content, lang): pass --text-field content"
+            in lines[0]), lines[0]
