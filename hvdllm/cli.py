@@ -75,7 +75,8 @@ def _cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
-    from hvdllm.data.prepare import PrepareOptions, print_summary, run_prepare
+    from hvdllm.data.manifest import print_summary
+    from hvdllm.data.prepare import PrepareOptions, run_prepare
 
     opts = PrepareOptions(**{k: v for k, v in vars(args).items() if k in PrepareOptions.__dataclass_fields__})
     manifest = run_prepare(opts)
