@@ -6,15 +6,20 @@ al., Mining of Massive Datasets, ch. 3.4) cuts each signature into b bands of r 
 documents become candidates when any band is identical, with probability 1 - (1 - J^r)^b.
 Candidates are then confirmed by their exact Jaccard similarity (of the shingle hashes), so
 the threshold holds as asked.
-Hashes are a polynomial hash of the words' bytes and a fixed-seed multiply-shift family, so
-results do not depend on the process (Python's own hash() is salted per process).
+
+Signatures are one-permutation MinHash with optimal densification (Li et al. 2012;
+Shrivastava 2017): each shingle is hashed once, into one of num_perm bins, and a bin keeps
+its smallest value; an empty bin takes the value of a bin chosen by a fixed hash chain. Each
+entry still collides with probability J, for one hash per shingle instead of num_perm, which
+is what lets deduplication keep up with the tokenizer on the same cores.
+Hashes are a polynomial hash of the words' bytes and fixed-seed mixers, so results do not
+depend on the process (Python's own hash() is salted per process).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
@@ -27,7 +32,6 @@ for _chars in (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_
 _BASE = np.uint64(0x100000001B3)  # odd, so invertible modulo 2^64
 _BASE_INVERSE = np.uint64(pow(int(_BASE), -1, 1 << 64))
 _SHINGLE_BASE = np.uint64(1_000_003)
-_SHINGLES_AT_ONCE = 1 << 14  # (num_perm, this) uint64 temporaries: 16 MB at 128 permutations
 
 
 def exact_hash(text: str) -> bytes:
@@ -47,11 +51,26 @@ def word_hashes(text: str) -> np.ndarray:
     starts, ends = edges[0::2], edges[1::2]
     if not len(starts):
         return np.zeros(0, dtype=np.uint64)
+    powers, inverse_powers = _powers(len(data))
     with np.errstate(over="ignore"):
-        powers = np.cumprod(np.full(len(data), _BASE, dtype=np.uint64)) * _BASE_INVERSE  # B^i
-        prefix = np.concatenate((np.zeros(1, np.uint64), np.cumsum((data.astype(np.uint64) + np.uint64(1)) * powers, dtype=np.uint64)))
-        inverse_powers = np.cumprod(np.full(len(data), _BASE_INVERSE, dtype=np.uint64)) * _BASE  # B^-i
+        prefix = np.concatenate((np.zeros(1, np.uint64),
+                                 np.cumsum((data.astype(np.uint64) + np.uint64(1)) * powers, dtype=np.uint64)))
         return (prefix[ends] - prefix[starts]) * inverse_powers[starts]
+
+
+_powers_cache = (np.ones(1, np.uint64), np.ones(1, np.uint64))
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B^i, B^-i) for i < n (mod 2^64), kept between calls and grown by doubling: computing
+    them per document cost more than the hash itself."""
+    global _powers_cache
+    if len(_powers_cache[0]) < n:
+        size = max(n, 2 * len(_powers_cache[0]))
+        with np.errstate(over="ignore"):
+            _powers_cache = (np.cumprod(np.full(size, _BASE, dtype=np.uint64)) * _BASE_INVERSE,
+                             np.cumprod(np.full(size, _BASE_INVERSE, dtype=np.uint64)) * _BASE)
+    return _powers_cache[0][:n], _powers_cache[1][:n]
 
 
 def shingle_hashes(text: str, n: int) -> np.ndarray:
@@ -68,32 +87,61 @@ def shingle_hashes(text: str, n: int) -> np.ndarray:
     return np.unique(combined)
 
 
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer (Steele et al. 2014): a bijection of uint64 whose every output
+    bit depends on every input bit."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+_LOW32 = np.uint64(0xFFFFFFFF)
+_EMPTY = np.uint64(1 << 32)  # above every 32-bit value a bin can hold
+
+
 @dataclass(frozen=True)
 class MinHasher:
-    """MinHash signatures with the multiply-shift family h(x) = (a x + b) >> 32 (mod 2^64, a odd;
-    Dietzfelbinger et al. 1997): universal enough for MinHash and, with no division, several
-    times faster in numpy than (a x + b) mod p."""
+    """One-permutation MinHash signatures of ``num_perm`` bins, computed for many documents at
+    once (the module docstring says why and how)."""
     num_perm: int = 128
     shingle: int = 5
     seed: int = 1
 
-    @cached_property
-    def _family(self) -> tuple[np.ndarray, np.ndarray]:
-        """(a, b) of the hash family, (num_perm, 1) each, drawn once from the seed."""
-        rng = np.random.default_rng(self.seed)
-        a = rng.integers(0, 1 << 63, size=self.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-        b = rng.integers(0, 1 << 63, size=self.num_perm, dtype=np.uint64)
-        return a[:, None], b[:, None]
+    def _in_range(self, hashes: np.ndarray) -> np.ndarray:
+        """Map uint64 hashes to bins 0..num_perm-1 by their top 32 bits (Lemire's reduction)."""
+        return (((hashes >> np.uint64(32)) * np.uint64(self.num_perm)) >> np.uint64(32)).astype(np.int64)
 
-    def signature(self, shingles: np.ndarray) -> np.ndarray:
-        """(num_perm,) uint32 minima of the hash family over a text's shingle hashes."""
-        a, b = self._family
-        minima = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for first in range(0, len(shingles), _SHINGLES_AT_ONCE):  # a huge document in bounded blocks
-                x = shingles[None, first:first + _SHINGLES_AT_ONCE]
-                np.minimum(minima, ((a * x + b) >> np.uint64(32)).min(axis=1), out=minima)
-        return minima.astype(np.uint32)
+    def signatures(self, shingle_sets: list[np.ndarray]) -> np.ndarray:
+        """(documents, num_perm) uint32: each document's signature, from its shingle hashes
+        (every set non-empty)."""
+        k = self.num_perm
+        lengths = np.fromiter((len(s) for s in shingle_sets), dtype=np.int64, count=len(shingle_sets))
+        hashes = _mix(np.concatenate(shingle_sets) ^ np.uint64(self.seed)) if len(shingle_sets) else \
+            np.zeros(0, np.uint64)
+        slots = np.repeat(np.arange(len(shingle_sets)) * k, lengths) + self._in_range(hashes)
+        bins = np.full(len(shingle_sets) * k, _EMPTY, dtype=np.uint64)
+        np.minimum.at(bins, slots, hashes & _LOW32)  # the low 32 bits: independent of the bin's
+        bins = bins.reshape(len(shingle_sets), k)
+        return self._densified(bins).astype(np.uint32)
+
+    def _densified(self, bins: np.ndarray) -> np.ndarray:
+        """Fill each empty bin j with the value of the first non-empty bin among
+        choice(j, 1), choice(j, 2), ..., a chain that is the same for every document, so two
+        documents' entries still collide with probability J."""
+        filled = bins.copy()
+        docs, empty = np.nonzero(bins == _EMPTY)
+        attempt = np.uint64(0)
+        while len(docs):
+            attempt += np.uint64(1)
+            with np.errstate(over="ignore"):
+                chosen = self._in_range(_mix(empty.astype(np.uint64) + attempt * np.uint64(self.num_perm)
+                                             + np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15)))
+            values = bins[docs, chosen]
+            found = values != _EMPTY
+            filled[docs[found], empty[found]] = values[found]
+            docs, empty = docs[~found], empty[~found]
+        return filled
 
 
 def choose_bands(num_perm: int, threshold: float) -> tuple[int, int]:

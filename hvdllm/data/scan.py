@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from hvdllm.data.sources import ReadStats
 from hvdllm.data.work import Chunk, WorkFolder, append, read_rows
 
 SIGNATURE_DTYPE = np.dtype(np.uint32)
+SKETCH_SHINGLES = 1 << 18  # shingles hashed at once: 2 MB of hashes, a few MB of temporaries
 
 
 @dataclass
@@ -53,17 +55,17 @@ def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None, t
         signatures, sets, tokens, masks = (files.enter_context(work.spill(kind, chunk.index, suffix)) for kind, suffix
                                            in (("sig", ".u32"), ("shingles", ".u64"), ("all", ".tok"), ("all", ".mask")))
         encoder = files.enter_context(ChunkEncoder(tok, tokens, masks, overlap))
+        sketcher = SketchWriter(hasher, signatures, sets) if hasher is not None else None
         for doc in cleaned_documents(chunk.files, opts.text_field, opts.strict, opts.min_chars, opts.max_noise,
                                      read, dropped):
             encoder.add(doc)
             hashes.append(exact_hash(doc.text))
             chars.append(len(doc.text))
             prompts.append(doc.prompt_chars > 0)
-            if hasher is not None:
-                shingles = shingle_hashes(doc.text, hasher.shingle)
-                append(signatures, hasher.signature(shingles).astype(SIGNATURE_DTYPE))
-                append(sets, shingles)
-                shingle_counts.append(len(shingles))
+            if sketcher is not None:
+                shingle_counts.append(sketcher.add(doc.text))
+        if sketcher is not None:
+            sketcher.flush()
         token_counts = encoder.finish()
     with work.spill("scan", chunk.index, ".npz") as out:
         np.savez(out, hashes=np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, 16),
@@ -74,6 +76,31 @@ def scan_chunk(work: WorkFolder, chunk: Chunk, opts, hasher: MinHasher | None, t
         print(f"warning: {read.not_text} record(s) whose {opts.text_field!r} is not text, skipped: "
               f"{', '.join(read.not_text_at)}{more}", file=sys.stderr, flush=True)
     return {"documents": len(chars), "stats": dict(read.counts()) | dict(dropped), "fields_seen": read.fields_seen}
+
+
+class SketchWriter:
+    """Writes documents' MinHash signatures and shingle sets, hashing SKETCH_SHINGLES shingles
+    at a time: the signatures of many documents cost a few numpy calls."""
+
+    def __init__(self, hasher: MinHasher, signatures: IO[bytes], sets: IO[bytes]) -> None:
+        self.hasher, self.signatures, self.sets = hasher, signatures, sets
+        self.pending: list[np.ndarray] = []
+        self.shingles = 0
+
+    def add(self, text: str) -> int:
+        """Queue one document; returns how many distinct shingles it has."""
+        shingles = shingle_hashes(text, self.hasher.shingle)
+        self.pending.append(shingles)
+        self.shingles += len(shingles)
+        if self.shingles >= SKETCH_SHINGLES:
+            self.flush()
+        return len(shingles)
+
+    def flush(self) -> None:
+        if self.pending:
+            append(self.signatures, self.hasher.signatures(self.pending).astype(SIGNATURE_DTYPE))
+            append(self.sets, np.concatenate(self.pending))
+        self.pending, self.shingles = [], 0
 
 
 def token_counts(work: WorkFolder, chunk: Chunk) -> np.ndarray:

@@ -25,7 +25,7 @@ from hvdllm.atomic import atomic_write, write_json_atomic
 from hvdllm.data.build_folder import writing
 
 # Bumped whenever what a chunk's files hold changes, so an older unfinished build is not reused.
-WORK_FORMAT = 3
+WORK_FORMAT = 4
 
 
 def fingerprint(options: dict, files: list[Path], ranks: int) -> str:
