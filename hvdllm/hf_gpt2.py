@@ -1,8 +1,9 @@
 """Hugging Face transformers GPT-2 folders, both ways.
 
 ``hvdllm export --format hf`` writes a checkpoint as such a folder (``model.safetensors``,
-``config.json``, ``tokenizer.json``), so that ``transformers.AutoModelForCausalLM.from_pretrained(DIR)``
-loads it with the same logits; ``train.init_from = "hf:DIR"`` reads one (ours, or a GPT-2 a
+``config.json``, ``tokenizer.json``, and ``generation_config.json`` and ``tokenizer_config.json``
+naming the special tokens), so that ``transformers.AutoModelForCausalLM.from_pretrained(DIR)``
+loads it with the same logits and ``AutoTokenizer`` and ``generate`` know end of text; ``train.init_from = "hf:DIR"`` reads one (ours, or a GPT-2 a
 user has on disk) back into hvdllm's names and layouts.
 
 hvdllm's GPT with learned positions and biases is GPT-2's architecture: pre-LayerNorm blocks
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from hvdllm.data.tokenizer import load_tokenizer
+from hvdllm.data.tokenizer import EOS, PAD, load_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPT, GPTConfig
 from hvdllm.paths import require_replaceable, require_writable_folder
@@ -35,11 +36,32 @@ BLOCK_NAMES = {"ln_1": ("ln_1", False), "attn.qkv": ("attn.c_attn", True), "attn
 
 
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# Written by export so that transformers knows the special tokens' real ids (GPT-2's defaults,
+# 50256, lie outside a small vocabulary) and generation stops at end of text; optional on import.
+HF_TOKEN_FILES = ("generation_config.json", "tokenizer_config.json")
 
 
-def gpt2_config(cfg: GPTConfig) -> dict:
-    """transformers' GPT2Config, as its config.json, for an hvdllm GPTConfig."""
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+def special_token_ids(tokenizer_json: str) -> dict[str, int | None]:
+    """bos, eos and pad ids of an hvdllm tokenizer: documents end (and so begin) with EOS."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    eos = tok.token_to_id(EOS)
+    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": tok.token_to_id(PAD)}
+
+
+def tokenizer_config(cfg: GPTConfig, ids: dict[str, int | None]) -> dict:
+    """tokenizer_config.json for ``AutoTokenizer``: the fast tokenizer of tokenizer.json with
+    its special tokens named, and the model's context as its maximum length."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS,
+              "model_max_length": cfg.block_size, "clean_up_tokenization_spaces": False}
+    return config | ({"pad_token": PAD} if ids["pad_token_id"] is not None else {})
+
+
+def gpt2_config(cfg: GPTConfig, ids: dict[str, int | None] | None = None) -> dict:
+    """transformers' GPT2Config, as its config.json, for an hvdllm GPTConfig (with the
+    tokenizer's special token ids, when given)."""
+    return (ids or {}) | {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
             "n_positions": cfg.block_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
@@ -77,10 +99,16 @@ def export_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_js
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
+        ids = special_token_ids(tokenizer_json)
+        generation = {name: value for name, value in ids.items() if value is not None}
+        for name, content in (("config.json", gpt2_config(cfg, ids)), ("generation_config.json", generation),
+                              ("tokenizer_config.json", tokenizer_config(cfg, ids))):
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        (tmp / "tokenizer.json").write_text(tokenizer_json)
         save_file(gpt2_state_dict(model_state, cfg), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(gpt2_config(cfg), indent=2) + "\n")
-        (tmp / "tokenizer.json").write_text(tokenizer_json)
+        # safetensors creates its file 0600; the weights are shared like the files open() made.
+        shutil.copymode(tmp / "config.json", tmp / "model.safetensors")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():  # moved aside, not deleted, until the new folder has its name
             os.replace(out, old)
@@ -95,7 +123,7 @@ def export_hf(model_state: dict[str, torch.Tensor], cfg: GPTConfig, tokenizer_js
 def is_hf_export(folder: Path) -> bool:
     """``folder`` holds what export_hf writes and nothing else."""
     names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    return "config.json" in names and names <= set(HF_FILES)
+    return "config.json" in names and names <= set(HF_FILES + HF_TOKEN_FILES)
 
 
 # GPT-2 config fields whose value must be this for hvdllm's GPT to compute the same function.

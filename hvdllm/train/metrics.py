@@ -201,6 +201,8 @@ def step_fields(record: dict) -> list[str]:
                       ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.2%}")):
         if number(key) is not None:
             fields.append(text.format(number(key)))
+    if number("epochs") is not None:
+        fields.append(f"epoch {number('epochs'):.2f}")
     if number("interval_step_s") is not None:
         fields.append(f"{number('interval_step_s') * 1000:,.1f} ms/step")
     return fields
@@ -232,7 +234,9 @@ def step_record(trainer, result: StepResult) -> dict:
     if trainer.peak_flops > 0:
         flops = tokens_per_s * trainer.flops_per_token[trainer.phases.current.index]
         mfu = flops / (trainer.peak_flops * trainer.strategy.world_size)
-    return {"step": trainer.step, "phase": trainer.phases.current.index, "epoch": trainer.phases.loader.epoch,
+    loader = trainer.phases.loader
+    return {"step": trainer.step, "phase": trainer.phases.current.index, "epoch": loader.epoch,
+            "epochs": loader.epoch + loader.batch / loader.batches_per_epoch,
             "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "skipped": result.skipped,
             "tokens_per_s": tokens_per_s, "step_time_s": result.step_time_s, "mfu": mfu,
             "peak_flops": trainer.peak_flops or None, "peak_flops_source": trainer.peak_flops_source or None,
@@ -253,6 +257,27 @@ def hosts_line(hosts: list[str]) -> str:
     return "; ".join(f"{host}: rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for host, r in ranks.items())
 
 
+def data_line(trainer) -> str:
+    """How much of the training split the whole run reads, in epochs."""
+    data_degree, accum = trainer.strategy.layout.data, trainer.cfg.parallel.accum_steps
+    read = sum(p.steps * data_degree * accum * p.batch_size for p in trainer.phases.plan)
+    available = len(trainer.train_samples)
+    return f"data         {available:,} train samples; the run reads {read:,} = {read / available:.3g} epochs"
+
+
+def evaluation_line(trainer) -> str:
+    """When the run evaluates, or why it cannot (then early stopping cannot either)."""
+    train = trainer.cfg.train
+    if trainer.val_samples is None:
+        return (f"eval         off: {trainer.cfg.data.path} has no val split (prepare with --val-fraction > 0 "
+                f"gives one), so early stopping and the best checkpoint are off too")
+    every = f"every {train.eval_every} steps and " if train.eval_every else ""
+    stop = (f"; early stop after {train.early_stop_patience} without improvement" if train.early_stop_patience
+            else "")
+    return (f"eval         {every}at the end, {train.eval_batches} batches per rank of {len(trainer.val_samples):,} "
+            f"val samples{stop}")
+
+
 def banner_lines(trainer) -> list[str]:
     """What a run is, printed once at its start on the logging rank."""
     layout, phase, g = trainer.strategy.layout, trainer.phases.plan[0], trainer.gpt_cfg
@@ -268,4 +293,5 @@ def banner_lines(trainer) -> list[str]:
             + (", blocks compiled (torch.compile)" if trainer.cfg.train.compile else ""),
             f"mfu peak     {trainer.peak_flops / 1e12:,.3f} TFLOP/s per rank ({trainer.peak_flops_source})",
             *trainer.strategy.banner_notes(),
+            data_line(trainer), evaluation_line(trainer),
             f"run          steps {trainer.step + 1}..{trainer.total_steps} -> {trainer.run_dir}"]

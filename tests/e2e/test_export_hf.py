@@ -24,7 +24,8 @@ def test_transformers_loads_the_export_with_the_same_logits(data, tmp_path, tied
     out = tmp_path / "hf"
     result = hvdllm("export", "--checkpoint", str(checkpoint), "--format", "hf", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
+                                               "generation_config.json", "tokenizer_config.json"}
     state = load_checkpoint(checkpoint)
     ours = GPT(model_config_from_checkpoint(state)).eval()
     ours.load_state_dict(state["model"])
@@ -34,6 +35,54 @@ def test_transformers_loads_the_export_with_the_same_logits(data, tmp_path, tied
         expected, _ = ours(ids)
         got = theirs(ids).logits
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_transformers_generates_with_the_exports_special_tokens_and_stops_at_eos(data, tmp_path):
+    """AutoTokenizer and pipeline("text-generation") on the export, with no warning: the
+    config's bos/eos/pad are the tokenizer's (not GPT-2's 50256), generation stops at
+    <|endoftext|>, and every file follows the umask (safetensors alone made its file 0600)."""
+    import logging
+    import os
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+    from transformers.utils import logging as hf_logging
+
+    checkpoint = trained(data, tmp_path / "run")
+    out = tmp_path / "hf"
+    assert hvdllm("export", "--checkpoint", str(checkpoint), "--out", str(out)).returncode == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+    captured = []
+    handler = logging.Handler()
+    handler.emit = lambda record: captured.append(record.getMessage()) if record.levelno >= logging.WARNING else None
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tokenizer = AutoTokenizer.from_pretrained(out)
+            model = AutoModelForCausalLM.from_pretrained(out)
+            eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+            assert tokenizer.eos_token_id == eos == model.config.eos_token_id == model.generation_config.eos_token_id
+            assert tokenizer.pad_token_id == model.config.pad_token_id == tokenizer.convert_tokens_to_ids("<|pad|>")
+            assert tokenizer.model_max_length == model.config.n_positions
+            # Make EOS the likeliest token after any input: the final norm outputs EOS's own
+            # embedding, whose logit (its squared norm) beats every other token's.
+            with torch.no_grad():
+                model.transformer.ln_f.weight.zero_()
+                model.transformer.ln_f.bias.copy_(model.lm_head.weight[eos] * 10)
+            generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+            result = generator("def ", max_new_tokens=20, do_sample=False, return_tensors=True)
+            prompt = tokenizer("def ")["input_ids"]
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    assert list(result[0]["generated_token_ids"]) == prompt + [eos]  # stopped at the first EOS, not after 20
+    about_special_tokens = ("50256", "eos", "bos", "pad_token", "pad token", "attention mask", "attention_mask")
+    noise = [m for m in captured + [str(w.message) for w in caught] if any(k in m.lower() for k in about_special_tokens)]
+    assert not noise, noise
 
 
 def test_a_rotary_model_is_refused_in_one_line(data, tmp_path):

@@ -6,7 +6,9 @@ import os
 import zipfile
 
 import torch
-from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, read_metrics, train_args
+from helpers.corpus import error_lines, hvdllm, hvdllm_mpi, make_corpus, read_metrics, train_args
+
+from hvdllm.data import ShardedSamples
 
 
 def _poison_largest_tensor(path):
@@ -134,6 +136,18 @@ def test_resume_auto_says_what_it_did(data, tmp_path):
     assert "no sound checkpoint in" in line and "--checkpoint.resume=auto" not in line
 
 
+def test_a_dataset_without_a_val_split_says_evaluation_and_early_stopping_are_off(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, files=4, docs_per_jsonl=10)
+    assert hvdllm("prepare", str(corpus), "--out", str(tmp_path / "data"), "--tokenizer", "byte", "--seq-len", "32",
+                  "--val-fraction", "0", "--min-chars", "16").returncode == 0
+    run = hvdllm(*train_args(tmp_path / "data", tmp_path / "run", "--train.steps=2",
+                             "--train.early_stop_patience=2"))
+    assert run.returncode == 0, run.stderr
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("eval ")]
+    assert "off: " in line and "has no val split" in line and "early stopping" in line and "--val-fraction" in line
+
+
 def test_start_banner_step_lines_and_peak_source(data, tmp_path):
     cache = tmp_path / "cache"
     run = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=4", "--checkpoint.every=2"),
@@ -147,6 +161,11 @@ def test_start_banner_step_lines_and_peak_source(data, tmp_path):
     assert f"measured: fp32 matmul probe, cached in {cache / 'hvdllm' / 'peak_flops.json'}" in run.stdout
     steps = [line for line in out if line.startswith("step ")]
     assert len(steps) == 4 and all(" ms/step | elapsed 0:00:" in line and "| eta 0:00:" in line for line in steps)
+    # The run's reach in epochs, and the epoch each step line has come to (4 samples a step).
+    samples = len(ShardedSamples(data, "train"))
+    assert f"data         {samples:,} train samples; the run reads 16 = {16 / samples:.3g} epochs" in out
+    assert steps[-1].split(" | epoch ")[1].startswith(f"{16 / samples:.2f} |"), steps[-1]
+    assert any(line.startswith("eval         every ") and " val samples" in line for line in out), run.stdout
     assert f"checkpoint: step 2 saved to {tmp_path / 'run' / 'checkpoints' / 'step-00000002.pt'}" in run.stdout
     given = hvdllm(*train_args(data, tmp_path / "given", "--train.steps=2", "--train.peak_flops=2e11"))
     assert "mfu peak     0.200 TFLOP/s per rank (train.peak_flops)" in given.stdout
