@@ -43,9 +43,10 @@ def _finite_floats(section_obj: Any, section: str) -> None:
 @dataclass
 class DataConfig:
     path: str = "data/demo"  # folder with manifest.json and the HDF5 shards
-    batch_size: int = 8  # samples per rank per micro-batch
+    batch_size: int = 8  # samples per rank per micro-batch (never changed by hvdllm)
     global_batch_size: int = 0  # if set: samples per optimizer step over all ranks; then
-    #                             batch_size = global_batch_size / (ranks * accum_steps)
+    #   parallel.accum_steps = global_batch_size / (batch_size * data-parallel ranks)
+    #   (under parallel.elastic: batch_size = global_batch_size / (workers * accum_steps))
     seq_len: int = 0  # tokens per sample fed to the model; 0 = the shards' seq_len
     seed: int = 1234  # seed of the global per-epoch shuffle
     shuffle: bool = True

@@ -257,6 +257,16 @@ def hosts_line(hosts: list[str]) -> str:
     return "; ".join(f"{host}: rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for host, r in ranks.items())
 
 
+def world_scaling_note(trainer) -> list[str]:
+    """One line when the launched world sets the tokens per step but not the lr."""
+    cfg = trainer.cfg
+    if trainer.strategy.layout.data == 1 or cfg.data.global_batch_size or cfg.schedule.scale_rule != "none":
+        return []
+    return [f"note         {trainer.strategy.layout.data} data-parallel ranks take {trainer.strategy.layout.data}x "
+            f"one rank's tokens per step, and schedule.scale_rule=none keeps one rank's lr {cfg.optim.lr:.2e}: "
+            f"set schedule.scale_rule=linear or sqrt, or data.global_batch_size to hold the batch"]
+
+
 def data_line(trainer) -> str:
     """How much of the training split the whole run reads, in epochs."""
     data_degree, accum = trainer.strategy.layout.data, trainer.cfg.parallel.accum_steps
@@ -287,7 +297,9 @@ def banner_lines(trainer) -> list[str]:
             f"world        {layout.world_size} rank(s): data {layout.data} x pipeline {layout.pipeline}"
             + (f" + {layout.servers} servers" if layout.servers else ""),
             f"batch        {samples} samples x {phase.seq_len} tokens = {samples * phase.seq_len:,} tokens per step"
-            f" (per rank {phase.batch_size} x accum {trainer.cfg.parallel.accum_steps})",
+            f" (micro-batch {phase.batch_size} per rank x {trainer.cfg.parallel.accum_steps} accumulation x data "
+            f"{layout.data})",
+            *world_scaling_note(trainer),
             f"hosts        {hosts_line(trainer.hosts)}",
             f"device       {trainer.device} ({torch.get_num_threads()} threads), precision {trainer.precision.name}"
             + (", blocks compiled (torch.compile)" if trainer.cfg.train.compile else ""),

@@ -22,6 +22,22 @@ def assert_close(a, b, rel):
     assert worst < rel, worst
 
 
+def test_a_global_batch_derives_accumulation_not_the_micro_batch(data, tmp_path):
+    """data.batch_size is the micro-batch (Megatron, DeepSpeed): global 16 on 2 ranks of 4 is 2
+    accumulation steps, said in the banner and trained as --parallel.accum_steps=2 trains."""
+    derived = hvdllm_mpi(2, *train_args(data, tmp_path / "derived", "--train.steps=4", "--data.global_batch_size=16"))
+    assert derived.returncode == 0, derived.stderr
+    assert ("batch        16 samples x 32 tokens = 512 tokens per step (micro-batch 4 per rank x 2 accumulation "
+            "x data 2)") in derived.stdout, derived.stdout
+    assert "note " not in derived.stdout  # the global batch is held: no word about scaling
+    explicit = hvdllm_mpi(2, *train_args(data, tmp_path / "explicit", "--train.steps=4", "--parallel.accum_steps=2"))
+    assert explicit.returncode == 0, explicit.stderr
+    assert_close(losses(tmp_path / "explicit"), losses(tmp_path / "derived"), 1e-6)
+    # Without a global batch the world sets the tokens per step; with no lr scaling that is said once.
+    notes = [line for line in explicit.stdout.splitlines() if line.startswith("note ")]
+    assert len(notes) == 1 and "2 data-parallel ranks take 2x" in notes[0] and "schedule.scale_rule" in notes[0]
+
+
 def test_two_ranks_equal_one_rank_double_batch(data, tmp_path):
     one = hvdllm(*train_args(data, tmp_path / "one", "--data.batch_size=8"))
     assert one.returncode == 0, one.stderr
@@ -122,7 +138,11 @@ def test_killed_rank_ends_the_job(data, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--data.global_batch_size=7"], "data.global_batch_size 7 is not divisible by 2 data-parallel ranks"),
+    (["--data.global_batch_size=7"], "data.global_batch_size 7 is not a multiple of data.batch_size 4 x 2 "
+                                      "data-parallel rank(s) = 8"),
+    (["--data.global_batch_size=16", "--parallel.accum_steps=4"],
+     "data.global_batch_size 16 = data.batch_size 4 x 2 data-parallel rank(s) x 2 accumulation steps, but "
+     "parallel.accum_steps is 4: set one of the two"),
     (["--model.block_size=16"], "data.seq_len 32 is above the model's context (model.block_size 16)"),
     (["--model.vocab_size=100"], "larger than model.vocab_size 100"),
     (["--data.path=/nonexistent/data"], "data folder /nonexistent/data does not exist"),
