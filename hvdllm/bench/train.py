@@ -89,13 +89,14 @@ def interleaved_ratio(config: str, overrides: list[str], steps: int, threads: in
     pair of steps sees the same machine, so the median ratio of step rates is the loop's own
     cost, free of the noise between processes (what it cannot see: threads or start-up a
     framework adds to its process; the separate-process rounds catch those)."""
-    from hvdllm.parallel import build_strategy
-    from hvdllm.train.trainer import Trainer
+    from hvdllm.parallel import build_strategy, resolve_batching
+        from hvdllm.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(config, [*overrides, f"--train.run_dir={run_dir}", f"--train.steps={steps}",
                                    "--log.tensorboard=false", "--log.progress=false"])
-        strategy = build_strategy(cfg, world_size=1)  # as `hvdllm train` runs in one process
+        cfg = resolve_batching(cfg, world_size=1)  # as `hvdllm train` runs in one process
+        strategy = build_strategy(cfg, world_size=1)
         strategy.setup(threads)  # sets torch's threads for both loops
         trainer = Trainer(cfg, strategy, torch.device("cpu"))
         model, build_optimizer, batches = _build(cfg)

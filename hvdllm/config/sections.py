@@ -158,7 +158,9 @@ class ParallelConfig:
     stage_layers: list[int] = field(default_factory=list)  # blocks per stage; [] = cut by `balance`
     balance: str = "params"  # what the cut evens out across stages: params | flops | memory
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b
-    micro_batches: int = 1  # pipeline micro-batches per batch; must divide data.batch_size
+    # Pipeline micro-batches per batch (must divide data.batch_size); 0 = the largest divisor of
+    # data.batch_size up to 4 x stages (train.phases.auto_micro_batches); 1 with no stages.
+    micro_batches: int = 0
     op: str = "average"  # average | adasum
     compression: str = "none"  # none | fp16 (gradients on the wire)
     accum_steps: int = 1  # micro-batches per optimizer step (backward_passes_per_step)
@@ -196,7 +198,8 @@ class ParallelConfig:
         _one_of(self.balance, "parallel.balance", BALANCE_COSTS)
         _one_of(self.schedule, "parallel.schedule", PIPELINE_SCHEDULES)
         _one_of(self.tensor_backend, "parallel.tensor_backend", ("horovod", "mpi4py"))
-        _at_least(1, self, "parallel", "accum_steps", "pipeline", "tensor", "micro_batches")
+        _at_least(1, self, "parallel", "accum_steps", "pipeline", "tensor")
+        _at_least(0, self, "parallel", "micro_batches")
         # Two MPI tags each, below 32767 (the tied embedding's gradient) and MPI's guaranteed bound.
         _require(self.micro_batches < 16383, "parallel.micro_batches", f"must be below 16383, got {self.micro_batches}")
         _at_least(0, self, "parallel", "data", "servers", "max_staleness", "outer_momentum")

@@ -5,6 +5,7 @@ from typing import Callable
 from hvdllm.errors import UserError
 from hvdllm.model.presets import gpt_config_from
 from hvdllm.parallel.base import ParallelStrategy
+from hvdllm.parallel.batching import resolve_batching
 from hvdllm.parallel.grid import Grid, RankCoords, build_grid, rank_coordinates
 from hvdllm.parallel.partition import check_manual_cut
 from hvdllm.parallel.precision import Precision
@@ -22,6 +23,7 @@ def build_strategy(cfg, world_size: int, server_setup: Callable | None = None) -
     ``server_setup`` builds what a parameter server needs from the training layer
     (``hvdllm.train.server_setup.server_setup``; only parallel.strategy=async's servers use it).
     """
+    cfg = resolve_batching(cfg, world_size)  # as the caller did, when it needs the result itself
     parallel = cfg.parallel
     layout = build_grid(parallel, world_size)
     check_model_cut(cfg, layout)
@@ -115,5 +117,5 @@ def check_model_cut(cfg, layout: Grid) -> None:
 
 
 __all__ = ["HorovodDataParallel", "Grid", "ParallelStrategy", "Precision", "RankCoords", "SingleProcess",
-           "apply_horovod_environment", "build_grid", "build_strategy", "horovod_environment",
+           "apply_horovod_environment", "build_grid", "build_strategy", "resolve_batching", "horovod_environment",
            "rank_coordinates"]

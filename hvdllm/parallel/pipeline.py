@@ -19,7 +19,7 @@ from hvdllm.parallel.precision import Precision
 from hvdllm.comm.groups import HorovodReduction
 from hvdllm.comm.p2p import MpiTransport
 from hvdllm.parallel.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action,
-                                       build_schedule, stage_rank)
+                                       bubble_fraction, build_schedule, stage_rank)
 from hvdllm.parallel.stage_model import GPTStage, cut_model, plan_cut
 from hvdllm.parallel.sync import HorovodDataParallel
 from hvdllm.parallel.tensor import SEQUENCE_ATTRIBUTE, TensorGroupSplit, apply_tensor_parallel, split_dim
@@ -162,6 +162,16 @@ class ModelParallel(HorovodDataParallel):
 
     def pipeline_cut(self) -> list[int] | None:
         return list(self.cut) if self.layout.pipeline > 1 else None
+
+    def banner_notes(self) -> list[str]:
+        notes = super().banner_notes()
+        if self.layout.pipeline > 1:
+            p, m = self.layout.pipeline, self.cfg.micro_batches
+            micro_batch = max(1, self.run_cfg.data.batch_size // m)
+            notes.append(f"pipeline     {p} stages of {', '.join(map(str, self.cut))} blocks, schedule "
+                         f"{self.cfg.schedule}, {m} micro-batches of {micro_batch}: expected bubble "
+                         f"{bubble_fraction(p, m):.0%} ((p - 1) / (m + p - 1) with equal stages)")
+        return notes
 
     def broadcast_replica(self, model: nn.Module, optimizer) -> None:
         # Every replica is built from the same seed, or loads the same shard on resume; the

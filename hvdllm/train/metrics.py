@@ -98,25 +98,28 @@ def _cpu_name() -> str:
 def start_run_log(run_dir: Path, config_toml: str, log_cfg, total_steps: int, step: int,
                   resumed: bool) -> "MetricsLogger":
     """Create the run folder with its resolved config.toml and open the metrics log: a
-    resumed run keeps the lines up to its checkpoint's ``step`` (later ones are replayed), a
-    fresh run starts an empty one."""
+    resumed run keeps the lines up to its checkpoint's ``step`` (later ones are replayed) and
+    its elapsed time goes on from the last of them, a fresh run starts an empty one."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.toml", config_toml)
     metrics = run_dir / "metrics.jsonl"
+    elapsed = 0.0
     if resumed and metrics.exists():
         # A torn last line (the crash that made this a resume) is dropped with the rest.
         kept = [record for record in read_metrics_file(metrics) if record["step"] <= step]
         write_text_atomic(metrics, "".join(json.dumps(record) + "\n" for record in kept))
+        elapsed = next((r["elapsed_s"] for r in reversed(kept) if r.get("elapsed_s") is not None), 0.0)
     elif not resumed:
         metrics.unlink(missing_ok=True)
-    return MetricsLogger(run_dir, total_steps, log_cfg.tensorboard, log_cfg.progress, start_step=step)
+    return MetricsLogger(run_dir, total_steps, log_cfg.tensorboard, log_cfg.progress, start_step=step,
+                         elapsed_s=elapsed)
 
 
 class MetricsLogger:
     """One JSON object per logged step; TensorBoard scalars; a progress bar. Rank 0 only."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, tensorboard: bool, progress: bool,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, elapsed_s: float = 0.0) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = open(self.path, "a")
         self.tb = None
@@ -126,8 +129,9 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.bar = None  # without a bar, each logged step prints a line
         self.total_steps = total_steps
-        self.started = time.monotonic()
-        self._interval_start, self._interval_step = self.started, start_step  # for the mean step time
+        now = time.monotonic()
+        self.started = now - elapsed_s  # a resumed run's clock goes on from its last logged step
+        self._interval_start, self._interval_step = now, start_step  # for the mean step time
         if progress:
             from tqdm import tqdm
 

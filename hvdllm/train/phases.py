@@ -30,28 +30,6 @@ class Phase:
         return self.start_step + self.steps
 
 
-def derive_accumulation(cfg: Config, data_ranks: int) -> Config:
-    """``cfg`` with ``parallel.accum_steps`` derived from ``data.global_batch_size``, as
-    Megatron and DeepSpeed do: ``data.batch_size`` is the micro-batch a rank holds at once and
-    never grows by itself (a larger one runs a GPU out of memory), so global = micro-batch x
-    data-parallel ranks x accumulation. Under ``parallel.elastic`` the per-rank batch follows
-    the workers instead (plan_phases): Horovod's optimizer fixes its accumulation when built."""
-    parallel, data = cfg.parallel, cfg.data
-    if not data.global_batch_size or parallel.elastic:
-        return cfg
-    per_pass = data.batch_size * data_ranks
-    if data.global_batch_size % per_pass:
-        raise UserError(f"data.global_batch_size {data.global_batch_size} is not a multiple of data.batch_size "
-                        f"{data.batch_size} x {data_ranks} data-parallel rank(s) = {per_pass}: the accumulation "
-                        f"steps must be whole")
-    accum = data.global_batch_size // per_pass
-    if parallel.accum_steps not in (1, accum):
-        raise UserError(f"data.global_batch_size {data.global_batch_size} = data.batch_size {data.batch_size} x "
-                        f"{data_ranks} data-parallel rank(s) x {accum} accumulation steps, but parallel.accum_steps "
-                        f"is {parallel.accum_steps}: set one of the two")
-    return replace(cfg, parallel=replace(parallel, accum_steps=accum))
-
-
 def plan_phases(cfg: Config, data_ranks: int, shard_seq_len: int, block_size: int) -> list[Phase]:
     """The run as phases, checked against the data and the model. ``data_ranks`` is the
     data-parallel degree: batch sizes and lr scaling count replicas, not ranks. Raises

@@ -11,10 +11,9 @@ from hvdllm import comm
 from hvdllm.comm.launch import launched_rank, launched_world_size
 from hvdllm.config import Config
 from hvdllm.errors import error_line
-from hvdllm.parallel import build_grid, build_strategy
+from hvdllm.parallel import build_strategy, resolve_batching
 from hvdllm.paths import require_writable_folder
 from hvdllm.train.elastic import check_elastic, run_elastic
-from hvdllm.train.phases import derive_accumulation
 from hvdllm.train.server_setup import server_setup
 from hvdllm.train.status import RUNNING, RunStatus
 from hvdllm.train.trainer import Trainer
@@ -37,7 +36,7 @@ def run_training(cfg: Config) -> int:
 def _run_training(cfg: Config) -> int:
     ranks = launched_world_size()
     # A bad layout fails here, on every rank, before any init.
-    cfg = derive_accumulation(cfg, build_grid(cfg.parallel, ranks).data)
+    cfg = resolve_batching(cfg, ranks)
     strategy = build_strategy(cfg, ranks, server_setup=server_setup)
     if cfg.parallel.elastic:
         check_elastic(cfg, strategy.layout)

@@ -27,6 +27,7 @@ from hvdllm.train.evaluate import evaluate
 from hvdllm.train.inputs import RunInputs, check_inputs
 from hvdllm.train.metrics import StepResult, banner_lines, peak_flops, print_line, start_run_log, step_record
 from hvdllm.train.phases import Phase, Phases, plan_phases
+from hvdllm.train.resume_changes import resume_lines
 from hvdllm.train.status import FINISHED, PREEMPTED, RUNNING, RunStatus
 from hvdllm.train.training_state import MODEL_PARTS, Checkpointer, ModelParts, RankRNG
 from hvdllm.train.warm_start import initial_model
@@ -62,6 +63,10 @@ class Trainer:
             before, now = layout_phrase(saved), layout_phrase(strategy.checkpoint_layout())
             change = "" if before == now else f" (layout {before} -> {now})"
             self.say(f"resuming from {resume_path} at step {self.step}{change}")
+            plateau = self.phases.schedule.plateau_scale if self.phases.schedule else 1.0
+            for line in resume_lines(state["config_toml"], cfg, self.step, self.phases.plan, plateau, self.dp_size,
+                                     inputs.shard_seq_len, self.gpt_cfg.block_size):
+                self.say(line)
         # Under Horovod elastic a worker may join while the others sync, so the first
         # collective is the elastic State's (hvdllm/train/elastic.py), which starts the log.
         if not cfg.parallel.elastic:

@@ -36,6 +36,17 @@ def test_two_stages_give_the_losses_of_one_rank(data, tmp_path, one_rank, schedu
     assert val[0] and abs(val[0][-1] - val[1][-1]) / val[0][-1] < 1e-5  # evaluated through the stages
 
 
+def test_a_pipeline_without_micro_batches_set_pipelines_and_says_so(data, tmp_path, one_rank):
+    """parallel.micro_batches left at 0: the largest divisor of the batch (4) up to 4 x stages,
+    so the stages overlap; the banner names the cut, schedule, count and bubble."""
+    args = train_args(data, tmp_path / "run", "--checkpoint.every=0", "--parallel.pipeline=2")
+    result = hvdllm_mpi(2, *args)
+    assert result.returncode == 0, result.stderr
+    assert ("pipeline     2 stages of 1, 1 blocks, schedule 1f1b, 4 micro-batches of 1: expected bubble 20% "
+            "((p - 1) / (m + p - 1) with equal stages)") in result.stdout.splitlines(), result.stdout
+    assert_same_losses(one_rank, tmp_path / "run", 20)
+
+
 def test_data_by_pipeline_on_four_ranks_gives_the_losses_of_one_rank(data, tmp_path):
     reference = run(1, data, tmp_path / "one", "--data.batch_size=8", "--train.steps=10")
     hybrid = run(4, data, tmp_path / "hybrid", "--parallel.data=2", *PIPELINE, "--train.steps=10")

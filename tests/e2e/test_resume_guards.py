@@ -148,6 +148,29 @@ def test_a_dataset_without_a_val_split_says_evaluation_and_early_stopping_are_of
     assert "off: " in line and "has no val split" in line and "early stopping" in line and "--val-fraction" in line
 
 
+def test_a_resume_says_each_changed_setting_and_what_the_lr_curve_does(data, tmp_path):
+    """Resuming with more train.steps recomputes the cosine schedule: the resume says so, with
+    the lr the old settings had at the next step and the one the new ones give (both as the
+    runs logged them), and the elapsed time goes on from the checkpoint's run."""
+    first = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=8", "--checkpoint.every=4", "--log.every=1"))
+    assert first.returncode == 0, first.stderr
+    old = {r["step"]: r for r in read_metrics(tmp_path / "run")}
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000004.pt"
+    resumed = hvdllm(*train_args(data, tmp_path / "more", "--train.steps=12", "--log.every=1",
+                                 f"--checkpoint.resume={checkpoint}"))
+    assert resumed.returncode == 0, resumed.stderr
+    new = {r["step"]: r for r in read_metrics(tmp_path / "more")}
+    lines = [line for line in resumed.stdout.splitlines() if line.startswith("resume: ")]
+    assert "resume: train.steps 8 -> 12 (checkpoint -> now)" in lines, resumed.stdout
+    assert "resume: checkpoint.every 4 -> 10 (checkpoint -> now)" in lines  # every changed setting, one line each
+    assert not any("checkpoint.resume" in line for line in lines)
+    (schedule,) = [line for line in lines if "lr schedule" in line]
+    assert (f"lr at step 5 was {old[5]['lr']:.2e} under the checkpoint's settings, is {new[5]['lr']:.2e} now, "
+            f"then cosine to {new[12]['lr']:.2e} at step 12") in schedule, schedule
+    assert f"{old[5]['lr']:.2e}" != f"{new[5]['lr']:.2e}"  # the jump the user is told about
+    assert new[5]["elapsed_s"] > old[4]["elapsed_s"]  # the clock goes on
+
+
 def test_start_banner_step_lines_and_peak_source(data, tmp_path):
     cache = tmp_path / "cache"
     run = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=4", "--checkpoint.every=2"),

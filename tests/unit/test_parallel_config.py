@@ -1,8 +1,11 @@
+from dataclasses import replace
+
 import pytest
 
 from hvdllm.config import ConfigError, ParallelConfig, load_config
+from hvdllm.config.sections import PhaseConfig
 from hvdllm.errors import UserError
-from hvdllm.parallel import SingleProcess, build_strategy, horovod_environment
+from hvdllm.parallel import SingleProcess, build_strategy, horovod_environment, resolve_batching
 
 
 def test_horovod_knobs_become_environment():
@@ -111,3 +114,32 @@ def test_the_gpt3_layout_config_is_the_planned_shape_on_eight_ranks():
     grid = strategy.layout
     assert (grid.tensor, grid.pipeline, grid.data) == (2, 2, 2)
     assert grid.groups(("tensor",))[0] == [0, 1] and grid.groups(("pipeline",))[0] == [0, 2]
+
+
+@pytest.mark.parametrize("overrides, world, expected", [
+    (["--parallel.pipeline=2"], 2, 8),  # batch 8: 4 x 2 stages would be 8, and 8 divides it
+    (["--parallel.pipeline=2", "--data.batch_size=12"], 2, 6),  # 8 does not divide 12
+    (["--parallel.pipeline=2", "--data.batch_size=7"], 2, 7),
+    (["--parallel.pipeline=2", "--data.batch_size=9"], 2, 3),
+    (["--parallel.devices=['cpu','cpu']", "--data.batch_size=4"], 1, 4),
+    (["--parallel.pipeline=2", "--parallel.micro_batches=2"], 2, 2),  # as given
+    ([], 2, 1),  # no stages: nothing to overlap
+])
+def test_pipeline_micro_batches_default_to_a_count_that_pipelines(overrides, world, expected):
+    assert resolve_batching(load_config(None, overrides), world).parallel.micro_batches == expected
+
+
+def test_phases_batch_sizes_bound_the_automatic_micro_batches():
+    cfg = load_config(None, ["--parallel.pipeline=2", "--data.batch_size=8"])
+    cfg = replace(cfg, phases=[PhaseConfig(steps=2, batch_size=4), PhaseConfig(steps=2)])
+    assert resolve_batching(cfg, 2).parallel.micro_batches == 4
+
+
+@pytest.mark.parametrize("overrides, world, accum", [
+    (["--data.global_batch_size=64", "--data.batch_size=8"], 2, 4),
+    (["--data.global_batch_size=64", "--data.batch_size=8", "--parallel.accum_steps=4"], 2, 4),
+    (["--data.global_batch_size=32", "--data.batch_size=4", "--parallel.pipeline=2"], 4, 4),  # data degree 2
+])
+def test_a_global_batch_derives_the_accumulation_and_keeps_the_micro_batch(overrides, world, accum):
+    cfg = resolve_batching(load_config(None, overrides), world)
+    assert cfg.parallel.accum_steps == accum and cfg.data.batch_size == load_config(None, overrides).data.batch_size
