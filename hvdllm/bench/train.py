@@ -90,7 +90,7 @@ def interleaved_ratio(config: str, overrides: list[str], steps: int, threads: in
     cost, free of the noise between processes (what it cannot see: threads or start-up a
     framework adds to its process; the separate-process rounds catch those)."""
     from hvdllm.parallel import build_strategy, resolve_batching
-        from hvdllm.train.trainer import Trainer
+    from hvdllm.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(config, [*overrides, f"--train.run_dir={run_dir}", f"--train.steps={steps}",
