@@ -156,10 +156,10 @@ def test_a_resume_says_each_changed_setting_and_what_the_lr_curve_does(data, tmp
     assert first.returncode == 0, first.stderr
     old = {r["step"]: r for r in read_metrics(tmp_path / "run")}
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000004.pt"
-    resumed = hvdllm(*train_args(data, tmp_path / "more", "--train.steps=12", "--log.every=1",
-                                 f"--checkpoint.resume={checkpoint}"))
+    resumed = hvdllm(*train_args(data, tmp_path / "run", "--train.steps=12", "--log.every=1",
+                                 f"--checkpoint.resume={checkpoint}"))  # the same run: its log goes on
     assert resumed.returncode == 0, resumed.stderr
-    new = {r["step"]: r for r in read_metrics(tmp_path / "more")}
+    new = {r["step"]: r for r in read_metrics(tmp_path / "run")}
     lines = [line for line in resumed.stdout.splitlines() if line.startswith("resume: ")]
     assert "resume: train.steps 8 -> 12 (checkpoint -> now)" in lines, resumed.stdout
     assert "resume: checkpoint.every 4 -> 10 (checkpoint -> now)" in lines  # every changed setting, one line each

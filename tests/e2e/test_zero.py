@@ -12,8 +12,8 @@ from helpers.corpus import assert_same_losses, clean_env, error_lines, hvdllm, h
 from hvdllm.comm.launch import mpirun_command
 
 STEPS = 12
-# Clipping that acts on most steps, and two accumulated micro-batches per step.
-COMMON = ("--checkpoint.every=0", f"--train.steps={STEPS}", "--optim.grad_clip=0.5", "--parallel.accum_steps=2",
+# Clipping that acts on most steps, and accumulated micro-batches (global 8 of micro-batches of 2: 4 on one rank, 2 on two).
+COMMON = ("--checkpoint.every=0", f"--train.steps={STEPS}", "--optim.grad_clip=0.5", "--data.batch_size=2",
           "--data.global_batch_size=8", "--model.vocab_size=264")
 
 
