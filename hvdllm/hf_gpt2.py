@@ -3,8 +3,9 @@
 ``hvdllm export --format hf`` writes a checkpoint as such a folder (``model.safetensors``,
 ``config.json``, ``tokenizer.json``, and ``generation_config.json`` and ``tokenizer_config.json``
 naming the special tokens), so that ``transformers.AutoModelForCausalLM.from_pretrained(DIR)``
-loads it with the same logits and ``AutoTokenizer`` and ``generate`` know end of text; ``train.init_from = "hf:DIR"`` reads one (ours, or a GPT-2 a
-user has on disk) back into hvdllm's names and layouts.
+loads it with the same logits and ``AutoTokenizer`` and ``generate`` know end of text;
+``train.init_from = "hf:DIR"`` reads one (ours, or a GPT-2 a user has on disk) back into
+hvdllm's names and layouts.
 
 hvdllm's GPT with learned positions and biases is GPT-2's architecture: pre-LayerNorm blocks
 (eps 1e-5), attention scaled by 1/sqrt(head_dim) over a fused [q|k|v] projection, a tanh-GELU
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from hvdllm.data.tokenizer import EOS, PAD, load_tokenizer
+from hvdllm.data.tokenizer import EOS, PAD, eos_id, load_tokenizer
 from hvdllm.errors import UserError, first_line
 from hvdllm.model import GPT, GPTConfig
 from hvdllm.paths import require_replaceable, require_writable_folder
@@ -46,7 +47,7 @@ def special_token_ids(tokenizer_json: str) -> dict[str, int | None]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tokenizer_json)
-    eos = tok.token_to_id(EOS)
+    eos = eos_id(tok)
     return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": tok.token_to_id(PAD)}
 
 

@@ -159,7 +159,7 @@ class ParallelConfig:
     balance: str = "params"  # what the cut evens out across stages: params | flops | memory
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b
     # Pipeline micro-batches per batch (must divide data.batch_size); 0 = the largest divisor of
-    # data.batch_size up to 4 x stages (train.phases.auto_micro_batches); 1 with no stages.
+    # data.batch_size up to 4 x stages (parallel/batching.py); 1 with no stages.
     micro_batches: int = 0
     op: str = "average"  # average | adasum
     compression: str = "none"  # none | fp16 (gradients on the wire)

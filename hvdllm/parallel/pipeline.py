@@ -146,10 +146,10 @@ class ModelParallel(HorovodDataParallel):
 
     def parallelize(self, model: nn.Module, device: torch.device) -> nn.Module:
         cfg = self.run_cfg
-        micro_batch = max(1, cfg.data.batch_size // self.cfg.micro_batches)
+        self.micro_batch = max(1, cfg.data.batch_size // self.cfg.micro_batches)
         stages = self.layout.pipeline
         self.cut, _ = plan_cut(model.cfg, self.cfg, stages, cfg.data.seq_len or model.cfg.block_size,
-                               micro_batch, cfg.optim.name)
+                               self.micro_batch, cfg.optim.name)
         self.device = device
         self.stage = cut_model(model, self.cut, self.coords.stage)
         if self.layout.tensor > 1:
@@ -167,9 +167,8 @@ class ModelParallel(HorovodDataParallel):
         notes = super().banner_notes()
         if self.layout.pipeline > 1:
             p, m = self.layout.pipeline, self.cfg.micro_batches
-            micro_batch = max(1, self.run_cfg.data.batch_size // m)
             notes.append(f"pipeline     {p} stages of {', '.join(map(str, self.cut))} blocks, schedule "
-                         f"{self.cfg.schedule}, {m} micro-batches of {micro_batch}: expected bubble "
+                         f"{self.cfg.schedule}, {m} micro-batches of {self.micro_batch}: expected bubble "
                          f"{bubble_fraction(p, m):.0%} ((p - 1) / (m + p - 1) with equal stages)")
         return notes
 
